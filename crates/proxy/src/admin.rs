@@ -1,0 +1,102 @@
+//! The admin listener: `/live`, `/ready`, `/metrics` and `/config`.
+//!
+//! It runs on a thread and runtime of its own, apart from the workers, so a slow scraper
+//! never competes with requests on a worker's event loop.
+
+use std::{convert::Infallible, sync::Arc};
+
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::server::Shared;
+
+type Body = Full<bytes::Bytes>;
+
+pub(crate) fn run(listener: std::net::TcpListener, shared: Arc<Shared>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "cannot start the admin runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot register the admin listener");
+                return;
+            }
+        };
+        // The admin listener outlives the drain so `/ready` reports it; it stops once
+        // every worker has finished.
+        let mut stopped = shared.stopped_signal();
+        loop {
+            let accepted = tokio::select! {
+                _ = stopped.wait_for(|s| *s) => return,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &shared)) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/metrics" => Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Body::from(shared.metrics.encode()))
+            .unwrap_or_default(),
+        "/config" => {
+            let mut upstreams: Vec<_> = shared.upstreams.values().map(|u| u.state()).collect();
+            upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            let doc = serde_json::json!({
+                "draining": shared.is_draining(),
+                "config": shared.config,
+                "upstreams": upstreams,
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec_pretty(&doc).unwrap_or_default()))
+                .unwrap_or_default()
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready, /metrics or /config\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(body))
+        .unwrap_or_default()
+}

@@ -1,0 +1,218 @@
+//! The errors a client can meet, and the one place that turns them into responses.
+//!
+//! Every error the proxy answers itself carries a stable *cause* — sent in the
+//! `malla-error` response header, counted in `malla_proxy_errors_total{cause}` and listed in
+//! `docs/proxy.md` — a status code, and for gRPC callers the matching `grpc-status`
+//! (the mapping of gRPC's `http-grpc-status-mapping.md`, refined where the cause is known).
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use http::StatusCode;
+
+/// The response header that names why the proxy answered instead of the upstream.
+pub const ERROR_HEADER: &str = "malla-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for host {host:?}; configure an [[http_proxy.route]] or an upstream of that name")]
+    NoRoute { host: String },
+    #[error("upstream {upstream} has no endpoints")]
+    NoEndpoints { upstream: String },
+    #[error("connection to {addr} refused")]
+    ConnectRefused { addr: SocketAddr },
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("{addr} closed or reset the connection before answering")]
+    UpstreamReset { addr: SocketAddr },
+    #[error("{addr} sent no response head within {timeout:?}")]
+    ResponseTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("{addr} sent an invalid response: {reason}")]
+    UpstreamProtocol { addr: SocketAddr, reason: String },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request head larger than {limit} bytes")]
+    HeadTooLarge { limit: usize },
+    #[error("request head not received within {0:?}")]
+    HeadTimeout(Duration),
+    #[error("the proxy is shutting down")]
+    Draining,
+}
+
+impl ProxyError {
+    /// Stable, documented identifier of the cause.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute { .. } => "no-route",
+            ProxyError::NoEndpoints { .. } => "no-endpoints",
+            ProxyError::ConnectRefused { .. } => "connect-refused",
+            ProxyError::ConnectTimeout { .. } => "connect-timeout",
+            ProxyError::Connect { .. } => "connect-error",
+            ProxyError::UpstreamReset { .. } => "upstream-reset",
+            ProxyError::ResponseTimeout { .. } => "response-timeout",
+            ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::HeadTooLarge { .. } => "request-header-too-large",
+            ProxyError::HeadTimeout(_) => "request-timeout",
+            ProxyError::Draining => "draining",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoints { .. } | ProxyError::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::ConnectRefused { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The `grpc-status` a gRPC caller gets.
+    pub fn grpc_status(&self) -> u8 {
+        const INTERNAL: u8 = 13;
+        const UNAVAILABLE: u8 = 14;
+        const DEADLINE_EXCEEDED: u8 = 4;
+        const UNIMPLEMENTED: u8 = 12;
+        match self {
+            ProxyError::NoRoute { .. } => UNIMPLEMENTED,
+            ProxyError::ResponseTimeout { .. } => DEADLINE_EXCEEDED,
+            ProxyError::UpstreamProtocol { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge { .. } => INTERNAL,
+            _ => UNAVAILABLE,
+        }
+    }
+
+    /// Classifies a failed connect.
+    pub fn from_connect(addr: SocketAddr, e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => ProxyError::ConnectRefused { addr },
+            _ => ProxyError::Connect { addr, source: e },
+        }
+    }
+
+    /// An HTTP/1 response, complete with head and body, ready to write to a client.
+    pub fn http1_response(&self, close: bool) -> Vec<u8> {
+        let status = self.status();
+        let body = format!("malla: {self}\n");
+        format!(
+            "HTTP/1.1 {} {}\r\n{ERROR_HEADER}: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}\r\n{}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.cause(),
+            body.len(),
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
+            if close { "connection: close\r\n" } else { "" },
+            body
+        )
+        .into_bytes()
+    }
+
+    /// An `http::Response` for HTTP/2 clients; gRPC callers (`content-type:
+    /// application/grpc...`) get a trailers-only response with `grpc-status`.
+    pub fn http_response<B: Default + From<String>>(&self, grpc: bool) -> http::Response<B> {
+        let mut builder = http::Response::builder().header(ERROR_HEADER, self.cause());
+        if grpc {
+            builder = builder
+                .status(StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", self.grpc_status().to_string())
+                .header("grpc-message", percent_encode(&self.to_string()));
+            return builder.body(B::default()).unwrap_or_default();
+        }
+        builder
+            .status(self.status())
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(B::from(format!("malla: {self}\n")))
+            .unwrap_or_default()
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC's PROTOCOL-HTTP2.md).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_map_to_documented_statuses() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let cases = [
+            (ProxyError::NoEndpoints { upstream: "a".into() }, 503, 14),
+            (ProxyError::ConnectRefused { addr }, 502, 14),
+            (
+                ProxyError::ConnectTimeout {
+                    addr,
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+                14,
+            ),
+            (ProxyError::UpstreamReset { addr }, 502, 14),
+            (
+                ProxyError::ResponseTimeout {
+                    addr,
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+                4,
+            ),
+        ];
+        for (err, status, grpc) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert_eq!(err.grpc_status(), grpc, "{err}");
+        }
+    }
+
+    #[test]
+    fn http1_error_response_is_well_formed() {
+        let err = ProxyError::NoEndpoints {
+            upstream: "shipping-quote".into(),
+        };
+        let bytes = err.http1_response(true);
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(head_len) = resp.parse(&bytes).unwrap() else {
+            panic!("incomplete")
+        };
+        assert_eq!(resp.code, Some(503));
+        let cl: usize = resp
+            .headers
+            .iter()
+            .find(|h| h.name == "content-length")
+            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+            .unwrap();
+        assert_eq!(bytes.len() - head_len, cl);
+        assert!(resp
+            .headers
+            .iter()
+            .any(|h| h.name == ERROR_HEADER && h.value == b"no-endpoints"));
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("a b%\n"), "a b%25%0A");
+    }
+}

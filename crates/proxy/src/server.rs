@@ -1,0 +1,428 @@
+//! Processes, threads and listeners: how a proxy starts, serves and drains.
+//!
+//! `workers` threads each run a single-threaded tokio runtime with their own
+//! `SO_REUSEPORT` copy of every listener, so the kernel spreads connections across them
+//! and a connection never migrates between threads (no work stealing, no cross-core
+//! wake-ups on the hot path). The admin listener runs on a thread of its own so that a
+//! scrape or a `/config` dump never delays a request.
+//!
+//! Draining (SIGTERM, or [`ProxyHandle::drain`]): listeners close at once, `/ready` turns
+//! 503, idle connections close, HTTP/1 connections close after their current response,
+//! HTTP/2 connections get a GOAWAY and finish their streams, TCP streams run to their end;
+//! whatever is still open after `drain_timeout` is cut.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+};
+
+use anyhow::Context as _;
+use bytes::BytesMut;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    admin,
+    config::{ListenerProtocol, ProxyConfig, UpstreamConfig},
+    detect::{self, Detected},
+    error::ProxyError,
+    http1, http2,
+    metrics::{ListenerMetrics, Metrics, SharedMetrics},
+    tcp,
+    upstream::Upstream,
+};
+
+/// Everything the workers share, built once at start.
+pub(crate) struct Shared {
+    pub config: ProxyConfig,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub routes: HashMap<String, Arc<Upstream>>,
+    pub metrics: SharedMetrics,
+    pub draining: AtomicBool,
+    drain_tx: watch::Sender<bool>,
+    /// Set once every worker has finished; the admin listener stops then.
+    stopped_tx: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain_tx.subscribe()
+    }
+
+    pub fn stopped_signal(&self) -> watch::Receiver<bool> {
+        self.stopped_tx.subscribe()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a listener's requests go.
+pub(crate) enum Target {
+    /// Every connection goes to this upstream.
+    Fixed(Arc<Upstream>),
+    /// HTTP requests are routed by `Host` / `:authority`.
+    ByHost,
+}
+
+/// A listener as its connections see it.
+pub(crate) struct ListenerCtx {
+    pub name: String,
+    pub protocol: ListenerProtocol,
+    pub target: Target,
+    pub shared: Arc<Shared>,
+    metrics_http1: ListenerMetrics,
+    metrics_http2: ListenerMetrics,
+    metrics_tcp: ListenerMetrics,
+}
+
+impl ListenerCtx {
+    /// The upstream for a request with this `Host` / `:authority` (if any).
+    pub fn route(&self, host: Option<&[u8]>) -> Result<&Arc<Upstream>, ProxyError> {
+        match &self.target {
+            Target::Fixed(u) => Ok(u),
+            Target::ByHost => {
+                let host = host.unwrap_or_default();
+                let key = normalize_host(host);
+                self.shared
+                    .routes
+                    .get(key.as_str())
+                    .or_else(|| self.shared.upstreams.get(key.as_str()))
+                    .ok_or_else(|| ProxyError::NoRoute {
+                        host: String::from_utf8_lossy(host).into_owned(),
+                    })
+            }
+        }
+    }
+
+    /// The connections of a listener without an upstream of its own (HTTP proxy) have no
+    /// TCP fallback.
+    fn tcp_upstream(&self) -> Option<&Arc<Upstream>> {
+        match &self.target {
+            Target::Fixed(u) => Some(u),
+            Target::ByHost => None,
+        }
+    }
+}
+
+/// `Host` without port, trailing dot or case.
+fn normalize_host(host: &[u8]) -> String {
+    let host = String::from_utf8_lossy(host).to_ascii_lowercase();
+    let without_port = if host.starts_with('[') {
+        // An IPv6 literal: keep the brackets' content.
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host.as_str(), |(h, _)| h)
+    };
+    without_port.trim_end_matches('.').to_string()
+}
+
+/// The addresses the proxy actually bound (ports resolved when `:0` was asked for).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Bound {
+    pub outbound: Vec<SocketAddr>,
+    pub http_proxy: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    bound: Bound,
+    shared: Arc<Shared>,
+    workers: Vec<thread::JoinHandle<()>>,
+    admin: Option<thread::JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+
+    /// The upstream of that name, e.g. to change its endpoints live.
+    pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.shared.upstreams.get(name).cloned()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Starts draining: listeners close, connections finish their work.
+    pub fn drain(&self) {
+        if !self.shared.draining.swap(true, Ordering::SeqCst) {
+            info!("draining");
+            self.shared.drain_tx.send_replace(true);
+        }
+    }
+
+    /// Drains and waits until every worker has finished (at most `drain_timeout`).
+    pub async fn shutdown(self) {
+        self.drain();
+        let _ = tokio::task::spawn_blocking(move || self.join()).await;
+    }
+
+    /// Blocks until the proxy has drained (after [`Self::drain`]).
+    pub fn join(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+        self.shared.stopped_tx.send_replace(true);
+        if let Some(a) = self.admin {
+            let _ = a.join();
+        }
+    }
+}
+
+/// Builds the proxy from its configuration, binds every listener, and starts serving.
+pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
+    config.validate("configuration").map_err(anyhow::Error::new)?;
+    let metrics = Arc::new(Metrics::new());
+    let mut upstreams = HashMap::new();
+    for u in &config.upstreams {
+        upstreams.insert(
+            u.name.clone(),
+            Arc::new(Upstream::new(u.clone(), metrics.clone())?),
+        );
+    }
+    let routes = config
+        .http_proxy
+        .iter()
+        .flat_map(|p| &p.routes)
+        .filter_map(|r| {
+            let upstream = upstreams.get(&r.upstream)?.clone();
+            Some((normalize_host(r.host.as_bytes()), upstream))
+        })
+        .collect();
+    let inbound = match &config.inbound {
+        Some(inb) => Some(Arc::new(Upstream::new(
+            UpstreamConfig::new("inbound", vec![inb.forward_to.clone()]),
+            metrics.clone(),
+        )?)),
+        None => None,
+    };
+    let (drain_tx, _) = watch::channel(false);
+    let (stopped_tx, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        upstreams,
+        routes,
+        metrics,
+        draining: AtomicBool::new(false),
+        drain_tx,
+        stopped_tx,
+        config,
+    });
+
+    // Listener specs: (name, address, protocol, target).
+    let mut specs = Vec::new();
+    for (i, o) in shared.config.outbound.iter().enumerate() {
+        let upstream = shared.upstreams[&o.upstream].clone();
+        specs.push((format!("outbound-{i}"), o.listen, o.protocol, Target::Fixed(upstream)));
+    }
+    if let Some(p) = &shared.config.http_proxy {
+        specs.push(("http-proxy".to_string(), p.listen, ListenerProtocol::Http, Target::ByHost));
+    }
+    if let (Some(inb), Some(up)) = (&shared.config.inbound, inbound) {
+        specs.push(("inbound".to_string(), inb.listen, inb.protocol, Target::Fixed(up)));
+    }
+
+    let workers = match shared.config.workers {
+        0 => thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+
+    // Bind every listener once per worker, all sharing one port through SO_REUSEPORT.
+    // The first bind resolves a `:0` port; the other workers bind to the same port.
+    let mut per_worker: Vec<Vec<(Arc<ListenerCtx>, std::net::TcpListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Bound::default();
+    for (name, addr, protocol, target) in specs {
+        let first = bind_reuseport(addr).with_context(|| format!("cannot listen on {addr} ({name})"))?;
+        let actual = first.local_addr()?;
+        match name.as_str() {
+            "http-proxy" => bound.http_proxy = Some(actual),
+            "inbound" => bound.inbound = Some(actual),
+            _ => bound.outbound.push(actual),
+        }
+        let ctx = Arc::new(ListenerCtx {
+            metrics_http1: shared.metrics.listener(&name, "http1"),
+            metrics_http2: shared.metrics.listener(&name, "http2"),
+            metrics_tcp: shared.metrics.listener(&name, "tcp"),
+            name,
+            protocol,
+            target,
+            shared: shared.clone(),
+        });
+        per_worker[0].push((ctx.clone(), first));
+        for w in per_worker.iter_mut().skip(1) {
+            w.push((ctx.clone(), bind_reuseport(actual)?));
+        }
+        info!(listener = %ctx.name, addr = %actual, protocol = ?protocol, "listening");
+    }
+
+    let admin = match shared.config.admin.clone() {
+        Some(a) => {
+            let listener = std::net::TcpListener::bind(a.listen)
+                .with_context(|| format!("cannot listen on {} (admin)", a.listen))?;
+            listener.set_nonblocking(true)?;
+            bound.admin = Some(listener.local_addr()?);
+            info!(addr = %listener.local_addr()?, "admin listening");
+            let shared = shared.clone();
+            Some(
+                thread::Builder::new()
+                    .name("malla-admin".into())
+                    .spawn(move || admin::run(listener, shared))?,
+            )
+        }
+        None => None,
+    };
+
+    let mut threads = Vec::with_capacity(workers);
+    for (i, listeners) in per_worker.into_iter().enumerate() {
+        let shared = shared.clone();
+        threads.push(
+            thread::Builder::new()
+                .name(format!("malla-worker-{i}"))
+                .spawn(move || run_worker(listeners, shared))?,
+        );
+    }
+    Ok(ProxyHandle {
+        bound,
+        shared,
+        workers: threads,
+        admin,
+    })
+}
+
+fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn run_worker(listeners: Vec<(Arc<ListenerCtx>, std::net::TcpListener)>, shared: Arc<Shared>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "cannot start a worker runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        // Each connection holds a clone of `open`; when all are dropped, `closed` ends.
+        let (open, mut closed) = mpsc::channel::<()>(1);
+        let mut accept_loops = Vec::new();
+        for (ctx, std_listener) in listeners {
+            let listener = match TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, listener = %ctx.name, "cannot register listener");
+                    continue;
+                }
+            };
+            accept_loops.push(tokio::spawn(accept_loop(listener, ctx, open.clone())));
+        }
+        drop(open);
+        for a in accept_loops {
+            let _ = a.await;
+        }
+        let timeout = shared.config.drain_timeout;
+        if tokio::time::timeout(timeout, closed.recv()).await.is_err() {
+            warn!(?timeout, "drain timeout: closing the connections still open");
+        }
+    });
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, open: mpsc::Sender<()>) {
+    let mut drain = ctx.shared.drain_signal();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let ctx = ctx.clone();
+                let open = open.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, peer, ctx).await;
+                    drop(open);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, listener = %ctx.name, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(http1::READ_BUF);
+    let limits = &ctx.shared.config.limits;
+    let detected = match ctx.protocol {
+        ListenerProtocol::Tcp => Detected::Tcp,
+        ListenerProtocol::Auto | ListenerProtocol::Http => {
+            match detect::detect(&mut stream, &mut buf, limits.detect_timeout, ctx.protocol).await {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(error = %e, %peer, "connection closed during protocol detection");
+                    return;
+                }
+            }
+        }
+    };
+    match detected {
+        Detected::Http1 => {
+            let _conn = ctx.metrics_http1.track();
+            http1::serve(stream, buf, peer, &ctx).await;
+        }
+        Detected::Http2 => {
+            let _conn = ctx.metrics_http2.track();
+            http2::serve(stream, buf, peer, &ctx).await;
+        }
+        Detected::Tcp => match ctx.tcp_upstream() {
+            Some(upstream) => {
+                let _conn = ctx.metrics_tcp.track();
+                tcp::proxy(stream, buf, upstream).await;
+            }
+            None => debug!(%peer, "non-HTTP client on the HTTP proxy listener; closing"),
+        },
+        Detected::Closed => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_host;
+
+    #[test]
+    fn hosts_are_normalised() {
+        assert_eq!(normalize_host(b"Shipping-Quote:8080"), "shipping-quote");
+        assert_eq!(normalize_host(b"shipping-quote."), "shipping-quote");
+        assert_eq!(normalize_host(b"[::1]:80"), "::1");
+        assert_eq!(normalize_host(b"a.b"), "a.b");
+    }
+}
