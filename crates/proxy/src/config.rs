@@ -379,8 +379,11 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 fn check_host_port(s: &str) -> Result<(), &'static str> {
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(());
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return match addr.port() {
+            0 => Err("the port must be a number from 1 to 65535"),
+            _ => Ok(()),
+        };
     }
     let (host, port) = s
         .rsplit_once(':')
@@ -500,7 +503,7 @@ mod tests {
             "x.toml",
         )
         .unwrap_err();
-        assert_eq!(err.problems.len(), 5, "{err}");
+        assert_eq!(err.problems.len(), 6, "{err}");
         let text = err.to_string();
         assert!(text.contains("upstream[0].name \"Bad_Name\""), "{text}");
         assert!(text.contains("outbound[0].upstream \"missing\""), "{text}");

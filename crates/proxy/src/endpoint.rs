@@ -91,7 +91,7 @@ impl Endpoint {
         }
     }
 
-    fn observe(&self, rtt: Duration) {
+    pub(crate) fn observe(&self, rtt: Duration) {
         let now = Instant::now();
         if let Ok(mut e) = self.ewma.lock() {
             e.observe(now, rtt.as_nanos() as f64);

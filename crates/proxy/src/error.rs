@@ -34,6 +34,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request head larger than {limit} bytes")]
     HeadTooLarge { limit: usize },
+    #[error("more header fields than the proxy accepts")]
+    TooManyHeaders,
     #[error("request head not received within {0:?}")]
     HeadTimeout(Duration),
     #[error("the proxy is shutting down")]
@@ -53,7 +55,9 @@ impl ProxyError {
             ProxyError::ResponseTimeout { .. } => "response-timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
             ProxyError::BadRequest(_) => "bad-request",
-            ProxyError::HeadTooLarge { .. } => "request-header-too-large",
+            ProxyError::HeadTooLarge { .. } | ProxyError::TooManyHeaders => {
+                "request-header-too-large"
+            }
             ProxyError::HeadTimeout(_) => "request-timeout",
             ProxyError::Draining => "draining",
         }
@@ -73,7 +77,9 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadTooLarge { .. } | ProxyError::TooManyHeaders => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             ProxyError::HeadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -89,7 +95,8 @@ impl ProxyError {
             ProxyError::ResponseTimeout { .. } => DEADLINE_EXCEEDED,
             ProxyError::UpstreamProtocol { .. }
             | ProxyError::BadRequest(_)
-            | ProxyError::HeadTooLarge { .. } => INTERNAL,
+            | ProxyError::HeadTooLarge { .. }
+            | ProxyError::TooManyHeaders => INTERNAL,
             _ => UNAVAILABLE,
         }
     }

@@ -1,13 +1,640 @@
-//! HTTP/1.1, owned end to end. TO BE WRITTEN.
+//! HTTP/1.1, owned end to end.
+//!
+//! This is the proxy's hot path, so it is written the way Pingora writes its HTTP/1
+//! sessions rather than as a hyper server feeding a pooled client: one task per client
+//! connection reads request heads into a reused buffer, parses them with `httparse`,
+//! rewrites them into a reused output buffer and relays them over an upstream connection
+//! that the task *owns* for as long as the balancer keeps choosing the same endpoint (one
+//! pool checkout per endpoint switch, not per request). Bodies stream through fixed-size
+//! buffers ([`body`]). In steady state a request costs two reads and two writes and no
+//! allocation. `shared/PERF.md` has the measurements behind this choice.
+//!
+//! Per request:
+//!
+//! ```text
+//! read head (idle / head timeouts, size limits) -> parse + validate + rewrite (head.rs)
+//!   -> route (Host) -> balance -> connection (held | pool | connect)
+//!   -> send head (+ body when it is already buffered)
+//!   -> [stream the request body] while waiting for the response head (1xx relayed)
+//!   -> rewrite + send the response head -> relay the response body
+//!   -> keep both connections, or close what can no longer be trusted
+//! ```
+//!
+//! Requests on one connection are handled strictly in order, so pipelined requests get
+//! their responses in order and a request is never read before the previous response is
+//! complete. Errors before the response head reach the client as a response from
+//! [`ProxyError`]; after it, the only honest signal left is closing the connection.
 
-use std::{net::SocketAddr, sync::Arc};
+pub mod body;
+pub mod head;
 
-use bytes::BytesMut;
-use tokio::net::TcpStream;
+use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
-use crate::server::ListenerCtx;
+use bytes::{Buf, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+use tracing::debug;
+
+use self::{
+    body::BodyError,
+    head::{BodyKind, Parsed, RequestInfo, ResponseInfo},
+};
+use crate::{
+    config::Limits,
+    connect::connect,
+    endpoint::{Endpoint, InFlight},
+    error::ProxyError,
+    metrics::ConnectionTracker,
+    server::ListenerCtx,
+    upstream::Upstream,
+};
 
 /// Size of the per-connection read buffers.
 pub const READ_BUF: usize = 16 * 1024;
 
-pub(crate) async fn serve(_stream: TcpStream, _buf: BytesMut, _peer: SocketAddr, _ctx: &Arc<ListenerCtx>) {}
+/// A pooled connection idle for longer than this is checked for a close by its peer
+/// before it carries a request.
+const PROBE_AFTER: Duration = Duration::from_secs(1);
+
+/// An upstream connection owned by one client connection.
+struct UpConn {
+    endpoint: Arc<Endpoint>,
+    stream: TcpStream,
+    buf: BytesMut,
+    last_used: Instant,
+    _active: ConnectionTracker,
+}
+
+impl UpConn {
+    fn new(endpoint: Arc<Endpoint>, stream: TcpStream) -> Self {
+        UpConn {
+            _active: ConnectionTracker::open(&endpoint.metrics.open_connections),
+            endpoint,
+            stream,
+            buf: BytesMut::with_capacity(READ_BUF),
+            last_used: Instant::now(),
+        }
+    }
+
+    /// Gives the connection back to its endpoint's pool for other client connections.
+    fn release(self) {
+        self.endpoint.pool.checkin(self.stream);
+    }
+}
+
+/// What the connection loop does after one exchange.
+enum Next {
+    KeepAlive,
+    Close,
+    /// The upstream answered `101 Switching Protocols`: relay bytes both ways.
+    Tunnel(UpConn),
+}
+
+/// Per-connection state reused across requests.
+struct Session<'a> {
+    ctx: &'a ListenerCtx,
+    limits: &'a Limits,
+    peer: SocketAddr,
+    /// The rewritten request head (kept until the response head, for a retry).
+    req_head: Vec<u8>,
+    /// The rewritten response head.
+    resp_head: Vec<u8>,
+    held: Option<UpConn>,
+}
+
+pub(crate) async fn serve(mut client: TcpStream, mut buf: BytesMut, peer: SocketAddr, ctx: &Arc<ListenerCtx>) {
+    let mut s = Session {
+        ctx,
+        limits: &ctx.shared.config.limits,
+        peer,
+        req_head: Vec::with_capacity(1024),
+        resp_head: Vec::with_capacity(1024),
+        held: None,
+    };
+    let mut drain = ctx.shared.drain_signal();
+    loop {
+        let info = match s.read_request(&mut client, &mut buf, &mut drain).await {
+            Ok(Some(info)) => info,
+            Ok(None) => break,
+            Err(err) => {
+                debug!(error = %err, %peer, "rejecting request");
+                let _ = client.write_all(&err.http1_response(true)).await;
+                linger_close(&mut client).await;
+                break;
+            }
+        };
+        let upstream = match ctx.route(info.host.map(|(a, b)| &buf[a..b])) {
+            Ok(u) => u,
+            Err(err) => {
+                buf.advance(info.head_len);
+                let close = info.body != BodyKind::Empty || !info.keep_alive;
+                let _ = client.write_all(&err.http1_response(close)).await;
+                if close {
+                    break;
+                }
+                continue;
+            }
+        };
+        buf.advance(info.head_len);
+        match s.exchange(&mut client, &mut buf, &info, upstream).await {
+            Next::KeepAlive if !ctx.shared.is_draining() => {}
+            Next::KeepAlive | Next::Close => break,
+            Next::Tunnel(up) => {
+                tunnel(client, buf, up).await;
+                return;
+            }
+        }
+    }
+    if let Some(up) = s.held.take() {
+        up.release();
+    }
+}
+
+impl Session<'_> {
+    /// Reads and parses the next request head. `None`: the client closed, idled out, or the
+    /// proxy is draining between requests.
+    async fn read_request(
+        &mut self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        drain: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<RequestInfo>, ProxyError> {
+        let max_headers = self.limits.max_headers.min(head::MAX_HEADERS);
+        let mut head_deadline = None;
+        loop {
+            if !buf.is_empty() {
+                match head::parse_request(buf, max_headers, self.peer.ip(), &mut self.req_head)? {
+                    Parsed::Complete(info) => return Ok(Some(info)),
+                    Parsed::Partial if buf.len() >= self.limits.max_head_bytes => {
+                        return Err(ProxyError::HeadTooLarge {
+                            limit: self.limits.max_head_bytes,
+                        })
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            let deadline = if buf.is_empty() {
+                Instant::now() + self.limits.client_idle_timeout
+            } else {
+                // The whole head must arrive within the head timeout, however it trickles.
+                *head_deadline.get_or_insert_with(|| Instant::now() + self.limits.head_timeout)
+            };
+            tokio::select! {
+                biased;
+                read = body::fill(client, buf) => match read {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(_) => {}
+                },
+                _ = drain.wait_for(|d| *d), if buf.is_empty() => return Ok(None),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return if buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(ProxyError::HeadTimeout(self.limits.head_timeout))
+                    };
+                }
+            }
+        }
+    }
+
+    /// One request/response exchange with an upstream.
+    async fn exchange(
+        &mut self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        req: &RequestInfo,
+        upstream: &Upstream,
+    ) -> Next {
+        let endpoint = match upstream.pick() {
+            Ok(e) => e,
+            Err(err) => return self.fail(client, req, upstream, None, err).await,
+        };
+        let in_flight = endpoint.start();
+
+        // The body is "complete" when it is already in the buffer: it goes out with the
+        // head in one write, and a dead pooled connection can be retried transparently.
+        let complete_len = match req.body {
+            BodyKind::Empty => Some(0),
+            BodyKind::Length(n) if n <= buf.len() as u64 => Some(n as usize),
+            _ => None,
+        };
+        if let Some(n) = complete_len {
+            self.req_head.extend_from_slice(&buf[..n]);
+            buf.advance(n);
+            return self.exchange_buffered(client, req, upstream, in_flight).await;
+        }
+        self.exchange_streaming(client, buf, req, upstream, in_flight).await
+    }
+
+    /// The request is entirely in `req_head`: send it, read the answer, relay it.
+    async fn exchange_buffered(
+        &mut self,
+        client: &mut TcpStream,
+        req: &RequestInfo,
+        upstream: &Upstream,
+        in_flight: InFlight,
+    ) -> Next {
+        let timeout = upstream.config.response_timeout;
+        let mut retried = false;
+        let (mut up, resp) = loop {
+            let (mut up, reused) = match self.connection(in_flight.endpoint(), upstream).await {
+                Ok(c) => c,
+                Err(err) => return self.fail(client, req, upstream, Some(&in_flight), err).await,
+            };
+            let may_retry = reused && req.idempotent && !retried;
+            if let Err(e) = up.stream.write_all(&self.req_head).await {
+                if may_retry {
+                    retried = true;
+                    continue;
+                }
+                debug!(error = %e, "upstream write failed");
+                let err = ProxyError::UpstreamReset { addr: up.endpoint.addr };
+                return self.fail(client, req, upstream, Some(&in_flight), err).await;
+            }
+            let (mut ur, _) = up.stream.split();
+            let read = read_final_head(&mut ur, &mut up.buf, client, &mut self.resp_head, req, self.limits);
+            let result = if timeout.is_zero() {
+                read.await
+            } else {
+                tokio::time::timeout(timeout, read)
+                    .await
+                    .unwrap_or(Err(HeadError::Timeout))
+            };
+            match result {
+                Ok(resp) => break (up, resp),
+                Err(HeadError::Closed { relayed_1xx: false }) if may_retry => {
+                    retried = true;
+                    continue;
+                }
+                Err(e) => {
+                    let addr = up.endpoint.addr;
+                    return self
+                        .fail_head(client, req, upstream, &in_flight, e, addr, timeout)
+                        .await;
+                }
+            }
+        };
+        in_flight.answered(resp.status);
+        if resp.status == 101 {
+            return self.switch_protocols(client, up).await;
+        }
+        let close = !req.keep_alive || self.ctx.shared.is_draining() || resp.body == BodyKind::UntilClose;
+        head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
+        let relayed = relay_response(&mut up, client, &mut self.resp_head, &resp).await;
+        self.finish(up, &resp, relayed, true, close)
+    }
+
+    /// The request body is still arriving: stream it while waiting for the response.
+    async fn exchange_streaming(
+        &mut self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        req: &RequestInfo,
+        upstream: &Upstream,
+        in_flight: InFlight,
+    ) -> Next {
+        let (mut up, _) = match self.connection(in_flight.endpoint(), upstream).await {
+            Ok(c) => c,
+            Err(err) => return self.fail(client, req, upstream, Some(&in_flight), err).await,
+        };
+        let addr = up.endpoint.addr;
+        if let Err(e) = up.stream.write_all(&self.req_head).await {
+            debug!(error = %e, "upstream write failed");
+            let err = ProxyError::UpstreamReset { addr };
+            return self.fail(client, req, upstream, Some(&in_flight), err).await;
+        }
+        let timeout = upstream.config.response_timeout;
+        let limits = self.limits;
+        let draining = self.ctx.shared.is_draining();
+        let outcome = {
+            let (mut cr, mut cw) = client.split();
+            let (mut ur, mut uw) = up.stream.split();
+            let mut send = pin!(body::relay(&mut cr, buf, &mut uw, req.body));
+            // None while the body is being sent; then whether it was sent completely.
+            let mut sent: Option<bool> = None;
+            let mut deadline = pin!(tokio::time::sleep(Duration::from_secs(86400 * 365)));
+            let head = {
+                let mut read = pin!(read_final_head(&mut ur, &mut up.buf, &mut cw, &mut self.resp_head, req, limits));
+                loop {
+                    tokio::select! {
+                        r = &mut send, if sent.is_none() => match r {
+                            Ok(()) => {
+                                sent = Some(true);
+                                if !timeout.is_zero() {
+                                    deadline.as_mut().reset(Instant::now() + timeout);
+                                }
+                            }
+                            // The upstream stopped reading: it may still answer (413...).
+                            Err(BodyError::Write(e)) => {
+                                debug!(error = %e, "upstream stopped reading the request body");
+                                sent = Some(false);
+                                if !timeout.is_zero() {
+                                    deadline.as_mut().reset(Instant::now() + timeout);
+                                }
+                            }
+                            // The client is gone or sent a broken body: the upstream saw a
+                            // partial request and neither connection can be trusted.
+                            Err(e) => break Err(HeadError::ClientBody(matches!(e, BodyError::Chunked(_)))),
+                        },
+                        h = &mut read => break h,
+                        _ = &mut deadline => break Err(HeadError::Timeout),
+                    }
+                }
+            };
+            match head {
+                Err(e) => Streamed::Failed(e),
+                // An upgrade whose request body is still streaming is not a tunnel.
+                Ok(resp) if resp.status == 101 => Streamed::Failed(HeadError::Invalid("101 Switching Protocols to a request with a body")),
+                Ok(resp) => {
+                    // A response that arrives before the request body is complete ends the
+                    // exchange for both connections once relayed (as Envoy does).
+                    let close = !req.keep_alive
+                        || draining
+                        || resp.body == BodyKind::UntilClose
+                        || sent != Some(true);
+                    head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
+                    in_flight.answered(resp.status);
+                    let mut relay = pin!(relay_halves(&mut ur, &mut up.buf, &mut cw, &mut self.resp_head, resp.body));
+                    let (relayed, sent) = loop {
+                        tokio::select! {
+                            r = &mut send, if sent.is_none() => {
+                                sent = Some(r.is_ok());
+                                if r.is_err() {
+                                    break (false, false);
+                                }
+                            }
+                            r = &mut relay => break (r, sent == Some(true)),
+                        }
+                    };
+                    Streamed::Relayed { resp, relayed, sent, close }
+                }
+            }
+        };
+        match outcome {
+            Streamed::Relayed { resp, relayed, sent, close } => {
+                if relayed && !sent {
+                    linger_close(client).await;
+                }
+                self.finish(up, &resp, relayed, sent, close)
+            }
+            Streamed::Failed(HeadError::ClientBody(invalid)) => {
+                in_flight.failed(400);
+                if invalid {
+                    let err = ProxyError::BadRequest("invalid chunked request body");
+                    upstream.error(&err);
+                    let _ = client.write_all(&err.http1_response(true)).await;
+                }
+                Next::Close
+            }
+            Streamed::Failed(e) => {
+                drop(up);
+                self.fail_head(client, req, upstream, &in_flight, e, addr, timeout).await;
+                Next::Close
+            }
+        }
+    }
+
+    /// After a relayed response: keep or drop the upstream connection, continue or close.
+    fn finish(&mut self, mut up: UpConn, resp: &ResponseInfo, relayed: bool, sent: bool, close: bool) -> Next {
+        if relayed && sent && resp.reusable && up.buf.is_empty() {
+            up.last_used = Instant::now();
+            self.held = Some(up);
+        }
+        if relayed && sent && !close {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// A connection to `endpoint`: the one this client connection holds, a pooled one, or
+    /// a new one. The flag says whether it was used before (and so may be stale).
+    async fn connection(&mut self, endpoint: &Arc<Endpoint>, upstream: &Upstream) -> Result<(UpConn, bool), ProxyError> {
+        if let Some(up) = self.held.take() {
+            if Arc::ptr_eq(&up.endpoint, endpoint)
+                && (up.last_used.elapsed() < PROBE_AFTER || alive(&up.stream))
+            {
+                return Ok((up, true));
+            }
+            if Arc::ptr_eq(&up.endpoint, endpoint) {
+                drop(up);
+            } else {
+                up.release();
+            }
+        }
+        while let Some(stream) = endpoint.pool.checkout(upstream.config.idle_timeout) {
+            if alive(&stream) {
+                return Ok((UpConn::new(endpoint.clone(), stream), true));
+            }
+        }
+        let stream = connect(endpoint.addr, upstream.config.connect_timeout).await?;
+        Ok((UpConn::new(endpoint.clone(), stream), false))
+    }
+
+    /// Switches to a tunnel after `101 Switching Protocols`.
+    async fn switch_protocols(&mut self, client: &mut TcpStream, up: UpConn) -> Next {
+        head::finish_response(&mut self.resp_head, false, false);
+        if client.write_all(&self.resp_head).await.is_err() {
+            return Next::Close;
+        }
+        Next::Tunnel(up)
+    }
+
+    /// Answers the client with `err` before any response byte was sent.
+    async fn fail(
+        &mut self,
+        client: &mut TcpStream,
+        req: &RequestInfo,
+        upstream: &Upstream,
+        in_flight: Option<&InFlight>,
+        err: ProxyError,
+    ) -> Next {
+        debug!(error = %err, upstream = upstream.name(), "answering with an error");
+        upstream.error(&err);
+        if let Some(f) = in_flight {
+            f.failed(err.status().as_u16());
+        }
+        // A request body the proxy did not consume leaves the connection unusable.
+        let close = !req.keep_alive || req.body != BodyKind::Empty || self.ctx.shared.is_draining();
+        if client.write_all(&err.http1_response(close)).await.is_err() || close {
+            return Next::Close;
+        }
+        Next::KeepAlive
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_head(
+        &mut self,
+        client: &mut TcpStream,
+        req: &RequestInfo,
+        upstream: &Upstream,
+        in_flight: &InFlight,
+        e: HeadError,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Next {
+        let err = match e {
+            HeadError::Closed { relayed_1xx: true } | HeadError::ClientWrite => {
+                // Part of a response already reached the client.
+                in_flight.failed(502);
+                return Next::Close;
+            }
+            HeadError::Closed { .. } | HeadError::Io => ProxyError::UpstreamReset { addr },
+            HeadError::Timeout => ProxyError::ResponseTimeout { addr, timeout },
+            HeadError::Invalid(reason) => ProxyError::UpstreamProtocol {
+                addr,
+                reason: reason.to_string(),
+            },
+            HeadError::ClientBody(_) => return Next::Close,
+        };
+        self.fail(client, req, upstream, Some(in_flight), err).await
+    }
+}
+
+/// An idle connection may have been closed by the endpoint; one non-blocking read tells
+/// (no data and no EOF means it is alive).
+fn alive(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// How a streamed exchange ended.
+enum Streamed {
+    Relayed {
+        resp: ResponseInfo,
+        relayed: bool,
+        sent: bool,
+        close: bool,
+    },
+    Failed(HeadError),
+}
+
+#[derive(Debug)]
+enum HeadError {
+    /// The upstream closed before a final response head.
+    Closed { relayed_1xx: bool },
+    Io,
+    Timeout,
+    Invalid(&'static str),
+    /// Writing an interim (1xx) response to the client failed.
+    ClientWrite,
+    /// The client's body failed while waiting (`true`: invalid framing).
+    ClientBody(bool),
+}
+
+/// Reads response heads until a final one (or a 101), relaying 1xx interim responses to
+/// the client. The final head, rewritten, is left in `out` without its last CRLF.
+async fn read_final_head<R, W>(
+    ur: &mut R,
+    ubuf: &mut BytesMut,
+    cw: &mut W,
+    out: &mut Vec<u8>,
+    req: &RequestInfo,
+    limits: &Limits,
+) -> Result<ResponseInfo, HeadError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max_headers = limits.max_headers.min(head::MAX_HEADERS);
+    let mut relayed_1xx = false;
+    loop {
+        if !ubuf.is_empty() {
+            match head::parse_response(ubuf, max_headers, req.is_head, out) {
+                Ok(Parsed::Complete(resp)) => {
+                    ubuf.advance(resp.head_len);
+                    match resp.status {
+                        101 if req.upgrade => return Ok(resp),
+                        101 => return Err(HeadError::Invalid("101 Switching Protocols without an upgrade request")),
+                        100..=199 => {
+                            // Interim responses go to HTTP/1.1 clients (RFC 9110 §15.2).
+                            if req.minor == 1 {
+                                head::finish_response(out, false, false);
+                                cw.write_all(out).await.map_err(|_| HeadError::ClientWrite)?;
+                                relayed_1xx = true;
+                            }
+                            continue;
+                        }
+                        _ => return Ok(resp),
+                    }
+                }
+                Ok(Parsed::Partial) if ubuf.len() >= limits.max_head_bytes => {
+                    return Err(HeadError::Invalid("response head too large"))
+                }
+                Ok(Parsed::Partial) => {}
+                Err(reason) => return Err(HeadError::Invalid(reason)),
+            }
+        }
+        match body::fill(ur, ubuf).await {
+            Ok(0) if ubuf.is_empty() => return Err(HeadError::Closed { relayed_1xx }),
+            Ok(0) => return Err(HeadError::Invalid("connection closed in the middle of the response head")),
+            Ok(_) => {}
+            Err(_) => return Err(HeadError::Io),
+        }
+    }
+}
+
+/// Sends the response head (with the body too when it is small and already here) and
+/// relays the rest of the body. `true` when the whole response reached the client.
+async fn relay_response(up: &mut UpConn, client: &mut TcpStream, head: &mut Vec<u8>, resp: &ResponseInfo) -> bool {
+    let (mut ur, _) = up.stream.split();
+    relay_halves(&mut ur, &mut up.buf, client, head, resp.body).await
+}
+
+async fn relay_halves<R, W>(ur: &mut R, ubuf: &mut BytesMut, cw: &mut W, head: &mut Vec<u8>, mut body: BodyKind) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let BodyKind::Length(n) = body {
+        if n <= ubuf.len() as u64 && n <= READ_BUF as u64 {
+            head.extend_from_slice(&ubuf[..n as usize]);
+            ubuf.advance(n as usize);
+            body = BodyKind::Empty;
+        }
+    }
+    if cw.write_all(head).await.is_err() {
+        return false;
+    }
+    match body::relay(ur, ubuf, cw, body).await {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "response body relay ended early");
+            false
+        }
+    }
+}
+
+/// Relays bytes both ways after a protocol switch until both sides are done.
+async fn tunnel(mut client: TcpStream, client_buf: BytesMut, mut up: UpConn) {
+    if !client_buf.is_empty() && up.stream.write_all(&client_buf).await.is_err() {
+        return;
+    }
+    if !up.buf.is_empty() {
+        let pending = std::mem::take(&mut up.buf);
+        if client.write_all(&pending).await.is_err() {
+            return;
+        }
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up.stream).await {
+        debug!(error = %e, "tunnel ended with an error");
+    }
+}
+
+/// Closes a connection whose client may still be sending (an early response or an
+/// error): shut our side, then read and discard for a short, bounded while so the
+/// client receives the response instead of a reset.
+async fn linger_close(client: &mut TcpStream) {
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for _ in 0..256 {
+        match tokio::time::timeout_at(deadline, client.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
+}

@@ -246,12 +246,19 @@ pub(crate) struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn track(&self) -> ConnectionTracker {
         self.accepted.inc();
-        self.open.inc();
-        ConnectionTracker(self.open.clone())
+        ConnectionTracker::open(&self.open)
     }
 }
 
+/// Counts one open connection in a gauge while it lives.
 pub(crate) struct ConnectionTracker(Gauge);
+
+impl ConnectionTracker {
+    pub fn open(gauge: &Gauge) -> Self {
+        gauge.inc();
+        ConnectionTracker(gauge.clone())
+    }
+}
 
 impl Drop for ConnectionTracker {
     fn drop(&mut self) {

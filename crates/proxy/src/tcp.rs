@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
-use crate::{connect::connect, upstream::Upstream};
+use crate::{connect::connect, metrics::ConnectionTracker, upstream::Upstream};
 
 pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstream>) {
     let endpoint = match upstream.pick() {
@@ -27,11 +27,10 @@ pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstr
             return;
         }
     };
-    endpoint.metrics.open_connections.inc();
+    let _open = ConnectionTracker::open(&endpoint.metrics.open_connections);
     if !prefix.is_empty() {
         if let Err(e) = server.write_all(&prefix).await {
             debug!(error = %e, "tcp: upstream write failed");
-            endpoint.metrics.open_connections.dec();
             return;
         }
     }
@@ -39,5 +38,4 @@ pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstr
         Ok((up, down)) => debug!(up, down, endpoint = %endpoint.addr, "tcp stream closed"),
         Err(e) => debug!(error = %e, endpoint = %endpoint.addr, "tcp stream ended with an error"),
     }
-    endpoint.metrics.open_connections.dec();
 }
