@@ -1,4 +1,7 @@
-//! `malla`: one binary for the whole mesh. Today: `malla proxy`, the sidecar.
+//! `malla`: one binary for the whole mesh. Today: `malla proxy`, the sidecar, and
+//! `malla demo`, which shows it at work.
+
+mod demo;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -12,9 +15,10 @@ use malla_proxy::{
 #[derive(Parser)]
 #[command(name = "malla", version, about = "malla: a service mesh in one binary")]
 struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `malla_proxy=debug` (also the RUST_LOG variable).
-    #[arg(long, global = true, env = "MALLA_LOG", default_value = "info")]
-    log: String,
+    /// Log filter, e.g. `info`, `debug`, `malla_proxy=debug` (also RUST_LOG). Default:
+    /// `info`, or `warn` for `malla demo` so its report stays readable.
+    #[arg(long, global = true, env = "MALLA_LOG")]
+    log: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -24,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy.
     Proxy(ProxyArgs),
+    /// Start demo services behind a sidecar, send traffic, and show where it went.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -82,9 +88,14 @@ enum BalancerArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    let default_log = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log.as_deref().unwrap_or(default_log));
     let result = match cli.command {
         Command::Proxy(args) => run_proxy(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
