@@ -97,7 +97,7 @@ enum Next {
 struct Session<'a> {
     ctx: &'a ListenerCtx,
     limits: &'a Limits,
-    peer: SocketAddr,
+    client_addr: head::ClientAddr,
     /// The rewritten request head (kept until the response head, for a retry).
     req_head: Vec<u8>,
     /// The rewritten response head.
@@ -109,7 +109,7 @@ pub(crate) async fn serve(mut client: TcpStream, mut buf: BytesMut, peer: Socket
     let mut s = Session {
         ctx,
         limits: &ctx.shared.config.limits,
-        peer,
+        client_addr: head::ClientAddr::new(peer.ip()),
         req_head: Vec::with_capacity(1024),
         resp_head: Vec::with_capacity(1024),
         held: None,
@@ -166,7 +166,7 @@ impl Session<'_> {
         let mut head_deadline = None;
         loop {
             if !buf.is_empty() {
-                match head::parse_request(buf, max_headers, self.peer.ip(), &mut self.req_head)? {
+                match head::parse_request(buf, max_headers, &self.client_addr, &mut self.req_head)? {
                     Parsed::Complete(info) => return Ok(Some(info)),
                     Parsed::Partial if buf.len() >= self.limits.max_head_bytes => {
                         return Err(ProxyError::HeadTooLarge {

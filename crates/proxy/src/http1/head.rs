@@ -12,7 +12,7 @@
 //! - `Content-Length` that is not digits, or several differing values → 400.
 //! - HTTP/1.1 without exactly one `Host` → 400.
 
-use std::{io::Write as _, mem::MaybeUninit, net::IpAddr};
+use std::{mem::MaybeUninit, net::IpAddr};
 
 use crate::{
     error::ProxyError,
@@ -60,7 +60,7 @@ pub struct RequestInfo {
 pub fn parse_request(
     buf: &[u8],
     max_headers: usize,
-    client: IpAddr,
+    client: &ClientAddr,
     out: &mut Vec<u8>,
 ) -> Result<Parsed<RequestInfo>, ProxyError> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -119,8 +119,10 @@ pub fn parse_request(
     });
 
     out.clear();
-    // `write!` into a Vec cannot fail.
-    let _ = write!(out, "{method} {path} HTTP/1.{minor}\r\n");
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(if minor == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let keep_te = body == BodyKind::Chunked && name.eq_ignore_ascii_case(b"transfer-encoding");
@@ -134,17 +136,14 @@ pub fn parse_request(
         }
         push_field(out, name, h.value);
     }
-    let xff = forwarding::x_forwarded_for(f.x_forwarded_for.as_deref(), client);
-    push_field(out, b"x-forwarded-for", xff.as_bytes());
+    push_list_field(out, b"x-forwarded-for", f.x_forwarded_for.as_deref(), client.text.as_bytes());
     if !f.x_forwarded_proto {
         push_field(out, b"x-forwarded-proto", b"http");
     }
     if let Some(prev) = f.forwarded.take() {
-        let fwd = forwarding::forwarded(&prev, client, "http");
-        push_field(out, b"forwarded", fwd.as_bytes());
+        push_list_field(out, b"forwarded", Some(&prev), client.forwarded.as_bytes());
     }
-    let via = forwarding::via(f.via.as_deref(), forwarding::VIA_HTTP1);
-    push_field(out, b"via", via.as_bytes());
+    push_list_field(out, b"via", f.via.as_deref(), forwarding::VIA_HTTP1.as_bytes());
     if upgrade {
         push_field(out, b"connection", b"upgrade");
         push_field(out, b"upgrade", f.upgrade.unwrap_or_default());
@@ -222,8 +221,15 @@ pub fn parse_response(
     };
 
     out.clear();
-    let reason = resp.reason.unwrap_or_default();
-    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let keep = status == 101 && (name.eq_ignore_ascii_case(b"upgrade"))
@@ -240,8 +246,7 @@ pub fn parse_response(
     if status == 101 {
         push_field(out, b"connection", b"upgrade");
     }
-    let via = forwarding::via(f.via.as_deref(), forwarding::VIA_HTTP1);
-    push_field(out, b"via", via.as_bytes());
+    push_list_field(out, b"via", f.via.as_deref(), forwarding::VIA_HTTP1.as_bytes());
     // The caller appends the connection field and the final CRLF (see `finish_response`).
 
     Ok(Parsed::Complete(ResponseInfo {
@@ -259,6 +264,40 @@ pub fn finish_response(out: &mut Vec<u8>, close: bool, keep_alive_1_0: bool) {
     } else if keep_alive_1_0 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The client's address, formatted once per connection for the forwarding fields.
+#[derive(Debug)]
+pub struct ClientAddr {
+    /// For `X-Forwarded-For`.
+    pub text: String,
+    /// For `Forwarded` (RFC 7239 quotes IPv6 addresses).
+    pub forwarded: String,
+}
+
+impl ClientAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        ClientAddr {
+            text: ip.to_string(),
+            forwarded: format!("for={node};proto=http"),
+        }
+    }
+}
+
+/// `name: previous, ours` (or `name: ours`), the list-append of the forwarding fields.
+fn push_list_field(out: &mut Vec<u8>, name: &[u8], previous: Option<&[u8]>, ours: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    if let Some(prev) = previous.filter(|p| !p.is_empty()) {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ours);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -422,13 +461,13 @@ fn response_error(e: httparse::Error) -> &'static str {
 mod tests {
     use super::*;
 
-    fn client() -> IpAddr {
-        "10.0.0.7".parse().unwrap()
+    fn client() -> ClientAddr {
+        ClientAddr::new("10.0.0.7".parse().unwrap())
     }
 
     fn req(raw: &str) -> Result<(RequestInfo, String), ProxyError> {
         let mut out = Vec::new();
-        match parse_request(raw.as_bytes(), 100, client(), &mut out)? {
+        match parse_request(raw.as_bytes(), 100, &client(), &mut out)? {
             Parsed::Complete(info) => Ok((info, String::from_utf8(out).unwrap())),
             Parsed::Partial => panic!("partial"),
         }
@@ -460,7 +499,7 @@ mod tests {
     fn partial_heads_ask_for_more() {
         let mut out = Vec::new();
         assert!(matches!(
-            parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n", 100, client(), &mut out),
+            parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n", 100, &client(), &mut out),
             Ok(Parsed::Partial)
         ));
     }
@@ -548,5 +587,78 @@ mod tests {
         let mut out = Vec::new();
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 100, false, &mut out).is_err());
         assert!(parse_response(b"HTTP/1.1 abc OK\r\n\r\n", 100, false, &mut out).is_err());
+    }
+}
+
+/// Mutated and random heads never panic the parser, and whatever it accepts re-serialises
+/// into a head that parses again to the same framing (a cheap, always-on stand-in for a
+/// fuzz target: deterministic seeds, bounded iterations).
+#[cfg(test)]
+mod robustness {
+    use super::*;
+
+    const SEEDS: &[&str] = &[
+        "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: keep-alive, x\r\nX: 1\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 1.1.1.1\r\nVia: 1.0 a\r\n\r\n",
+        "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+        "HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    ];
+
+    fn mutate(rng: &mut fastrand::Rng, seed: &[u8]) -> Vec<u8> {
+        let mut v = seed.to_vec();
+        for _ in 0..rng.usize(1..6) {
+            let interesting = [b'\r', b'\n', b' ', b':', b',', b'0', b'\0', 0xff, b'\t'];
+            match rng.u8(0..4) {
+                0 if !v.is_empty() => {
+                    let i = rng.usize(..v.len());
+                    v[i] = interesting[rng.usize(..interesting.len())];
+                }
+                1 if !v.is_empty() => {
+                    let i = rng.usize(..v.len());
+                    v.remove(i);
+                }
+                2 => {
+                    let i = rng.usize(..=v.len());
+                    v.insert(i, rng.u8(..));
+                }
+                _ => {
+                    let i = rng.usize(..=v.len());
+                    let j = rng.usize(..=v.len());
+                    let (a, b) = (i.min(j), i.max(j));
+                    let piece = v[a..b].to_vec();
+                    v.splice(b..b, piece);
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn mutated_heads_never_panic_and_accepted_ones_round_trip() {
+        let mut rng = fastrand::Rng::with_seed(0x6d616c6c61);
+        let client = ClientAddr::new("10.0.0.1".parse().unwrap());
+        let (mut out, mut again) = (Vec::new(), Vec::new());
+        for i in 0..20_000 {
+            let input = mutate(&mut rng, SEEDS[i % SEEDS.len()].as_bytes());
+            if let Ok(Parsed::Complete(info)) = parse_request(&input, 100, &client, &mut out) {
+                match parse_request(&out, 100, &client, &mut again) {
+                    Ok(Parsed::Complete(re)) => {
+                        assert_eq!(re.body, info.body, "{:?}", String::from_utf8_lossy(&input));
+                        assert_eq!(re.keep_alive, info.keep_alive);
+                    }
+                    other => panic!(
+                        "accepted {:?} but its rewrite {:?} does not parse: {:?}",
+                        String::from_utf8_lossy(&input),
+                        String::from_utf8_lossy(&out),
+                        other.err()
+                    ),
+                }
+            }
+            let _ = parse_response(&input, 100, false, &mut out);
+            let mut decoder = crate::http1::body::ChunkedDecoder::default();
+            let _ = decoder.advance(&input);
+        }
     }
 }
