@@ -29,6 +29,7 @@ import http.client
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # keep bench/ free of __pycache__
 import report  # noqa: E402  (bench/report.py)
 
 BODY = b"hello\n"
@@ -177,6 +178,23 @@ class RssSampler(threading.Thread):
         self._halt.set()
         self.join(timeout=5)
         self.sample()
+
+
+def cpu_busy_jiffies():
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    total = sum(v[:8])
+    return total - idle, total
+
+
+def background_busy(seconds):
+    """Share of the machine's CPU (0..1) busy during `seconds` while we run nothing."""
+    b0, t0 = cpu_busy_jiffies()
+    time.sleep(seconds)
+    b1, t1 = cpu_busy_jiffies()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 def free_ports(n):
@@ -372,6 +390,7 @@ class Bench:
         self.cpu_proxy = "1" if self.pin else None
         self.cpu_other = "0" if self.pin else None
         self.seq = 0
+        self.quiet_budget = a.quiet_wait
 
     def tool(self, argv):
         return (["taskset", "-c", self.cpu_other] if self.cpu_other else []) + argv
@@ -466,8 +485,10 @@ class Bench:
                 "cmd": shlex.join(argv)}
 
     def oha(self, port, dur, rate):
-        argv = [self.a.oha_bin, "--no-tui", "--output-format", "json", "-q", str(rate), "-z", f"{dur}s",
-                "-c", str(self.a.lat_conns), f"http://127.0.0.1:{port}/"]
+        argv = [self.a.oha_bin, "--no-tui", "--output-format", "json", "-q", str(rate), "-z", f"{dur}s"]
+        if self.a.oha_threads:
+            argv += ["--worker-threads", str(self.a.oha_threads)]
+        argv += ["-c", str(self.a.lat_conns), f"http://127.0.0.1:{port}/"]
         rc, out, err = self.run_tool(argv, dur + 60)
         try:
             j = json.loads(out)
@@ -475,10 +496,13 @@ class Bench:
             raise RuntimeError(f"oha failed (rc {rc}): {out[:2000]}\n{err[:2000]}")
         lp = j["latencyPercentiles"]
         status = j.get("statusCodeDistribution", {})
-        ok = sum(v for k, v in status.items() if str(k).startswith("2"))
-        total = sum(status.values()) + sum(j.get("errorDistribution", {}).values())
+        non2xx = sum(v for k, v in status.items() if not str(k).startswith("2"))
+        errs = j.get("errorDistribution", {}) or {}
+        # requests still in flight when -z ends are "aborted due to deadline": not errors
+        deadline = sum(v for k, v in errs.items() if "deadline" in k)
         return {"p50_ms": lp["p50"] * 1e3, "p99_ms": lp["p99"] * 1e3, "p999_ms": lp["p99.9"] * 1e3,
-                "rps": j["summary"]["requestsPerSec"], "requests": total, "errors": total - ok,
+                "rps": j["summary"]["requestsPerSec"], "requests": sum(status.values()),
+                "errors": non2xx + sum(errs.values()) - deadline, "error_kinds": errs,
                 "cmd": shlex.join(argv)}
 
     def h2load(self, port, dur, warm=0):
@@ -506,11 +530,23 @@ class Bench:
         proto = "h2" if test == "h2" else "h1"
         rec = {"round": rnd, "test": test, "target": name}
         p, port = self.start_target(name, proto)
-        pids = session_pids(p.pid) if p else []
+        pids = (session_pids(p.pid) or [p.pid]) if p else []
+        # settle, and see whether anything else is using the CPU (a build would skew everything):
+        # wait for it to stop, within a budget for the whole run, then go on with a warning
+        bg = background_busy(0.4)
+        while bg > 0.10 and self.quiet_budget > 0:
+            if self.quiet_budget == self.a.quiet_wait:
+                log(f"    {bg:.0%} of the CPU busy elsewhere; waiting for it to calm down "
+                    f"(at most {self.a.quiet_wait} s in this whole run)")
+            self.quiet_budget -= 1
+            bg = background_busy(1.0)
+        rec["background_cpu"] = round(bg, 3)
+        if rec["background_cpu"] > 0.10:
+            log(f"    warning: {rec['background_cpu']:.0%} of the CPU busy before this measurement "
+                "(something else is running?)")
         if p:
-            time.sleep(0.3)  # settle
             rec["rss_idle_kib"] = sum(rss_kib(x) for x in pids)
-            rec["rss_idle_main_kib"] = rss_kib(p.pid)
+            rec["rss_idle_largest_kib"] = max(rss_kib(x) for x in pids)
             rec["nproc"] = len(pids)
         try:
             warm = self.a.warmup
@@ -536,7 +572,7 @@ class Bench:
             if sampler:
                 sampler.finish()
                 rec["rss_peak_kib"] = sampler.max_sum
-                rec["rss_peak_main_kib"] = sampler.max_per.get(p.pid, 0)
+                rec["rss_peak_largest_kib"] = max(sampler.max_per.values())
                 rec["rss_samples"] = sampler.samples
                 rec["cpu_s"] = (c1 - c0) / CLK_TCK
                 rec["wall_s"] = wall
@@ -571,6 +607,12 @@ class Bench:
         else:
             exe = shlex.split(self.a.malla_cmd)[0]
             mv = first([exe, "--version"])
+            try:
+                import hashlib
+                with open(exe, "rb") as f:
+                    mv += f", sha256 {hashlib.sha256(f.read()).hexdigest()[:12]}"
+            except OSError:
+                pass
             try:
                 rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True, timeout=10).stdout.strip()
@@ -614,13 +656,22 @@ def main():
     ap.add_argument("--wrk-conns", type=int, default=50)
     ap.add_argument("--lat-rate", type=int, default=2000)
     ap.add_argument("--lat-conns", type=int, default=16)
+    ap.add_argument("--oha-threads", type=int, default=1,
+                    help="oha --worker-threads (0: oha's default, one per core); 1 keeps the load "
+                         "generator's own footprint small and the same for every target")
     ap.add_argument("--h2-conns", type=int, default=10)
     ap.add_argument("--h2-streams", type=int, default=10)
     ap.add_argument("--pin", action="store_true")
+    ap.add_argument("--quiet-wait", type=int, default=120,
+                    help="seconds, over the whole run, to wait for other CPU use to stop before a measurement")
     ap.add_argument("--mode", default="full")
-    ap.add_argument("--malla-cmd", default=os.path.join(ROOT, "target/release/malla")
-                    + " proxy --listen {listen} --upstream {upstream} --workers 1 --admin {admin}")
-    ap.add_argument("--malla-standin", default="", choices=["", "haproxy", "nginx", "envoy"])
+    # Given through the environment, not argv, so that a `pkill -f malla` aimed at proxies
+    # elsewhere on this shared machine does not hit the harness itself.
+    ap.add_argument("--malla-cmd", default=os.environ.get("BENCH_MALLA_CMD") or (
+        os.path.join(ROOT, "target/release/malla")
+        + " proxy --listen {listen} --upstream {upstream} --workers 1 --admin {admin}"))
+    ap.add_argument("--malla-standin", default=os.environ.get("BENCH_MALLA_STANDIN", ""),
+                    choices=["", "haproxy", "nginx", "envoy"])
     ap.add_argument("--envoy-bin", required=True)
     ap.add_argument("--oha-bin", default="oha")
     ap.add_argument("--out-json", required=True)
@@ -653,7 +704,7 @@ def main():
         "malla_standin": a.malla_standin or None,
         "malla_cmd": None if a.malla_standin else a.malla_cmd,
         "params": {k: getattr(a, k) for k in ("rounds", "h1_duration", "lat_duration", "h2_duration", "warmup",
-                                              "wrk_conns", "lat_rate", "lat_conns", "h2_conns", "h2_streams", "pin")},
+                                              "wrk_conns", "lat_rate", "lat_conns", "oha_threads", "h2_conns", "h2_streams", "pin")},
         "targets": targets, "tests": tests,
         "not_applicable": {f"h2/{k}": v for k, v in H2_UNSUPPORTED.items() if k in targets and "h2" in tests},
         "failures": [],

@@ -204,6 +204,14 @@ def render(res):
       f"Envoy {v.get('envoy')}; load: wrk {v.get('wrk')}, oha {v.get('oha')}, h2load (nghttp2) {v.get('h2load')}.")
     a("")
 
+    bg = [r["background_cpu"] for r in res.get("runs", []) if "background_cpu" in r]
+    if bg:
+        busy = sum(1 for x in bg if x > 0.10)
+        a(f"Other CPU use in the 0.4 s before each measurement: median {statistics.median(bg):.0%}, "
+          f"max {max(bg):.0%}" + (f" — **{busy} of {len(bg)} measurements started with > 10 % of the CPU "
+                                  "busy elsewhere; results are skewed, re-run on a quiet machine**."
+                                  if busy else "."))
+        a("")
     if s.get("goals"):
         a("### malla against its goals")
         a("")
@@ -230,8 +238,9 @@ def render(res):
         a("")
 
     if s.get("lat"):
+        th = f" --worker-threads {p['oha_threads']}" if p.get("oha_threads") else ""
         a(f"### Latency at a fixed {p['lat_rate']:,} req/s (`oha -q {p['lat_rate']} -c {p['lat_conns']} "
-          f"-z {p['lat_duration']}s`), ms")
+          f"-z {p['lat_duration']}s{th}`), ms")
         a("")
         a("| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | proxy vCPU per 1k req/s | errors |")
         a("|---|---|---|---|---|---|---|---|---|")

@@ -105,7 +105,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
     for h2 in [false, true] {
         let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
-        let before: Vec<u64> = instances.iter().map(|i| i.served.load(Ordering::Relaxed)).collect();
+        let before: Vec<u64> = instances
+            .iter()
+            .map(|i| i.served.load(Ordering::Relaxed))
+            .collect();
         let started = Instant::now();
         let (ok, failed) = send_traffic(sidecar, args.requests, h2).await;
         let elapsed = started.elapsed();
@@ -208,14 +211,19 @@ async fn send_traffic(sidecar: SocketAddr, total: u64, h2: bool) -> (u64, u64) {
             let mut h1 = None;
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 // HTTP/2 carries the authority in the URI, HTTP/1.1 in `Host`.
-                let uri = if h2 { "http://shipping-quote/quote" } else { "/quote" };
+                let uri = if h2 {
+                    "http://shipping-quote/quote"
+                } else {
+                    "/quote"
+                };
                 let req = Request::get(uri)
                     .header("host", "shipping-quote")
                     .body(Empty::<Bytes>::new())
                     .unwrap_or_default();
                 let result = match &h2_sender {
                     Some(s) => {
-                        let mut s: hyper::client::conn::http2::SendRequest<Empty<Bytes>> = s.clone();
+                        let mut s: hyper::client::conn::http2::SendRequest<Empty<Bytes>> =
+                            s.clone();
                         s.send_request(req).await.map_err(anyhow::Error::from)
                     }
                     None => {

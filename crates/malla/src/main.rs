@@ -1,6 +1,9 @@
 //! `malla`: one binary for the whole mesh. Today: `malla proxy`, the sidecar, and
 //! `malla demo`, which shows it at work.
 
+// The binary is where malla talks to people: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
 mod demo;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -48,7 +51,12 @@ struct ProxyArgs {
     listen: Option<SocketAddr>,
 
     /// Quick form: the endpoints behind --listen, comma-separated HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]", value_delimiter = ',', requires = "listen")]
+    #[arg(
+        long,
+        value_name = "HOST:PORT[,HOST:PORT...]",
+        value_delimiter = ',',
+        requires = "listen"
+    )]
     upstream: Vec<String>,
 
     /// Quick form: what the --listen listener accepts.
@@ -151,7 +159,9 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
     let source = args
         .config
         .as_ref()
-        .map_or("command-line flags".to_string(), |p| p.display().to_string());
+        .map_or("command-line flags".to_string(), |p| {
+            p.display().to_string()
+        });
     config.validate(&source)?;
     Ok(config)
 }

@@ -83,7 +83,9 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
             });
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(serde_json::to_vec_pretty(&doc).unwrap_or_default()))
+                .body(Body::from(
+                    serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+                ))
                 .unwrap_or_default()
         }
         _ => text(

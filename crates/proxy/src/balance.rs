@@ -49,7 +49,7 @@ impl Balancer {
 }
 
 /// Two distinct random candidates; the one with the lower `load` wins (ties: the first).
-fn p2c<'a>(endpoints: &'a [Arc<Endpoint>], load: impl Fn(&Endpoint) -> f64) -> &'a Arc<Endpoint> {
+fn p2c(endpoints: &[Arc<Endpoint>], load: impl Fn(&Endpoint) -> f64) -> &Arc<Endpoint> {
     let n = endpoints.len();
     let a = fastrand::usize(..n);
     // A second index drawn from the other n-1 slots, so the two always differ.

@@ -471,12 +471,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_durations_are_rejected() {
-        let err = ProxyConfig::from_toml(
-            "[[upstream]]\nname = \"a\"\nendpionts = []\n",
-            "x.toml",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = ProxyConfig::from_toml("[[upstream]]\nname = \"a\"\nendpionts = []\n", "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("endpionts"), "{err}");
         let err = ProxyConfig::from_toml(
             "[[upstream]]\nname = \"a\"\nconnect_timeout = \"soon\"\n",

@@ -6,7 +6,10 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 
-pub async fn connect(addr: std::net::SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+pub async fn connect(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ProxyError> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);

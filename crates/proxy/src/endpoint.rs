@@ -38,7 +38,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("addr", &self.addr).finish()
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -110,10 +112,6 @@ impl InFlight {
         &self.endpoint
     }
 
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     /// The endpoint answered (a response head arrived): feeds its latency estimate.
     pub fn answered(&self, status: u16) {
         let rtt = self.started.elapsed();
@@ -124,7 +122,8 @@ impl InFlight {
     /// The endpoint failed before answering; failures count as slow so that P2C steers
     /// away from it (a fast failure must not look attractive).
     pub fn failed(&self, status: u16) {
-        self.endpoint.observe(DEFAULT_RTT.max(self.started.elapsed()) * 4);
+        self.endpoint
+            .observe(DEFAULT_RTT.max(self.started.elapsed()) * 4);
         self.endpoint.metrics.local_response(status);
     }
 }
@@ -259,6 +258,9 @@ mod tests {
         e.observe(t0 + Duration::from_secs(1), 1_000.0);
         assert!(e.rtt_ns < 5_000.0 && e.rtt_ns > 4_000.0, "{}", e.rtt_ns);
         let later = e.decay(t0 + Duration::from_secs(60));
-        assert!(later < 50.0, "an idle estimate decays towards zero: {later}");
+        assert!(
+            later < 50.0,
+            "an idle estimate decays towards zero: {later}"
+        );
     }
 }

@@ -14,7 +14,9 @@ pub const ERROR_HEADER: &str = "malla-error";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("no route for host {host:?}; configure an [[http_proxy.route]] or an upstream of that name")]
+    #[error(
+        "no route for host {host:?}; configure an [[http_proxy.route]] or an upstream of that name"
+    )]
     NoRoute { host: String },
     #[error("upstream {upstream} has no endpoints")]
     NoEndpoints { upstream: String },
@@ -167,7 +169,13 @@ mod tests {
     fn causes_map_to_documented_statuses() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let cases = [
-            (ProxyError::NoEndpoints { upstream: "a".into() }, 503, 14),
+            (
+                ProxyError::NoEndpoints {
+                    upstream: "a".into(),
+                },
+                503,
+                14,
+            ),
             (ProxyError::ConnectRefused { addr }, 502, 14),
             (
                 ProxyError::ConnectTimeout {

@@ -25,7 +25,9 @@ pub const HOP_BY_HOP: &[&str] = &[
 ];
 
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 pub const VIA_HTTP1: &str = "1.1 malla";
@@ -45,7 +47,10 @@ pub fn forwarded(existing: &[u8], client: IpAddr, proto: &str) -> String {
         IpAddr::V4(ip) => ip.to_string(),
         IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
-    format!("{}, for={node};proto={proto}", String::from_utf8_lossy(existing))
+    format!(
+        "{}, for={node};proto={proto}",
+        String::from_utf8_lossy(existing)
+    )
 }
 
 /// A `Via` value with this proxy appended.
@@ -73,7 +78,10 @@ mod tests {
         let v6: IpAddr = "::1".parse().unwrap();
         assert_eq!(x_forwarded_for(None, v4), "10.1.2.3");
         assert_eq!(x_forwarded_for(Some(b"1.1.1.1"), v4), "1.1.1.1, 10.1.2.3");
-        assert_eq!(forwarded(b"for=1.1.1.1", v6, "http"), "for=1.1.1.1, for=\"[::1]\";proto=http");
+        assert_eq!(
+            forwarded(b"for=1.1.1.1", v6, "http"),
+            "for=1.1.1.1, for=\"[::1]\";proto=http"
+        );
         assert_eq!(via(Some(b"1.0 fred"), VIA_HTTP1), "1.0 fred, 1.1 malla");
         assert!(has_token(b"keep-alive, Upgrade", "upgrade"));
         assert!(!has_token(b"keep-alive", "close"));

@@ -105,7 +105,12 @@ struct Session<'a> {
     held: Option<UpConn>,
 }
 
-pub(crate) async fn serve(mut client: TcpStream, mut buf: BytesMut, peer: SocketAddr, ctx: &Arc<ListenerCtx>) {
+pub(crate) async fn serve(
+    mut client: TcpStream,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    ctx: &Arc<ListenerCtx>,
+) {
     let mut s = Session {
         ctx,
         limits: &ctx.shared.config.limits,
@@ -166,8 +171,16 @@ impl Session<'_> {
         let mut head_deadline = None;
         loop {
             if !buf.is_empty() {
-                match head::parse_request(buf, max_headers, &self.client_addr, &mut self.req_head)? {
-                    Parsed::Complete(info) => return Ok(Some(info)),
+                match head::parse_request(buf, max_headers, &self.client_addr, &mut self.req_head)?
+                {
+                    Parsed::Complete(info) if info.head_len <= self.limits.max_head_bytes => {
+                        return Ok(Some(info))
+                    }
+                    Parsed::Complete(_) => {
+                        return Err(ProxyError::HeadTooLarge {
+                            limit: self.limits.max_head_bytes,
+                        })
+                    }
                     Parsed::Partial if buf.len() >= self.limits.max_head_bytes => {
                         return Err(ProxyError::HeadTooLarge {
                             limit: self.limits.max_head_bytes,
@@ -224,9 +237,12 @@ impl Session<'_> {
         if let Some(n) = complete_len {
             self.req_head.extend_from_slice(&buf[..n]);
             buf.advance(n);
-            return self.exchange_buffered(client, req, upstream, in_flight).await;
+            return self
+                .exchange_buffered(client, req, upstream, in_flight)
+                .await;
         }
-        self.exchange_streaming(client, buf, req, upstream, in_flight).await
+        self.exchange_streaming(client, buf, req, upstream, in_flight)
+            .await
     }
 
     /// The request is entirely in `req_head`: send it, read the answer, relay it.
@@ -242,7 +258,11 @@ impl Session<'_> {
         let (mut up, resp) = loop {
             let (mut up, reused) = match self.connection(in_flight.endpoint(), upstream).await {
                 Ok(c) => c,
-                Err(err) => return self.fail(client, req, upstream, Some(&in_flight), err).await,
+                Err(err) => {
+                    return self
+                        .fail(client, req, upstream, Some(&in_flight), err)
+                        .await
+                }
             };
             let may_retry = reused && req.idempotent && !retried;
             if let Err(e) = up.stream.write_all(&self.req_head).await {
@@ -251,11 +271,22 @@ impl Session<'_> {
                     continue;
                 }
                 debug!(error = %e, "upstream write failed");
-                let err = ProxyError::UpstreamReset { addr: up.endpoint.addr };
-                return self.fail(client, req, upstream, Some(&in_flight), err).await;
+                let err = ProxyError::UpstreamReset {
+                    addr: up.endpoint.addr,
+                };
+                return self
+                    .fail(client, req, upstream, Some(&in_flight), err)
+                    .await;
             }
             let (mut ur, _) = up.stream.split();
-            let read = read_final_head(&mut ur, &mut up.buf, client, &mut self.resp_head, req, self.limits);
+            let read = read_final_head(
+                &mut ur,
+                &mut up.buf,
+                client,
+                &mut self.resp_head,
+                req,
+                self.limits,
+            );
             let result = if timeout.is_zero() {
                 read.await
             } else {
@@ -281,7 +312,8 @@ impl Session<'_> {
         if resp.status == 101 {
             return self.switch_protocols(client, up).await;
         }
-        let close = !req.keep_alive || self.ctx.shared.is_draining() || resp.body == BodyKind::UntilClose;
+        let close =
+            !req.keep_alive || self.ctx.shared.is_draining() || resp.body == BodyKind::UntilClose;
         head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
         let relayed = relay_response(&mut up, client, &mut self.resp_head, &resp).await;
         self.finish(up, &resp, relayed, true, close)
@@ -298,13 +330,19 @@ impl Session<'_> {
     ) -> Next {
         let (mut up, _) = match self.connection(in_flight.endpoint(), upstream).await {
             Ok(c) => c,
-            Err(err) => return self.fail(client, req, upstream, Some(&in_flight), err).await,
+            Err(err) => {
+                return self
+                    .fail(client, req, upstream, Some(&in_flight), err)
+                    .await
+            }
         };
         let addr = up.endpoint.addr;
         if let Err(e) = up.stream.write_all(&self.req_head).await {
             debug!(error = %e, "upstream write failed");
             let err = ProxyError::UpstreamReset { addr };
-            return self.fail(client, req, upstream, Some(&in_flight), err).await;
+            return self
+                .fail(client, req, upstream, Some(&in_flight), err)
+                .await;
         }
         let timeout = upstream.config.response_timeout;
         let limits = self.limits;
@@ -317,7 +355,14 @@ impl Session<'_> {
             let mut sent: Option<bool> = None;
             let mut deadline = pin!(tokio::time::sleep(Duration::from_secs(86400 * 365)));
             let head = {
-                let mut read = pin!(read_final_head(&mut ur, &mut up.buf, &mut cw, &mut self.resp_head, req, limits));
+                let mut read = pin!(read_final_head(
+                    &mut ur,
+                    &mut up.buf,
+                    &mut cw,
+                    &mut self.resp_head,
+                    req,
+                    limits
+                ));
                 loop {
                     tokio::select! {
                         r = &mut send, if sent.is_none() => match r {
@@ -347,7 +392,9 @@ impl Session<'_> {
             match head {
                 Err(e) => Streamed::Failed(e),
                 // An upgrade whose request body is still streaming is not a tunnel.
-                Ok(resp) if resp.status == 101 => Streamed::Failed(HeadError::Invalid("101 Switching Protocols to a request with a body")),
+                Ok(resp) if resp.status == 101 => Streamed::Failed(HeadError::Invalid(
+                    "101 Switching Protocols to a request with a body",
+                )),
                 Ok(resp) => {
                     // A response that arrives before the request body is complete ends the
                     // exchange for both connections once relayed (as Envoy does).
@@ -357,7 +404,13 @@ impl Session<'_> {
                         || sent != Some(true);
                     head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
                     in_flight.answered(resp.status);
-                    let mut relay = pin!(relay_halves(&mut ur, &mut up.buf, &mut cw, &mut self.resp_head, resp.body));
+                    let mut relay = pin!(relay_halves(
+                        &mut ur,
+                        &mut up.buf,
+                        &mut cw,
+                        &mut self.resp_head,
+                        resp.body
+                    ));
                     let (relayed, sent) = loop {
                         tokio::select! {
                             r = &mut send, if sent.is_none() => {
@@ -369,12 +422,22 @@ impl Session<'_> {
                             r = &mut relay => break (r, sent == Some(true)),
                         }
                     };
-                    Streamed::Relayed { resp, relayed, sent, close }
+                    Streamed::Relayed {
+                        resp,
+                        relayed,
+                        sent,
+                        close,
+                    }
                 }
             }
         };
         match outcome {
-            Streamed::Relayed { resp, relayed, sent, close } => {
+            Streamed::Relayed {
+                resp,
+                relayed,
+                sent,
+                close,
+            } => {
                 if relayed && !sent {
                     linger_close(client).await;
                 }
@@ -391,14 +454,22 @@ impl Session<'_> {
             }
             Streamed::Failed(e) => {
                 drop(up);
-                self.fail_head(client, req, upstream, &in_flight, e, addr, timeout).await;
+                self.fail_head(client, req, upstream, &in_flight, e, addr, timeout)
+                    .await;
                 Next::Close
             }
         }
     }
 
     /// After a relayed response: keep or drop the upstream connection, continue or close.
-    fn finish(&mut self, mut up: UpConn, resp: &ResponseInfo, relayed: bool, sent: bool, close: bool) -> Next {
+    fn finish(
+        &mut self,
+        mut up: UpConn,
+        resp: &ResponseInfo,
+        relayed: bool,
+        sent: bool,
+        close: bool,
+    ) -> Next {
         if relayed && sent && resp.reusable && up.buf.is_empty() {
             up.last_used = Instant::now();
             self.held = Some(up);
@@ -412,7 +483,11 @@ impl Session<'_> {
 
     /// A connection to `endpoint`: the one this client connection holds, a pooled one, or
     /// a new one. The flag says whether it was used before (and so may be stale).
-    async fn connection(&mut self, endpoint: &Arc<Endpoint>, upstream: &Upstream) -> Result<(UpConn, bool), ProxyError> {
+    async fn connection(
+        &mut self,
+        endpoint: &Arc<Endpoint>,
+        upstream: &Upstream,
+    ) -> Result<(UpConn, bool), ProxyError> {
         if let Some(up) = self.held.take() {
             if Arc::ptr_eq(&up.endpoint, endpoint)
                 && (up.last_used.elapsed() < PROBE_AFTER || alive(&up.stream))
@@ -515,7 +590,9 @@ enum Streamed {
 #[derive(Debug)]
 enum HeadError {
     /// The upstream closed before a final response head.
-    Closed { relayed_1xx: bool },
+    Closed {
+        relayed_1xx: bool,
+    },
     Io,
     Timeout,
     Invalid(&'static str),
@@ -548,12 +625,18 @@ where
                     ubuf.advance(resp.head_len);
                     match resp.status {
                         101 if req.upgrade => return Ok(resp),
-                        101 => return Err(HeadError::Invalid("101 Switching Protocols without an upgrade request")),
+                        101 => {
+                            return Err(HeadError::Invalid(
+                                "101 Switching Protocols without an upgrade request",
+                            ))
+                        }
                         100..=199 => {
                             // Interim responses go to HTTP/1.1 clients (RFC 9110 §15.2).
                             if req.minor == 1 {
                                 head::finish_response(out, false, false);
-                                cw.write_all(out).await.map_err(|_| HeadError::ClientWrite)?;
+                                cw.write_all(out)
+                                    .await
+                                    .map_err(|_| HeadError::ClientWrite)?;
                                 relayed_1xx = true;
                             }
                             continue;
@@ -570,7 +653,11 @@ where
         }
         match body::fill(ur, ubuf).await {
             Ok(0) if ubuf.is_empty() => return Err(HeadError::Closed { relayed_1xx }),
-            Ok(0) => return Err(HeadError::Invalid("connection closed in the middle of the response head")),
+            Ok(0) => {
+                return Err(HeadError::Invalid(
+                    "connection closed in the middle of the response head",
+                ))
+            }
             Ok(_) => {}
             Err(_) => return Err(HeadError::Io),
         }
@@ -579,12 +666,23 @@ where
 
 /// Sends the response head (with the body too when it is small and already here) and
 /// relays the rest of the body. `true` when the whole response reached the client.
-async fn relay_response(up: &mut UpConn, client: &mut TcpStream, head: &mut Vec<u8>, resp: &ResponseInfo) -> bool {
+async fn relay_response(
+    up: &mut UpConn,
+    client: &mut TcpStream,
+    head: &mut Vec<u8>,
+    resp: &ResponseInfo,
+) -> bool {
     let (mut ur, _) = up.stream.split();
     relay_halves(&mut ur, &mut up.buf, client, head, resp.body).await
 }
 
-async fn relay_halves<R, W>(ur: &mut R, ubuf: &mut BytesMut, cw: &mut W, head: &mut Vec<u8>, mut body: BodyKind) -> bool
+async fn relay_halves<R, W>(
+    ur: &mut R,
+    ubuf: &mut BytesMut,
+    cw: &mut W,
+    head: &mut Vec<u8>,
+    mut body: BodyKind,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

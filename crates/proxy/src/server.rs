@@ -188,7 +188,9 @@ impl ProxyHandle {
 
 /// Builds the proxy from its configuration, binds every listener, and starts serving.
 pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
-    config.validate("configuration").map_err(anyhow::Error::new)?;
+    config
+        .validate("configuration")
+        .map_err(anyhow::Error::new)?;
     let metrics = Arc::new(Metrics::new());
     let mut upstreams = HashMap::new();
     for u in &config.upstreams {
@@ -229,13 +231,28 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
     let mut specs = Vec::new();
     for (i, o) in shared.config.outbound.iter().enumerate() {
         let upstream = shared.upstreams[&o.upstream].clone();
-        specs.push((format!("outbound-{i}"), o.listen, o.protocol, Target::Fixed(upstream)));
+        specs.push((
+            format!("outbound-{i}"),
+            o.listen,
+            o.protocol,
+            Target::Fixed(upstream),
+        ));
     }
     if let Some(p) = &shared.config.http_proxy {
-        specs.push(("http-proxy".to_string(), p.listen, ListenerProtocol::Http, Target::ByHost));
+        specs.push((
+            "http-proxy".to_string(),
+            p.listen,
+            ListenerProtocol::Http,
+            Target::ByHost,
+        ));
     }
     if let (Some(inb), Some(up)) = (&shared.config.inbound, inbound) {
-        specs.push(("inbound".to_string(), inb.listen, inb.protocol, Target::Fixed(up)));
+        specs.push((
+            "inbound".to_string(),
+            inb.listen,
+            inb.protocol,
+            Target::Fixed(up),
+        ));
     }
 
     let workers = match shared.config.workers {
@@ -249,7 +266,8 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Bound::default();
     for (name, addr, protocol, target) in specs {
-        let first = bind_reuseport(addr).with_context(|| format!("cannot listen on {addr} ({name})"))?;
+        let first =
+            bind_reuseport(addr).with_context(|| format!("cannot listen on {addr} ({name})"))?;
         let actual = first.local_addr()?;
         match name.as_str() {
             "http-proxy" => bound.http_proxy = Some(actual),
@@ -347,7 +365,10 @@ fn run_worker(listeners: Vec<(Arc<ListenerCtx>, std::net::TcpListener)>, shared:
         }
         let timeout = shared.config.drain_timeout;
         if tokio::time::timeout(timeout, closed.recv()).await.is_err() {
-            warn!(?timeout, "drain timeout: closing the connections still open");
+            warn!(
+                ?timeout,
+                "drain timeout: closing the connections still open"
+            );
         }
     });
 }

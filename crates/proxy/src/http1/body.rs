@@ -39,7 +39,12 @@ pub async fn fill<R: AsyncRead + Unpin>(src: &mut R, buf: &mut BytesMut) -> std:
 
 /// Relays one body of `kind` from `src` (with what is already buffered in `buf`) to `dst`.
 /// On success the body's bytes are consumed from `buf`; what follows stays there.
-pub async fn relay<R, W>(src: &mut R, buf: &mut BytesMut, dst: &mut W, kind: BodyKind) -> Result<(), BodyError>
+pub async fn relay<R, W>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    dst: &mut W,
+    kind: BodyKind,
+) -> Result<(), BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -52,15 +57,24 @@ where
     }
 }
 
-async fn relay_length<R, W>(src: &mut R, buf: &mut BytesMut, dst: &mut W, mut remaining: u64) -> Result<(), BodyError>
+async fn relay_length<R, W>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    dst: &mut W,
+    mut remaining: u64,
+) -> Result<(), BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     loop {
-        let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(buf.len());
+        let take = usize::try_from(remaining)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         if take > 0 {
-            dst.write_all(&buf[..take]).await.map_err(BodyError::Write)?;
+            dst.write_all(&buf[..take])
+                .await
+                .map_err(BodyError::Write)?;
             buf.advance(take);
             remaining -= take as u64;
         }
@@ -75,7 +89,11 @@ where
     }
 }
 
-async fn relay_until_close<R, W>(src: &mut R, buf: &mut BytesMut, dst: &mut W) -> Result<(), BodyError>
+async fn relay_until_close<R, W>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    dst: &mut W,
+) -> Result<(), BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -102,7 +120,9 @@ where
     loop {
         let used = decoder.advance(buf)?;
         if used > 0 {
-            dst.write_all(&buf[..used]).await.map_err(BodyError::Write)?;
+            dst.write_all(&buf[..used])
+                .await
+                .map_err(BodyError::Write)?;
             buf.advance(used);
         }
         if decoder.is_done() {
@@ -120,7 +140,10 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading hex digits of a chunk size.
-    Size { value: u64, digits: u8 },
+    Size {
+        value: u64,
+        digits: u8,
+    },
     /// After the digits: whitespace or an extension, up to CR.
     SizeRest,
     SizeLf,
@@ -130,7 +153,9 @@ enum State {
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
     TrailerLine,
-    TrailerLf { empty: bool },
+    TrailerLf {
+        empty: bool,
+    },
     Done,
 }
 
@@ -147,7 +172,10 @@ pub struct ChunkedDecoder {
 impl Default for ChunkedDecoder {
     fn default() -> Self {
         ChunkedDecoder {
-            state: State::Size { value: 0, digits: 0 },
+            state: State::Size {
+                value: 0,
+                digits: 0,
+            },
             pending_size: 0,
             line_len: 0,
             trailer_len: 0,
@@ -195,10 +223,16 @@ impl ChunkedDecoder {
                     }
                 }
                 State::Data(n) => {
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len() - i);
+                    let take = usize::try_from(n)
+                        .unwrap_or(usize::MAX)
+                        .min(input.len() - i);
                     i += take;
                     let left = n - take as u64;
-                    self.state = if left == 0 { State::DataCr } else { State::Data(left) };
+                    self.state = if left == 0 {
+                        State::DataCr
+                    } else {
+                        State::Data(left)
+                    };
                     continue;
                 }
                 State::DataCr => {
@@ -211,7 +245,10 @@ impl ChunkedDecoder {
                     if b != b'\n' {
                         return Err(BodyError::Chunked("chunk data must be followed by CRLF"));
                     }
-                    State::Size { value: 0, digits: 0 }
+                    State::Size {
+                        value: 0,
+                        digits: 0,
+                    }
                 }
                 State::TrailerStart => match b {
                     b'\r' => State::TrailerLf { empty: true },
@@ -320,7 +357,11 @@ mod tests {
             b"5\r\nhello\r\n0\r\n\n",
             b"-1\r\n",
         ] {
-            assert!(decode(bad, 1).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                decode(bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -329,7 +370,9 @@ mod tests {
         let mut src: &[u8] = b"world";
         let mut buf = BytesMut::from(&b"hello "[..]);
         let mut out = Vec::new();
-        relay(&mut src, &mut buf, &mut out, BodyKind::Length(8)).await.unwrap();
+        relay(&mut src, &mut buf, &mut out, BodyKind::Length(8))
+            .await
+            .unwrap();
         assert_eq!(out, b"hello wo");
         assert_eq!(&buf[..], b"rld");
 

@@ -122,7 +122,11 @@ pub fn parse_request(
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(if minor == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    out.extend_from_slice(if minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let keep_te = body == BodyKind::Chunked && name.eq_ignore_ascii_case(b"transfer-encoding");
@@ -136,14 +140,24 @@ pub fn parse_request(
         }
         push_field(out, name, h.value);
     }
-    push_list_field(out, b"x-forwarded-for", f.x_forwarded_for.as_deref(), client.text.as_bytes());
+    push_list_field(
+        out,
+        b"x-forwarded-for",
+        f.x_forwarded_for.as_deref(),
+        client.text.as_bytes(),
+    );
     if !f.x_forwarded_proto {
         push_field(out, b"x-forwarded-proto", b"http");
     }
     if let Some(prev) = f.forwarded.take() {
         push_list_field(out, b"forwarded", Some(&prev), client.forwarded.as_bytes());
     }
-    push_list_field(out, b"via", f.via.as_deref(), forwarding::VIA_HTTP1.as_bytes());
+    push_list_field(
+        out,
+        b"via",
+        f.via.as_deref(),
+        forwarding::VIA_HTTP1.as_bytes(),
+    );
     if upgrade {
         push_field(out, b"connection", b"upgrade");
         push_field(out, b"upgrade", f.upgrade.unwrap_or_default());
@@ -187,8 +201,11 @@ pub fn parse_response(
 ) -> Result<Parsed<ResponseInfo>, &'static str> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
-    let parsed =
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
@@ -246,7 +263,12 @@ pub fn parse_response(
     if status == 101 {
         push_field(out, b"connection", b"upgrade");
     }
-    push_list_field(out, b"via", f.via.as_deref(), forwarding::VIA_HTTP1.as_bytes());
+    push_list_field(
+        out,
+        b"via",
+        f.via.as_deref(),
+        forwarding::VIA_HTTP1.as_bytes(),
+    );
     // The caller appends the connection field and the final CRLF (see `finish_response`).
 
     Ok(Parsed::Complete(ResponseInfo {
@@ -431,8 +453,9 @@ fn parse_content_length(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    s.iter()
-        .try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    s.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 fn request_error(e: httparse::Error) -> &'static str {
@@ -507,28 +530,54 @@ mod tests {
     #[test]
     fn framing() {
         assert_eq!(
-            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n").unwrap().0.body,
+            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+                .unwrap()
+                .0
+                .body,
             BodyKind::Length(5)
         );
         assert_eq!(
-            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n").unwrap().0.body,
+            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n")
+                .unwrap()
+                .0
+                .body,
             BodyKind::Length(5)
         );
         let (info, out) =
             req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap();
         assert_eq!(info.body, BodyKind::Chunked);
-        assert!(out.contains("Transfer-Encoding: gzip, chunked\r\n"), "{out}");
+        assert!(
+            out.contains("Transfer-Encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn smuggling_attempts_are_rejected() {
-        assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n").contains("both"));
-        assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").contains("different"));
-        assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n").contains("decimal"));
-        assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n").contains("decimal"));
-        assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").contains("final"));
+        assert!(bad(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .contains("both"));
+        assert!(bad(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+        )
+        .contains("different"));
+        assert!(
+            bad("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n").contains("decimal")
+        );
+        assert!(
+            bad("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n")
+                .contains("decimal")
+        );
+        assert!(
+            bad("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
+                .contains("final")
+        );
         assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n").contains("final"));
-        assert!(bad("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n").contains("final"));
+        assert!(
+            bad("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n")
+                .contains("final")
+        );
         assert!(bad("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n").contains("1.0"));
         assert!(bad("GET / HTTP/1.1\r\n\r\n").contains("Host"));
         assert!(bad("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").contains("Host"));
@@ -547,15 +596,28 @@ mod tests {
     #[test]
     fn keep_alive_rules() {
         assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().0.keep_alive);
-        assert!(req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().0.keep_alive);
-        assert!(!req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap().0.keep_alive);
+        assert!(
+            req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .0
+                .keep_alive
+        );
+        assert!(
+            !req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .0
+                .keep_alive
+        );
     }
 
     #[test]
     fn upgrade_is_forwarded() {
         let (info, out) = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n").unwrap();
         assert!(info.upgrade);
-        assert!(out.contains("connection: upgrade\r\nupgrade: websocket\r\n"), "{out}");
+        assert!(
+            out.contains("connection: upgrade\r\nupgrade: websocket\r\n"),
+            "{out}"
+        );
     }
 
     fn resp(raw: &str, head: bool) -> (ResponseInfo, String) {
@@ -574,18 +636,42 @@ mod tests {
         let (info, out) = resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nVia: 1.1 other\r\n\r\nabc", false);
         assert_eq!(info.body, BodyKind::Length(3));
         assert!(info.reusable);
-        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nvia: 1.1 other, 1.1 malla\r\n\r\n");
-        assert_eq!(resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).0.body, BodyKind::Empty);
-        assert_eq!(resp("HTTP/1.1 204 No Content\r\n\r\n", false).0.body, BodyKind::Empty);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nvia: 1.1 other, 1.1 malla\r\n\r\n"
+        );
+        assert_eq!(
+            resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true)
+                .0
+                .body,
+            BodyKind::Empty
+        );
+        assert_eq!(
+            resp("HTTP/1.1 204 No Content\r\n\r\n", false).0.body,
+            BodyKind::Empty
+        );
         let (info, _) = resp("HTTP/1.1 200 OK\r\n\r\n", false);
         assert_eq!(info.body, BodyKind::UntilClose);
         assert!(!info.reusable);
-        let (info, out) = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false);
+        let (info, out) = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
         assert_eq!(info.body, BodyKind::Chunked);
         assert!(out.contains("Transfer-Encoding: chunked"));
-        assert!(!resp("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).0.reusable);
+        assert!(
+            !resp("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
+                .0
+                .reusable
+        );
         let mut out = Vec::new();
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 100, false, &mut out).is_err());
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            100,
+            false,
+            &mut out
+        )
+        .is_err());
         assert!(parse_response(b"HTTP/1.1 abc OK\r\n\r\n", 100, false, &mut out).is_err());
     }
 }

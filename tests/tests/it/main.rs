@@ -1,0 +1,60 @@
+//! malla's integration suites, one test binary (one link, one process, shared helpers).
+//!
+//! Every test starts its own peers and proxy on `127.0.0.1:0` and stops them when it ends
+//! (handles stop on drop). Tests that hold for HTTP/1, HTTP/2 and gRPC alike are written
+//! once and expanded per protocol with [`cross_version!`]: `balancing::round_robin::http2`.
+//!
+//! | module | what |
+//! |---|---|
+//! | `harness` | the harness itself: peers, clients, macros, parsers, proxy start/stop |
+//! | `requests` | a request goes through, by listener and by `Host` (cross-version) |
+//! | `errors` | the causes the proxy answers itself (cross-version) |
+//! | `balancing` | P2C-EWMA, round robin, live endpoint changes (cross-version) |
+//! | `drain` | in-flight work completes, new connections are refused (cross-version) |
+//! | `http1`, `http2`, `grpc`, `websocket`, `tcp` | what is particular to each protocol |
+//! | `bad_input` | malformed and hostile HTTP/1 input, misbehaving upstreams |
+//! | `admin` | `/live`, `/ready`, `/metrics`, `/config` |
+//! | `memory` | a 1 GiB streamed upload keeps the proxy's memory flat |
+
+// All of this binary is test code: an `unwrap` here is an assertion (clippy.toml allows it
+// in `#[test]` functions already; this extends it to their helpers).
+#![allow(clippy::unwrap_used)]
+
+/// Expands `async fn NAME(flavor: Flavor)` into a module `NAME` with one test per flavor:
+/// `NAME::http1`, `NAME::http2`, `NAME::grpc`.
+macro_rules! cross_version {
+    ($($body:ident),+ $(,)?) => {$(
+        mod $body {
+            use malla_tests::cross_version::Flavor;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn http1() {
+                super::$body(Flavor::Http1).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn http2() {
+                super::$body(Flavor::Http2).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn grpc() {
+                super::$body(Flavor::Grpc).await
+            }
+        }
+    )+};
+}
+
+mod admin;
+mod bad_input;
+mod balancing;
+mod drain;
+mod errors;
+mod grpc;
+mod harness;
+mod http1;
+mod http2;
+mod memory;
+mod requests;
+mod tcp;
+mod websocket;
