@@ -1,0 +1,13 @@
+//! # malla-core
+//!
+//! The domain model every other part of malla speaks: services, their instances, labels and
+//! label selectors. No I/O and no protocol types: the control plane's store, its APIs and
+//! the sidecars convert to and from these types at their edges.
+
+pub mod labels;
+pub mod selector;
+pub mod service;
+
+pub use labels::Labels;
+pub use selector::Selector;
+pub use service::{Health, Instance, InstanceProtocol, ServiceName};
