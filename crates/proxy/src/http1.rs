@@ -28,7 +28,7 @@
 pub mod body;
 pub mod head;
 
-use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::{pin, Pin}, sync::Arc, time::Duration};
 
 use bytes::{Buf, BytesMut};
 use tokio::{
@@ -119,9 +119,17 @@ pub(crate) async fn serve(
         resp_head: Vec::with_capacity(1024),
         held: None,
     };
+    // One drain waiter and one idle timer for the connection's lifetime, re-armed per
+    // request: registering a fresh waiter (a mutex on the shared watch) and a fresh timer
+    // for every request is measurable on the hot path.
     let mut drain = ctx.shared.drain_signal();
+    let mut drained = pin!(drain.wait_for(|d| *d));
+    let mut timer = pin!(tokio::time::sleep(ctx.shared.config.limits.client_idle_timeout));
     loop {
-        let info = match s.read_request(&mut client, &mut buf, &mut drain).await {
+        let info = match s
+            .read_request(&mut client, &mut buf, drained.as_mut(), timer.as_mut())
+            .await
+        {
             Ok(Some(info)) => info,
             Ok(None) => break,
             Err(err) => {
@@ -165,7 +173,8 @@ impl Session<'_> {
         &mut self,
         client: &mut TcpStream,
         buf: &mut BytesMut,
-        drain: &mut tokio::sync::watch::Receiver<bool>,
+        mut drained: Pin<&mut impl Future>,
+        mut timer: Pin<&mut tokio::time::Sleep>,
     ) -> Result<Option<RequestInfo>, ProxyError> {
         let max_headers = self.limits.max_headers.min(head::MAX_HEADERS);
         let mut head_deadline = None;
@@ -195,14 +204,22 @@ impl Session<'_> {
                 // The whole head must arrive within the head timeout, however it trickles.
                 *head_deadline.get_or_insert_with(|| Instant::now() + self.limits.head_timeout)
             };
+            // Re-arming a timer costs a timer-wheel update: extend the idle timer only when
+            // it falls short by more than a slack (an idle close may come up to 1 s, or a
+            // quarter of the idle timeout, late). An expired timer is always short.
+            let slack = (self.limits.client_idle_timeout / 4).min(Duration::from_secs(1));
+            let current = timer.deadline();
+            if current > deadline || current + slack < deadline {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 read = body::fill(client, buf) => match read {
                     Ok(0) | Err(_) => return Ok(None),
                     Ok(_) => {}
                 },
-                _ = drain.wait_for(|d| *d), if buf.is_empty() => return Ok(None),
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = drained.as_mut(), if buf.is_empty() => return Ok(None),
+                _ = timer.as_mut() => {
                     return if buf.is_empty() {
                         Ok(None)
                     } else {
