@@ -139,14 +139,14 @@ def summarize(res):
     m = out["h1"].get("malla", {}).get("vs_direct")
     if m:
         goal("h1_vs_direct", m["median"], m["median"] >= GOALS["h1_vs_direct"],
-             f"HTTP/1.1 throughput >= {GOALS['h1_vs_direct']:.2f}x direct")
+             f"HTTP/1.1 throughput ≥ {GOALS['h1_vs_direct']:.2f}× direct")
     m = out["lat"].get("malla", {}).get("added_p99_ms")
     if m:
         goal("added_p99_ms", m["median"], m["median"] <= GOALS["added_p99_ms"],
-             f"added p99 at {res.get('params', {}).get('lat_rate', 2000):,} req/s <= {GOALS['added_p99_ms']:.2f} ms")
+             f"added p99 at {res.get('params', {}).get('lat_rate', 2000):,} req/s ≤ {GOALS['added_p99_ms']:.2f} ms")
     m = out["h2"].get("malla", {}).get("vs_haproxy")
     if m:
-        goal("h2_vs_haproxy", m["median"], m["median"] >= GOALS["h2_vs_haproxy"], "h2c throughput >= HAProxy")
+        goal("h2_vs_haproxy", m["median"], m["median"] >= GOALS["h2_vs_haproxy"], "h2c throughput ≥ HAProxy")
     m = out["rss"].get("malla")
     if m:
         goal("idle_rss_mib", m["idle_mib"]["median"], m["idle_mib"]["median"] < GOALS["idle_rss_mib"],
@@ -204,13 +204,13 @@ def render(res):
       f"Envoy {v.get('envoy')}; load: wrk {v.get('wrk')}, oha {v.get('oha')}, h2load (nghttp2) {v.get('h2load')}.")
     a("")
 
-    bg = [r["background_cpu"] for r in res.get("runs", []) if "background_cpu" in r]
-    if bg:
-        busy = sum(1 for x in bg if x > 0.10)
-        a(f"Other CPU use in the 0.4 s before each measurement: median {statistics.median(bg):.0%}, "
-          f"max {max(bg):.0%}" + (f" — **{busy} of {len(bg)} measurements started with > 10 % of the CPU "
-                                  "busy elsewhere; results are skewed, re-run on a quiet machine**."
-                                  if busy else "."))
+    fg = [r["foreign_cpu"] for r in res.get("runs", []) if "foreign_cpu" in r]
+    if fg:
+        busy = sum(1 for x in fg if x > 0.05)
+        a(f"CPU taken by other processes during the measurements (share of the machine): median "
+          f"{statistics.median(fg):.1%}, max {max(fg):.1%}"
+          + (f" — **{busy} of {len(fg)} measurements had > 5 % of the CPU going elsewhere; the numbers are "
+             "skewed, re-run on a quiet machine**." if busy else "."))
         a("")
     if s.get("goals"):
         a("### malla against its goals")
@@ -287,13 +287,17 @@ def render(res):
         a("")
         a("Idle: after start and one probe request, before load. Peak: highest of samples every 100 ms "
           "during the measured run. Multi-process nginx counts master + worker (sum of both VmRSS; the "
-          "shared pages are counted twice; the JSON also has the worker alone).")
+          "shared pages are counted twice; the JSON also has the largest single process).")
         a("")
-    if res.get("failures"):
-        a("### Failures")
+    errs = [r for r in res.get("runs", []) if r.get("errors")]
+    if res.get("failures") or errs:
+        a("### Failures and errors")
         a("")
-        for f_ in res["failures"]:
-            a(f"- {f_.splitlines()[0]}")
+        for f_ in res.get("failures", []):
+            a(f"- FAILED: {f_.splitlines()[0]}")
+        for r in errs:
+            a(f"- round {r['round'] + 1} {r['test']} {r['target']}: {r['errors']} failed/non-2xx responses "
+              f"of {r.get('requests')}" + (f" ({r['error_kinds']})" if r.get("error_kinds") else ""))
         a("")
     a("Command: `bench/run" + ("" if res.get("mode") == "full" else " --quick") + "`; see bench/README.md. "
       f"The whole run took {res.get('elapsed_s', 0) / 60:.1f} min.")
