@@ -1,0 +1,3 @@
+//! The control plane's APIs. Each is a projection of the [`crate::registry::Registry`].
+
+pub mod http;

@@ -1,0 +1,282 @@
+//! The HTTP/JSON API, for the CLI, the dashboard and clients outside the mesh.
+//!
+//! Every answer is JSON. Errors are `{"error": {"code": "...", "message": "..."}}` with a
+//! 4xx/5xx status; the message names the bad value and says what to do. Request bodies are
+//! limited to [`MAX_BODY`] and must not carry unknown fields. The routes are listed in
+//! `docs/control.md`.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, put},
+    Json, Router,
+};
+use malla_core::{Selector, ServiceName};
+use serde::{de::DeserializeOwned, Deserialize};
+use serde_json::json;
+
+use crate::{
+    registry::{Registration, Registry, RegistryError, ServiceSpec},
+    store::{Store, StoreError},
+};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub fn router<S: Store + Clone>(registry: Arc<Registry<S>>) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(|| async { "ready\n" }))
+        .route("/v1/status", get(status::<S>))
+        .route("/v1/services", get(list_services::<S>))
+        .route(
+            "/v1/services/{service}",
+            get(get_service::<S>)
+                .put(put_service::<S>)
+                .delete(delete_service::<S>),
+        )
+        .route("/v1/services/{service}/instances", get(list_instances::<S>))
+        .route(
+            "/v1/services/{service}/instances/{id}",
+            put(register::<S>).delete(deregister::<S>),
+        )
+        .route("/v1/leases/{lease}/keepalive", put(keep_alive::<S>))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see docs/control.md",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(registry)
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(m) => ApiError::invalid(m),
+            RegistryError::NotFound(what) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
+            ),
+            RegistryError::Store(StoreError::Invalid(m)) => ApiError::invalid(m),
+            RegistryError::Store(StoreError::Conflict { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            RegistryError::Store(StoreError::LeaseNotFound(_)) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "lease_not_found",
+                format!("{e}; register again"),
+            ),
+            RegistryError::Store(_) | RegistryError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn service_name(raw: &str) -> Result<ServiceName, ApiError> {
+    ServiceName::new(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// Parses a JSON body with a precise error (`unknown field "colour"... at line 1 column 9`).
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid("the request needs a JSON body"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+async fn status<S: Store + Clone>(State(reg): State<Arc<Registry<S>>>) -> ApiResult {
+    let view = reg.view();
+    Ok(Json(json!({
+        "revision": view.revision,
+        "services": view.services.len(),
+        "instances": view.instance_count(),
+    }))
+    .into_response())
+}
+
+async fn list_services<S: Store + Clone>(State(reg): State<Arc<Registry<S>>>) -> ApiResult {
+    let view = reg.view();
+    let services: Vec<_> = view
+        .services
+        .iter()
+        .map(|(name, state)| {
+            let serving = state
+                .instances
+                .values()
+                .filter(|i| i.health.serving())
+                .count();
+            json!({
+                "name": name,
+                "instances": state.instances.len(),
+                "serving": serving,
+                "health_check": state.spec.health_check,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"revision": view.revision, "services": services})).into_response())
+}
+
+async fn get_service<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path(service): Path<String>,
+) -> ApiResult {
+    let name = service_name(&service)?;
+    let view = reg.view();
+    let state = view.services.get(&name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("service {name} not found"),
+        )
+    })?;
+    let instances: Vec<_> = state.instances.values().collect();
+    Ok(Json(json!({
+        "revision": view.revision,
+        "name": name,
+        "spec": state.spec,
+        "instances": instances,
+    }))
+    .into_response())
+}
+
+async fn put_service<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path(service): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let name = service_name(&service)?;
+    let spec: ServiceSpec = parse_body(&body)?;
+    if let Some(check) = &spec.health_check {
+        check.validate().map_err(ApiError::invalid)?;
+    }
+    let revision = reg.put_service(&name, &spec).await?;
+    Ok(Json(json!({"revision": revision, "name": name, "spec": spec})).into_response())
+}
+
+async fn delete_service<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path(service): Path<String>,
+) -> ApiResult {
+    let name = service_name(&service)?;
+    let revision = reg.delete_service(&name).await?;
+    Ok(Json(json!({"revision": revision})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceQuery {
+    #[serde(default)]
+    selector: Option<String>,
+    /// Only instances that should receive traffic.
+    #[serde(default)]
+    serving: Option<bool>,
+}
+
+async fn list_instances<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path(service): Path<String>,
+    query: Result<Query<InstanceQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let name = service_name(&service)?;
+    let Query(query) =
+        query.map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text())))?;
+    let selector = match &query.selector {
+        Some(s) => Selector::parse(s).map_err(|e| ApiError::invalid(e.to_string()))?,
+        None => Selector::all(),
+    };
+    let (revision, mut instances) = reg.instances(&name, &selector).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("service {name} not found"),
+        )
+    })?;
+    if query.serving == Some(true) {
+        instances.retain(|i| i.health.serving());
+    }
+    Ok(Json(
+        json!({"revision": revision, "selector": selector.to_string(), "instances": instances}),
+    )
+    .into_response())
+}
+
+async fn register<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path((service, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let name = service_name(&service)?;
+    let registration: Registration = parse_body(&body)?;
+    let registered = reg.register(&name, &id, registration).await?;
+    Ok((StatusCode::OK, Json(registered)).into_response())
+}
+
+async fn deregister<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path((service, id)): Path<(String, String)>,
+) -> ApiResult {
+    let name = service_name(&service)?;
+    let revision = reg.deregister(&name, &id).await?;
+    Ok(Json(json!({"revision": revision})).into_response())
+}
+
+async fn keep_alive<S: Store + Clone>(
+    State(reg): State<Arc<Registry<S>>>,
+    Path(lease): Path<String>,
+) -> ApiResult {
+    let id: u64 = lease
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("lease id {lease:?} must be a number")))?;
+    let lease = reg.heartbeat(id).await?;
+    Ok(Json(json!({
+        "lease": lease.id,
+        "ttl_seconds": lease.ttl.as_secs(),
+        "remaining_seconds": lease.remaining.as_secs_f64(),
+    }))
+    .into_response())
+}

@@ -1,0 +1,333 @@
+//! Active health checks: the control plane probes every instance of a service that has a
+//! check configured, and flips the instance's recorded health after `healthy_threshold`
+//! consecutive successes or `unhealthy_threshold` consecutive failures (so one lost packet
+//! does not flap an instance). Three kinds:
+//!
+//! - `http`: `GET path` over HTTP/1.1; healthy when the status is `expect_status`
+//!   (default 200).
+//! - `tcp`: a TCP connection can be opened.
+//! - `grpc`: the standard `grpc.health.v1.Health/Check` call; healthy when it answers
+//!   `SERVING` for the configured service name (empty = the whole server).
+//!
+//! Each check runs under `timeout`; a timeout is a failure.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use malla_core::{Health, ServiceName};
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpStream, task::JoinHandle};
+use tracing::{debug, info};
+
+use crate::{registry::Registry, store::Store};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(flatten)]
+    pub kind: CheckKind,
+    #[serde(default = "defaults::interval", with = "seconds")]
+    pub interval: Duration,
+    #[serde(default = "defaults::timeout", with = "seconds")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::threshold")]
+    pub healthy_threshold: u32,
+    #[serde(default = "defaults::threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CheckKind {
+    Http {
+        path: String,
+        #[serde(default = "defaults::status")]
+        expect_status: u16,
+    },
+    Tcp,
+    Grpc {
+        #[serde(default)]
+        service: String,
+    },
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn threshold() -> u32 {
+        2
+    }
+    pub fn status() -> u16 {
+        200
+    }
+}
+
+/// Durations in (fractional) seconds, the unit JSON clients expect.
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|_| {
+            serde::de::Error::custom(format!("invalid duration {secs}: use seconds ≥ 0"))
+        })
+    }
+}
+
+impl HealthCheck {
+    /// Checks what serde cannot; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
+            return Err("health_check.interval must be from 0.1 to 3600 seconds".into());
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval.max(Duration::from_secs(1)) * 10 {
+            return Err("health_check.timeout must be above 0 and at most 10 intervals".into());
+        }
+        if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
+            return Err("health_check thresholds must be at least 1".into());
+        }
+        if let CheckKind::Http {
+            path,
+            expect_status,
+        } = &self.kind
+        {
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return Err(format!(
+                    "health_check.path {path:?} must start with '/' and contain no spaces"
+                ));
+            }
+            if !(100..=599).contains(expect_status) {
+                return Err("health_check.expect_status must be an HTTP status (100-599)".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one probe; `Ok` = healthy, `Err` = why not.
+pub async fn probe(kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, probe_inner(kind, addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+async fn probe_inner(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    match kind {
+        CheckKind::Tcp => Ok(()),
+        CheckKind::Http {
+            path,
+            expect_status,
+        } => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("http: {e}"))?;
+            tokio::spawn(conn);
+            let req = http::Request::get(path.as_str())
+                .header(http::header::HOST, addr.to_string())
+                .header(http::header::USER_AGENT, "malla-health-check")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("http: {e}"))?;
+            if resp.status().as_u16() == *expect_status {
+                Ok(())
+            } else {
+                Err(format!(
+                    "status {} (expected {expect_status})",
+                    resp.status().as_u16()
+                ))
+            }
+        }
+        CheckKind::Grpc { service } => grpc_health(stream, addr, service).await,
+    }
+}
+
+/// `grpc.health.v1.Health/Check`. The two messages have one field each, so they are
+/// encoded here by hand rather than pulling code generation into the control plane.
+async fn grpc_health(stream: TcpStream, addr: SocketAddr, service: &str) -> Result<(), String> {
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("grpc: {e}"))?;
+    tokio::spawn(conn);
+    // HealthCheckRequest { string service = 1; } in a gRPC length-prefixed frame.
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a);
+        push_varint(&mut msg, service.len() as u64);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Full::new(Bytes::from(frame)))
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("grpc: {e}"))?;
+    let header_status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.as_bytes().to_vec());
+    let collected = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("grpc: {e}"))?;
+    let trailer_status = collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .map(|v| v.as_bytes().to_vec());
+    let status = trailer_status.or(header_status).unwrap_or_default();
+    if status != b"0" {
+        return Err(format!("grpc-status {}", String::from_utf8_lossy(&status)));
+    }
+    // HealthCheckResponse { ServingStatus status = 1; } with SERVING = 1.
+    let body = collected.to_bytes();
+    let payload = body.get(5..).unwrap_or_default();
+    match payload {
+        [0x08, 1, ..] => Ok(()),
+        [0x08, s, ..] => Err(format!("serving status {s} (1 = SERVING)")),
+        _ => Err("serving status UNKNOWN".into()),
+    }
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Keeps one probing task per checked instance, following the registry.
+pub struct HealthChecker {
+    task: JoinHandle<()>,
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type ProbeKey = (ServiceName, String);
+
+impl HealthChecker {
+    pub fn start<S: Store + Clone>(registry: Arc<Registry<S>>) -> Self {
+        HealthChecker {
+            task: tokio::spawn(supervise(registry)),
+        }
+    }
+}
+
+/// What a probing task checks; a change restarts it.
+#[derive(Clone, PartialEq, Eq)]
+struct Target {
+    addr: SocketAddr,
+    check: HealthCheck,
+}
+
+async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
+    let mut running: HashMap<ProbeKey, (Target, JoinHandle<()>)> = HashMap::new();
+    let (_, mut changes) = registry.subscribe();
+    loop {
+        let view = registry.view();
+        let mut wanted: HashMap<ProbeKey, Target> = HashMap::new();
+        for (name, state) in &view.services {
+            let Some(check) = &state.spec.health_check else {
+                continue;
+            };
+            for (id, instance) in &state.instances {
+                wanted.insert(
+                    (name.clone(), id.clone()),
+                    Target {
+                        addr: instance.socket_addr(),
+                        check: check.clone(),
+                    },
+                );
+            }
+        }
+        running.retain(|key, (target, task)| {
+            let keep = wanted.get(key) == Some(target);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, target) in wanted {
+            if running.contains_key(&key) {
+                continue;
+            }
+            let task = tokio::spawn(probe_loop(registry.clone(), key.clone(), target.clone()));
+            running.insert(key, (target, task));
+        }
+        // Reconcile again on the next change (or periodically, for spec-only changes
+        // which are not instance changes).
+        tokio::select! {
+            r = changes.recv() => {
+                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey, target: Target) {
+    let (service, id) = key;
+    let check = &target.check;
+    let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
+    let mut current: Option<Health> = None;
+    let mut ticker = tokio::time::interval(check.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = probe(&check.kind, target.addr, check.timeout).await;
+        let verdict = match &result {
+            Ok(()) => {
+                ok_streak += 1;
+                fail_streak = 0;
+                (ok_streak >= check.healthy_threshold).then_some(Health::Healthy)
+            }
+            Err(why) => {
+                fail_streak += 1;
+                ok_streak = 0;
+                debug!(%service, %id, addr = %target.addr, reason = %why, "health check failed");
+                (fail_streak >= check.unhealthy_threshold).then_some(Health::Unhealthy)
+            }
+        };
+        if let Some(health) = verdict {
+            if current != Some(health) {
+                info!(%service, %id, addr = %target.addr, ?health, reason = ?result.err(), "instance health changed");
+                if registry.set_health(&service, &id, health).await.is_ok() {
+                    current = Some(health);
+                }
+            }
+        }
+    }
+}

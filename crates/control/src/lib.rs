@@ -1,0 +1,13 @@
+//! # malla-control
+//!
+//! The control plane: the one stateful process of a mesh. Every API (HTTP/JSON, gRPC for
+//! sidecars, DNS) is a projection of one model (services, instances, leases) kept in a
+//! [`store::Store`] with etcd's semantics (a global revision, compare-and-set, leases,
+//! watch from a revision), embedded by default and etcd-backed for several replicas.
+
+pub mod api;
+pub mod dns;
+pub mod health;
+pub mod registry;
+pub mod server;
+pub mod store;

@@ -1,0 +1,382 @@
+//! The service registry: services, instances, leases and health, on top of a [`Store`].
+//!
+//! Writes go to the store (the source of truth, shared by every control-plane replica);
+//! reads come from an in-memory [`View`] that one updater task keeps current by watching
+//! the store. Every API is a projection of that view, and every change the updater applies
+//! is broadcast as a [`Change`] so watch streams (gRPC for sidecars, the dashboard) can
+//! follow it. A write returns only once the view has caught up with it, so a client reads
+//! its own writes.
+//!
+//! Keys:
+//!
+//! ```text
+//! /malla/services/{service}            ServiceSpec (JSON)
+//! /malla/instances/{service}/{id}      Instance (JSON), attached to the instance's lease
+//! ```
+
+pub mod view;
+
+use std::{sync::Arc, time::Duration};
+
+use malla_core::{service::valid_instance_id, Health, Instance, Labels, Selector, ServiceName};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
+
+pub use self::view::{Change, ServiceState, View};
+use crate::store::{EventKind, LeaseId, Precondition, Revision, Store, StoreError};
+
+pub const SERVICES_PREFIX: &str = "/malla/services/";
+pub const INSTANCES_PREFIX: &str = "/malla/instances/";
+
+/// Shortest and longest lease a registration may ask for.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// The lease of a registration that names none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// A service's own settings (its instances are separate keys).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// How the control plane checks the instances; none means "trust the leases".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::health::HealthCheck>,
+}
+
+/// A registration request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: malla_core::InstanceProtocol,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Lease time to live in seconds; the instance leaves the registry if no heartbeat
+    /// renews it in time.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub lease: LeaseId,
+    pub ttl_seconds: u64,
+    pub revision: Revision,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the registry is shutting down")]
+    Closed,
+}
+
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+pub struct Registry<S> {
+    store: S,
+    view: watch::Receiver<Arc<View>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    updater: tokio::task::JoinHandle<()>,
+}
+
+impl<S> Drop for Registry<S> {
+    fn drop(&mut self) {
+        self.updater.abort();
+    }
+}
+
+impl<S: Store + Clone> Registry<S> {
+    /// Loads the registry from the store and starts following it.
+    pub async fn open(store: S) -> Result<Self> {
+        let (kvs, revision) = store.range("/malla/").await?;
+        let mut view = View::new(revision);
+        for kv in &kvs {
+            if let Err(e) = view.apply_put(&kv.key, &kv.value) {
+                warn!(key = %kv.key, error = %e, "ignoring an unreadable registry key");
+            }
+        }
+        info!(
+            revision,
+            services = view.services.len(),
+            instances = view.instance_count(),
+            "registry loaded"
+        );
+        let (view_tx, view_rx) = watch::channel(Arc::new(view));
+        let (changes, _) = broadcast::channel(4096);
+        let watch = store.watch("/malla/", revision)?;
+        let updater = tokio::spawn(follow(watch, view_tx, changes.clone()));
+        Ok(Registry {
+            store,
+            view: view_rx,
+            changes,
+            updater,
+        })
+    }
+
+    /// The current view (cheap: an `Arc`).
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// Changes as they are applied; pair with [`Self::view`] for snapshot + updates.
+    pub fn subscribe(&self) -> (Arc<View>, broadcast::Receiver<Arc<Change>>) {
+        // Subscribe first: a change applied between the two steps is then both in the
+        // view and in the stream, and the receiver skips it by revision.
+        let rx = self.changes.subscribe();
+        (self.view(), rx)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Waits until the view includes `revision` (read-your-writes).
+    async fn caught_up(&self, revision: Revision) -> Result<()> {
+        let mut rx = self.view.clone();
+        rx.wait_for(|v| v.revision >= revision)
+            .await
+            .map(|_| ())
+            .map_err(|_| RegistryError::Closed)
+    }
+
+    pub async fn put_service(&self, name: &ServiceName, spec: &ServiceSpec) -> Result<Revision> {
+        let value = serde_json::to_vec(spec).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let rev = self
+            .store
+            .put(&service_key(name), value, None, Precondition::None)
+            .await?;
+        self.caught_up(rev).await?;
+        Ok(rev)
+    }
+
+    /// Deletes a service and all its instances.
+    pub async fn delete_service(&self, name: &ServiceName) -> Result<Revision> {
+        let view = self.view();
+        let state = view
+            .services
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("service {name}")))?;
+        let mut last = view.revision;
+        for id in state.instances.keys() {
+            if let Some(rev) = self
+                .store
+                .delete(&instance_key(name, id), Precondition::None)
+                .await?
+            {
+                last = rev;
+            }
+        }
+        if let Some(rev) = self
+            .store
+            .delete(&service_key(name), Precondition::None)
+            .await?
+        {
+            last = rev;
+        }
+        self.caught_up(last).await?;
+        Ok(last)
+    }
+
+    /// Registers (or re-registers) an instance under a new lease.
+    pub async fn register(
+        &self,
+        service: &ServiceName,
+        id: &str,
+        reg: Registration,
+    ) -> Result<Registered> {
+        if !valid_instance_id(id) {
+            return Err(RegistryError::Invalid(format!(
+                "invalid instance id {id:?}: use 1-128 letters, digits, '.', '_', ':' or '-'"
+            )));
+        }
+        if reg.port == 0 {
+            return Err(RegistryError::Invalid(
+                "port must be from 1 to 65535".into(),
+            ));
+        }
+        let ttl = Duration::from_secs(reg.ttl_seconds.unwrap_or(DEFAULT_TTL.as_secs()));
+        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+            return Err(RegistryError::Invalid(format!(
+                "ttl_seconds must be from {} to {}",
+                MIN_TTL.as_secs(),
+                MAX_TTL.as_secs()
+            )));
+        }
+        // A service comes into being with its first instance.
+        if !self.view().services.contains_key(service) {
+            match self
+                .store
+                .put(
+                    &service_key(service),
+                    b"{}".to_vec(),
+                    None,
+                    Precondition::Absent,
+                )
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let lease = self.store.grant_lease(ttl).await?;
+        let instance = Instance {
+            id: id.to_string(),
+            service: service.clone(),
+            address: reg.address,
+            port: reg.port,
+            protocol: reg.protocol,
+            labels: reg.labels,
+            health: Health::Unknown,
+        };
+        let value =
+            serde_json::to_vec(&instance).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let key = instance_key(service, id);
+        let previous = self.store.get(&key).await?;
+        let rev = self
+            .store
+            .put(&key, value, Some(lease.id), Precondition::None)
+            .await?;
+        // The previous registration's lease has nothing left to protect.
+        if let Some(old) = previous.and_then(|kv| kv.lease).filter(|l| *l != lease.id) {
+            let _ = self.store.revoke_lease(old).await;
+        }
+        self.caught_up(rev).await?;
+        Ok(Registered {
+            lease: lease.id,
+            ttl_seconds: ttl.as_secs(),
+            revision: rev,
+        })
+    }
+
+    /// Removes an instance at once (graceful deregistration).
+    pub async fn deregister(&self, service: &ServiceName, id: &str) -> Result<Revision> {
+        let key = instance_key(service, id);
+        let kv = self.store.get(&key).await?.ok_or_else(|| {
+            RegistryError::NotFound(format!("instance {id} of service {service}"))
+        })?;
+        let rev = match kv.lease {
+            // Revoking deletes the key and frees the lease in one step.
+            Some(lease) => {
+                self.store.revoke_lease(lease).await?;
+                self.store.revision()
+            }
+            None => self
+                .store
+                .delete(&key, Precondition::None)
+                .await?
+                .unwrap_or(kv.mod_revision),
+        };
+        self.caught_up(rev).await?;
+        Ok(rev)
+    }
+
+    pub async fn heartbeat(&self, lease: LeaseId) -> Result<crate::store::Lease> {
+        Ok(self.store.keep_alive(lease).await?)
+    }
+
+    /// Records a health verdict; a no-op when it is already the recorded one.
+    pub async fn set_health(&self, service: &ServiceName, id: &str, health: Health) -> Result<()> {
+        let key = instance_key(service, id);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(()); // gone meanwhile
+        };
+        let mut instance: Instance =
+            serde_json::from_slice(&kv.value).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if instance.health == health {
+            return Ok(());
+        }
+        instance.health = health;
+        let value =
+            serde_json::to_vec(&instance).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        match self
+            .store
+            .put(
+                &key,
+                value,
+                kv.lease,
+                Precondition::ModRevision(kv.mod_revision),
+            )
+            .await
+        {
+            // Changed meanwhile (re-registered, deregistered): the next check decides.
+            Ok(_) | Err(StoreError::Conflict { .. } | StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The instances of a service that match a selector.
+    pub fn instances(
+        &self,
+        service: &ServiceName,
+        selector: &Selector,
+    ) -> Option<(Revision, Vec<Instance>)> {
+        let view = self.view();
+        let state = view.services.get(service)?;
+        Some((
+            view.revision,
+            state
+                .instances
+                .values()
+                .filter(|i| selector.matches(&i.labels))
+                .cloned()
+                .collect(),
+        ))
+    }
+}
+
+/// Applies store events to the view, one at a time, and broadcasts them.
+async fn follow(
+    mut watch: crate::store::Watch,
+    view_tx: watch::Sender<Arc<View>>,
+    changes: broadcast::Sender<Arc<Change>>,
+) {
+    while let Some(event) = watch.events.recv().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                // The store lost our place (compaction after a long stall): the
+                // control plane must restart its registry; say so loudly.
+                warn!(error = %e, "registry watch failed; the view is frozen until restart");
+                return;
+            }
+        };
+        let mut next = (**view_tx.borrow()).clone();
+        let revision = event.kv.mod_revision;
+        let change = match event.kind {
+            EventKind::Put => next.apply_put(&event.kv.key, &event.kv.value),
+            EventKind::Delete => Ok(next.apply_delete(&event.kv.key)),
+        };
+        next.revision = revision;
+        match change {
+            Ok(Some(change)) => {
+                let change = Arc::new(Change { revision, ..change });
+                view_tx.send_replace(Arc::new(next));
+                let _ = changes.send(change);
+            }
+            Ok(None) => {
+                view_tx.send_replace(Arc::new(next));
+            }
+            Err(e) => {
+                warn!(key = %event.kv.key, error = %e, "ignoring an unreadable registry key");
+                view_tx.send_replace(Arc::new(next));
+            }
+        }
+    }
+}
+
+pub fn service_key(name: &ServiceName) -> String {
+    format!("{SERVICES_PREFIX}{name}")
+}
+
+pub fn instance_key(service: &ServiceName, id: &str) -> String {
+    format!("{INSTANCES_PREFIX}{service}/{id}")
+}

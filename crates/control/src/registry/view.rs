@@ -1,0 +1,130 @@
+//! The registry's in-memory view, rebuilt from store events.
+//!
+//! Each service's state sits behind its own `Arc`, so applying an event copies the map of
+//! services (pointers) and the one service it touches, never the whole registry.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use malla_core::{Instance, ServiceName};
+
+use super::{ServiceSpec, INSTANCES_PREFIX, SERVICES_PREFIX};
+use crate::store::Revision;
+
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The store revision this view reflects.
+    pub revision: Revision,
+    pub services: BTreeMap<ServiceName, Arc<ServiceState>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    pub spec: ServiceSpec,
+    /// Whether the service key exists (a service can also appear through instances only).
+    pub defined: bool,
+    pub instances: BTreeMap<String, Instance>,
+}
+
+/// One applied change to an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub revision: Revision,
+    pub service: ServiceName,
+    /// The instance before and after: `None` before = added, `None` after = removed.
+    pub before: Option<Instance>,
+    pub after: Option<Instance>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("key outside the registry layout")]
+    UnknownKey,
+    #[error("invalid service name in key: {0}")]
+    Name(#[from] malla_core::service::InvalidName),
+    #[error("cannot decode value: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+enum Key<'a> {
+    Service(ServiceName),
+    Instance(ServiceName, &'a str),
+}
+
+fn parse_key(key: &str) -> Result<Key<'_>, ViewError> {
+    if let Some(name) = key.strip_prefix(SERVICES_PREFIX) {
+        return Ok(Key::Service(ServiceName::new(name)?));
+    }
+    if let Some(rest) = key.strip_prefix(INSTANCES_PREFIX) {
+        let (service, id) = rest.split_once('/').ok_or(ViewError::UnknownKey)?;
+        return Ok(Key::Instance(ServiceName::new(service)?, id));
+    }
+    Err(ViewError::UnknownKey)
+}
+
+impl View {
+    pub fn new(revision: Revision) -> Self {
+        View {
+            revision,
+            services: BTreeMap::new(),
+        }
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.services.values().map(|s| s.instances.len()).sum()
+    }
+
+    /// Applies a put; returns the instance change it makes, if any.
+    pub fn apply_put(&mut self, key: &str, value: &[u8]) -> Result<Option<Change>, ViewError> {
+        match parse_key(key)? {
+            Key::Service(name) => {
+                let spec: ServiceSpec = serde_json::from_slice(value)?;
+                let state = Arc::make_mut(self.services.entry(name).or_default());
+                state.spec = spec;
+                state.defined = true;
+                Ok(None)
+            }
+            Key::Instance(service, id) => {
+                let instance: Instance = serde_json::from_slice(value)?;
+                let state = Arc::make_mut(self.services.entry(service.clone()).or_default());
+                let before = state.instances.insert(id.to_string(), instance.clone());
+                Ok(Some(Change {
+                    revision: self.revision,
+                    service,
+                    before,
+                    after: Some(instance),
+                }))
+            }
+        }
+    }
+
+    /// Applies a delete; returns the instance change it makes, if any.
+    pub fn apply_delete(&mut self, key: &str) -> Option<Change> {
+        match parse_key(key).ok()? {
+            Key::Service(name) => {
+                let state = self.services.get_mut(&name)?;
+                if state.instances.is_empty() {
+                    self.services.remove(&name);
+                } else {
+                    let s = Arc::make_mut(state);
+                    s.defined = false;
+                    s.spec = ServiceSpec::default();
+                }
+                None
+            }
+            Key::Instance(service, id) => {
+                let state = self.services.get_mut(&service)?;
+                let s = Arc::make_mut(state);
+                let before = s.instances.remove(id)?;
+                if s.instances.is_empty() && !s.defined {
+                    self.services.remove(&service);
+                }
+                Some(Change {
+                    revision: self.revision,
+                    service,
+                    before: Some(before),
+                    after: None,
+                })
+            }
+        }
+    }
+}

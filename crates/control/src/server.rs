@@ -1,0 +1,137 @@
+//! `malla control`: opens the store, loads the registry, starts the health checker and
+//! serves the APIs.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use malla_core::{Instance, Selector, ServiceName};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::info;
+
+use crate::{
+    api,
+    dns::{Catalog, DnsConfig, DnsServer},
+    health::HealthChecker,
+    registry::Registry,
+    store::{embedded::EmbeddedStore, Store},
+};
+
+/// Default addresses, all on loopback.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7780";
+pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:7753";
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub dns_addr: Option<SocketAddr>,
+    pub dns: DnsSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    pub domain: String,
+    pub ttl: std::time::Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            domain: "malla.".into(),
+            ttl: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running control plane.
+pub struct Control {
+    pub registry: Arc<Registry<EmbeddedStore>>,
+    pub http_addr: SocketAddr,
+    pub dns_addr: Option<SocketAddr>,
+    _health: HealthChecker,
+    _dns: Option<DnsServer>,
+    http: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Control {
+    pub async fn start(config: ControlConfig) -> anyhow::Result<Control> {
+        let store = EmbeddedStore::open(&config.data_dir)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the data directory {}",
+                    config.data_dir.display()
+                )
+            })?;
+        let registry = Arc::new(Registry::open(store).await?);
+        let health = HealthChecker::start(registry.clone());
+
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (--http-addr)", config.http_addr))?;
+        let http_addr = listener.local_addr()?;
+        let (stop, mut stopped) = watch::channel(false);
+        let app = api::http::router(registry.clone());
+        let http = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::warn!(error = %e, "HTTP API stopped");
+            }
+        });
+        info!(addr = %http_addr, "HTTP API listening");
+
+        let dns = match config.dns_addr {
+            Some(addr) => {
+                let catalog: Arc<dyn Catalog> = Arc::new(RegistryCatalog(registry.clone()));
+                let server = DnsServer::start(
+                    DnsConfig {
+                        addr,
+                        domain: config.dns.domain.clone(),
+                        ttl: config.dns.ttl,
+                    },
+                    catalog,
+                )
+                .await
+                .with_context(|| format!("cannot serve DNS on {addr} (--dns-addr)"))?;
+                info!(addr = %server.local_addr(), "DNS listening");
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Control {
+            dns_addr: dns.as_ref().map(|d| d.local_addr()),
+            registry,
+            http_addr,
+            _health: health,
+            _dns: dns,
+            http,
+            stop,
+        })
+    }
+
+    /// Stops serving; the store is closed when the last handle goes.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = self.http.await;
+    }
+}
+
+/// DNS answers from the registry's view.
+struct RegistryCatalog<S>(Arc<Registry<S>>);
+
+impl<S: Store + Clone> Catalog for RegistryCatalog<S> {
+    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Instance>> {
+        self.0.instances(service, selector).map(|(_, instances)| {
+            instances
+                .into_iter()
+                .filter(|i| i.health.serving())
+                .collect()
+        })
+    }
+}

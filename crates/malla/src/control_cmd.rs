@@ -1,0 +1,42 @@
+//! `malla control`: the control plane.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use malla_control::server::{Control, ControlConfig, DnsSettings};
+
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  malla control --data-dir /var/lib/malla\n\n\
+    The CLI verbs (malla services, instances, register...) find it through --control or MALLA_CONTROL.")]
+pub struct ControlArgs {
+    /// Where the embedded store keeps its file (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "malla-data")]
+    data_dir: PathBuf,
+    /// The HTTP/JSON API (CLI, dashboard, clients outside the mesh).
+    #[arg(long, value_name = "HOST:PORT", default_value = malla_control::server::DEFAULT_HTTP_ADDR)]
+    http_addr: SocketAddr,
+    /// DNS (UDP and TCP): `SERVICE.svc.malla.` and label filters; see docs/dns.md.
+    #[arg(long, value_name = "HOST:PORT", default_value = malla_control::server::DEFAULT_DNS_ADDR)]
+    dns_addr: SocketAddr,
+}
+
+pub fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let control = Control::start(ControlConfig {
+            data_dir: args.data_dir,
+            http_addr: args.http_addr,
+            dns_addr: Some(args.dns_addr),
+            dns: DnsSettings::default(),
+        })
+        .await?;
+        tracing::info!(http = %control.http_addr, "control plane ready");
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("stopping");
+        control.stop().await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,289 @@
+//! The registry verbs: `malla services`, `instances`, `register`, `deregister`.
+//!
+//! Each prints a table by default or the API's JSON with `--output json`, and exits 1 with
+//! the control plane's error message when a call fails.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+
+use crate::client::{Client, ControlArg};
+
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct ServicesArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  malla instances shipping-quote\n  malla instances shipping-quote --selector 'env=prod,zone in (eu-1,eu-2)' -o json"
+)]
+pub struct InstancesArgs {
+    /// The service.
+    service: String,
+    /// A label selector: `env=prod`, `env!=dev`, `zone in (a,b)`, `zone notin (c)`, `canary`, `!canary`, comma-separated.
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
+    /// Only instances that receive traffic (not unhealthy).
+    #[arg(long)]
+    serving: bool,
+    #[command(flatten)]
+    control: ControlArg,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  malla register shipping-quote --id quote-1 --address 127.0.0.1 --port 8081 --label env=prod --label zone=eu-1"
+)]
+pub struct RegisterArgs {
+    /// The service.
+    service: String,
+    /// Instance id, unique within the service.
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    address: IpAddr,
+    #[arg(long)]
+    port: u16,
+    /// http, http2, grpc or tcp.
+    #[arg(long, default_value = "http")]
+    protocol: String,
+    /// A label KEY=VALUE; repeat for several.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Lease TTL in seconds: without heartbeats the instance leaves after this time.
+    #[arg(long, default_value_t = 30)]
+    ttl: u64,
+    /// Keep sending heartbeats until Ctrl-C, then deregister.
+    #[arg(long)]
+    keep_alive: bool,
+    #[command(flatten)]
+    control: ControlArg,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+pub struct DeregisterArgs {
+    service: String,
+    id: String,
+    #[command(flatten)]
+    control: ControlArg,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+pub fn services(args: ServicesArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.control)?;
+    let v = client.get("/v1/services")?;
+    match args.output {
+        Output::Json => print_json(&v),
+        Output::Table => {
+            let rows = rows(&v["services"], |s| {
+                vec![
+                    text(&s["name"]),
+                    text(&s["instances"]),
+                    text(&s["serving"]),
+                    s["health_check"]["kind"]
+                        .as_str()
+                        .unwrap_or("-")
+                        .to_string(),
+                ]
+            });
+            print_table(&["NAME", "INSTANCES", "SERVING", "HEALTH-CHECK"], rows);
+        }
+    }
+    Ok(())
+}
+
+pub fn instances(args: InstancesArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.control)?;
+    let mut path = format!("/v1/services/{}/instances", encode(&args.service));
+    let mut query = Vec::new();
+    if let Some(s) = &args.selector {
+        query.push(format!("selector={}", encode(s)));
+    }
+    if args.serving {
+        query.push("serving=true".to_string());
+    }
+    if !query.is_empty() {
+        path = format!("{path}?{}", query.join("&"));
+    }
+    let v = client.get(&path)?;
+    match args.output {
+        Output::Json => print_json(&v),
+        Output::Table => {
+            let rows = rows(&v["instances"], |i| {
+                let labels = i["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                vec![
+                    text(&i["id"]),
+                    format!("{}:{}", text(&i["address"]), text(&i["port"])),
+                    text(&i["protocol"]),
+                    text(&i["health"]),
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels
+                    },
+                ]
+            });
+            print_table(&["ID", "ADDRESS", "PROTOCOL", "HEALTH", "LABELS"], rows);
+        }
+    }
+    Ok(())
+}
+
+pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.control)?;
+    let mut labels = serde_json::Map::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        labels.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    let body = json!({
+        "address": args.address,
+        "port": args.port,
+        "protocol": args.protocol,
+        "labels": labels,
+        "ttl_seconds": args.ttl,
+    });
+    let path = format!(
+        "/v1/services/{}/instances/{}",
+        encode(&args.service),
+        encode(&args.id)
+    );
+    let v = client.put(&path, &body)?;
+    match args.output {
+        Output::Json => print_json(&v),
+        Output::Table => println!(
+            "registered {} of {} (lease {}, ttl {}s, revision {})",
+            args.id,
+            args.service,
+            text(&v["lease"]),
+            text(&v["ttl_seconds"]),
+            text(&v["revision"])
+        ),
+    }
+    if args.keep_alive {
+        let lease = v["lease"].as_u64().context("the answer has no lease id")?;
+        keep_alive(&client, lease, Duration::from_secs(args.ttl))?;
+        client.delete(&path)?;
+        println!("deregistered {} of {}", args.id, args.service);
+    }
+    Ok(())
+}
+
+/// Heartbeats every third of the TTL until Ctrl-C.
+fn keep_alive(client: &Client, lease: u64, ttl: Duration) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let interval = (ttl / 3).max(Duration::from_millis(300));
+    println!("sending heartbeats every {interval:?}; Ctrl-C deregisters");
+    loop {
+        let stop = runtime.block_on(async {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => true,
+                _ = tokio::time::sleep(interval) => false,
+            }
+        });
+        if stop {
+            return Ok(());
+        }
+        client.put(&format!("/v1/leases/{lease}/keepalive"), &json!({}))?;
+    }
+}
+
+pub fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.control)?;
+    let path = format!(
+        "/v1/services/{}/instances/{}",
+        encode(&args.service),
+        encode(&args.id)
+    );
+    let v = client.delete(&path)?;
+    match args.output {
+        Output::Json => print_json(&v),
+        Output::Table => println!("deregistered {} of {}", args.id, args.service),
+    }
+    Ok(())
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn rows(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(|a| a.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+/// Columns aligned with two spaces between them, as kubectl prints.
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
