@@ -224,10 +224,14 @@ impl Parser<'_> {
             Op::Eq(self.value(&key)?)
         } else if self.eat("!=") {
             Op::NotEq(self.value(&key)?)
-        } else if self.rest().starts_with("notin") && !self.rest()[5..].starts_with(|c: char| c.is_alphanumeric()) {
+        } else if self.rest().starts_with("notin")
+            && !self.rest()[5..].starts_with(|c: char| c.is_alphanumeric())
+        {
             self.pos += 5;
             Op::NotIn(self.set(&key)?)
-        } else if self.rest().starts_with("in") && !self.rest()[2..].starts_with(|c: char| c.is_alphanumeric()) {
+        } else if self.rest().starts_with("in")
+            && !self.rest()[2..].starts_with(|c: char| c.is_alphanumeric())
+        {
             self.pos += 2;
             Op::In(self.set(&key)?)
         } else if self.rest().is_empty() || self.rest().starts_with(',') {

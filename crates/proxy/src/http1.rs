@@ -28,7 +28,13 @@
 pub mod body;
 pub mod head;
 
-use std::{future::Future, net::SocketAddr, pin::{pin, Pin}, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::{pin, Pin},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::{Buf, BytesMut};
 use tokio::{
@@ -124,7 +130,9 @@ pub(crate) async fn serve(
     // for every request is measurable on the hot path.
     let mut drain = ctx.shared.drain_signal();
     let mut drained = pin!(drain.wait_for(|d| *d));
-    let mut timer = pin!(tokio::time::sleep(ctx.shared.config.limits.client_idle_timeout));
+    let mut timer = pin!(tokio::time::sleep(
+        ctx.shared.config.limits.client_idle_timeout
+    ));
     loop {
         let info = match s
             .read_request(&mut client, &mut buf, drained.as_mut(), timer.as_mut())
