@@ -36,7 +36,9 @@ mod tests;
 use std::{
     borrow::Cow,
     convert::Infallible,
+    future::Future,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -47,9 +49,12 @@ use http::{
     uri::{Authority, PathAndQuery, Scheme},
     HeaderMap, Method, Request, Response, Uri,
 };
-use hyper::{body::Incoming, service::service_fn};
+use hyper::{body::Incoming, client::conn::TrySendError, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
 use tracing::debug;
 
 pub(crate) use client::EndpointClient;
@@ -136,6 +141,10 @@ async fn forward(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let grpc = is_grpc(req.headers());
+    let (req, sent) = match upstream_request(&down, req) {
+        Ok(prepared) => prepared,
+        Err(e) => return Ok(e.http_response(grpc)),
+    };
     let upstream = match down.ctx.route(host(&req)) {
         Ok(u) => u,
         Err(e) => {
@@ -152,7 +161,7 @@ async fn forward(
         }
     };
     let mut guard = StreamGuard::new(endpoint.start(), upstream.config.h2_max_concurrent_streams);
-    match send(&down, upstream, &endpoint, &mut guard, req).await {
+    match send(&down, upstream, &endpoint, &mut guard, req, sent).await {
         Ok(response) => {
             guard.in_flight().answered(response.status().as_u16());
             let (mut head, body) = response.into_parts();
@@ -171,85 +180,142 @@ async fn forward(
     }
 }
 
-/// Sends the request to the endpoint and waits for the response head.
+/// Sends the request to the endpoint and waits for the response head, at most
+/// `response_timeout` after the request body was sent completely (never when it is zero):
+/// while the body still streams, the clock does not run, so a long upload or a
+/// client-streaming RPC is not cut. The deadline is only checked when the timer fires.
+///
+/// Written flat, with the rare paths boxed, because this future is part of every stream's
+/// task and is moved into it on each spawn.
 async fn send(
     down: &Downstream,
     upstream: &Upstream,
     endpoint: &Endpoint,
     guard: &mut StreamGuard,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
+    sent: Option<Arc<SentAt>>,
 ) -> Result<Response<Incoming>, ProxyError> {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::BadRequest(
-            "CONNECT is not supported over HTTP/2",
-        ));
-    }
-    let (mut head, body) = req.into_parts();
-    upstream_uri(&mut head.uri, &head.headers)?;
-    request_headers(&mut head.headers, down);
-    let (body, sent) = RequestBody::new(body);
-    let req = Request::from_parts(head, body);
-
     let config = &upstream.config;
     let settings = Settings {
         connect_timeout: config.connect_timeout,
         max_header_list_size: u32::try_from(down.ctx.shared.config.limits.max_head_bytes)
             .unwrap_or(u32::MAX),
     };
-    let addr = endpoint.addr;
     let mut sender = endpoint.h2.sender(endpoint, &settings).await?;
-    let exchange = async {
-        guard.acquire().await;
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok(response),
-            Err(mut e) => match e.take_message() {
-                // The connection closed before the request left: it never reached the
-                // upstream, so it is safe to send it once more on a fresh connection.
-                Some(req) => {
-                    debug!(%addr, "h2: connection closed under the request; reconnecting");
-                    let mut sender = endpoint.h2.sender(endpoint, &settings).await?;
-                    sender.send_request(req).await.map_err(|e| reset(addr, &e))
-                }
-                None => Err(reset(addr, e.error())),
-            },
-        }
+    // Not registered with the timer until first polled, so untimed requests never are.
+    let timer = std::pin::pin!(tokio::time::sleep(config.response_timeout));
+    let mut deadline = Deadline {
+        timer,
+        timeout: config.response_timeout,
+        addr: endpoint.addr,
     };
-    if config.response_timeout.is_zero() {
-        return exchange.await;
+    if !guard.try_acquire() {
+        // Waiting for a stream slot counts against the timeout from the start.
+        deadline.wait(std::pin::pin!(guard.acquire()), None).await?;
     }
-    with_response_timeout(exchange, config.response_timeout, sent.as_deref(), addr).await
+    let sent = sent.as_deref();
+    let response = std::pin::pin!(sender.try_send_request(req));
+    // Bound in a `let` so that the match's temporaries do not outlive it into the await.
+    let retry = match deadline.wait(response, sent).await? {
+        Ok(response) => return Ok(response),
+        // The connection closed before the request left: it never reached the upstream,
+        // so it is safe to send it once more on a fresh connection.
+        Err(e) if e.message().is_some() => {
+            Box::pin(resend(endpoint, e, &settings, &mut deadline, sent))
+        }
+        Err(e) => return Err(reset(endpoint.addr, e.error())),
+    };
+    retry.await
 }
 
-/// Waits for `exchange`, giving up `timeout` after the request body was sent completely.
-/// While the body still streams the clock does not run: the deadline is only checked when
-/// the timer fires, and moved out when the body is not done yet.
-async fn with_response_timeout<F>(
-    exchange: F,
-    timeout: Duration,
+/// The rare second try of [`send`], boxed so that it does not grow every request's future.
+async fn resend(
+    endpoint: &Endpoint,
+    mut unsent: TrySendError<Request<RequestBody>>,
+    settings: &Settings,
+    deadline: &mut Deadline<'_>,
     sent: Option<&SentAt>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let Some(req) = unsent.take_message() else {
+        return Err(reset(endpoint.addr, unsent.error()));
+    };
+    debug!(addr = %endpoint.addr, "h2: connection closed under the request; reconnecting");
+    let mut sender = endpoint.h2.sender(endpoint, settings).await?;
+    let response = std::pin::pin!(sender.send_request(req));
+    deadline
+        .wait(response, sent)
+        .await?
+        .map_err(|e| reset(endpoint.addr, &e))
+}
+
+/// The response deadline of one request (see [`send`]).
+struct Deadline<'a> {
+    timer: Pin<&'a mut Sleep>,
+    /// Zero: no deadline.
+    timeout: Duration,
     addr: SocketAddr,
-) -> Result<Response<Incoming>, ProxyError>
-where
-    F: std::future::Future<Output = Result<Response<Incoming>, ProxyError>>,
-{
-    let mut exchange = std::pin::pin!(exchange);
-    let mut deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(result) = tokio::time::timeout_at(deadline, exchange.as_mut()).await {
-            return result;
+}
+
+impl Deadline<'_> {
+    /// Waits for `fut`, or fails with `ResponseTimeout` once the deadline has passed; with
+    /// `sent`, the deadline moves out while the request body is still streaming.
+    async fn wait<F: Future>(
+        &mut self,
+        mut fut: Pin<&mut F>,
+        sent: Option<&SentAt>,
+    ) -> Result<F::Output, ProxyError> {
+        let timed = !self.timeout.is_zero();
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Ok(out),
+                () = &mut self.timer, if timed => match extended_deadline(sent, self.timeout) {
+                    Some(deadline) => self.timer.as_mut().reset(deadline),
+                    None => {
+                        return Err(ProxyError::ResponseTimeout {
+                            addr: self.addr,
+                            timeout: self.timeout,
+                        })
+                    }
+                },
+            }
         }
-        let now = Instant::now();
-        deadline = match sent {
-            // Still sending the body: look again one timeout later.
-            Some(s) => match s.at() {
-                None => now + timeout,
-                Some(done) if done + timeout > now => done + timeout,
-                Some(_) => break,
-            },
-            None => break,
-        };
     }
-    Err(ProxyError::ResponseTimeout { addr, timeout })
+}
+
+/// When the response timer fired: the next deadline if the request body is still
+/// streaming or finished less than `timeout` ago, `None` once the time is up.
+fn extended_deadline(sent: Option<&SentAt>, timeout: Duration) -> Option<Instant> {
+    // A configured timeout of centuries must not overflow `Instant` arithmetic.
+    let timeout = timeout.min(Duration::from_secs(365 * 24 * 3600));
+    let now = Instant::now();
+    match sent?.at() {
+        None => Some(now + timeout),
+        Some(done) if done + timeout > now => Some(done + timeout),
+        Some(_) => None,
+    }
+}
+
+/// The request as it goes upstream (`:scheme`, `:authority`, forwarding fields), and the
+/// marker of its body's end (if it has a body).
+fn upstream_request(
+    down: &Downstream,
+    req: Request<Incoming>,
+) -> Result<(Request<RequestBody>, Option<Arc<SentAt>>), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest(
+            "CONNECT is not supported over HTTP/2",
+        ));
+    }
+    let (mut head, body) = req.into_parts();
+    // h2 bounds the head's size (SETTINGS_MAX_HEADER_LIST_SIZE); the field count is ours.
+    if head.headers.len() > down.ctx.shared.config.limits.max_headers {
+        return Err(ProxyError::TooManyHeaders);
+    }
+    upstream_uri(&mut head.uri, &head.headers)?;
+    request_headers(&mut head.headers, down);
+    let (body, sent) = RequestBody::new(body);
+    Ok((Request::from_parts(head, body), sent))
 }
 
 /// The upstream's stream failed before its response head (reset, GOAWAY, connection lost).
@@ -259,7 +325,7 @@ fn reset(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
 }
 
 /// The `Host` the request is for: `:authority`, else the `Host` field.
-fn host(req: &Request<Incoming>) -> Option<&[u8]> {
+fn host<B>(req: &Request<B>) -> Option<&[u8]> {
     match req.uri().authority() {
         Some(a) => Some(a.as_str().as_bytes()),
         None => req.headers().get(header::HOST).map(|h| h.as_bytes()),

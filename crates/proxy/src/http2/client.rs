@@ -209,18 +209,26 @@ impl StreamGuard {
         &self.in_flight
     }
 
+    /// Takes a free stream slot on the endpoint if there is one.
+    pub fn try_acquire(&mut self) -> bool {
+        if !self.permit {
+            let streams = self.in_flight.endpoint().h2.streams(self.max_streams);
+            if let Ok(p) = streams.try_acquire() {
+                // Given back by hand in `drop`, so the guard needs no `Arc<Semaphore>`.
+                p.forget();
+                self.permit = true;
+            }
+        }
+        self.permit
+    }
+
     /// Waits for a free stream slot on the endpoint.
     pub async fn acquire(&mut self) {
         if self.permit {
             return;
         }
         let streams = self.in_flight.endpoint().h2.streams(self.max_streams);
-        let acquired = match streams.try_acquire() {
-            Ok(p) => Some(p),
-            Err(_) => streams.acquire().await.ok(),
-        };
-        if let Some(p) = acquired {
-            // Given back by hand in `drop`, so the guard needs no `Arc<Semaphore>`.
+        if let Ok(p) = streams.acquire().await {
             p.forget();
             self.permit = true;
         }

@@ -119,7 +119,11 @@ where
 }
 
 fn proxy_with(upstream: UpstreamConfig) -> (ProxyHandle, SocketAddr) {
-    let config = ProxyConfig {
+    start(config_for(upstream))
+}
+
+fn config_for(upstream: UpstreamConfig) -> ProxyConfig {
+    ProxyConfig {
         outbound: vec![OutboundConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             upstream: upstream.name.clone(),
@@ -129,7 +133,10 @@ fn proxy_with(upstream: UpstreamConfig) -> (ProxyHandle, SocketAddr) {
         workers: 1,
         drain_timeout: Duration::from_secs(2),
         ..Default::default()
-    };
+    }
+}
+
+fn start(config: ProxyConfig) -> (ProxyHandle, SocketAddr) {
     let handle = crate::start(config).unwrap();
     let addr = handle.bound().outbound[0];
     (handle, addr)
@@ -271,6 +278,33 @@ async fn streams_bodies_and_trailers_both_ways() {
         assert!(rb.frame().await.is_none());
     })
     .await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn too_many_header_fields_is_431() {
+    let up = upstream(|_req| async { Response::new(full("reached")) }).await;
+    let mut config = config_for(UpstreamConfig::new("svc", vec![up.addr.to_string()]));
+    config.limits.max_headers = 4;
+    let (proxy, addr) = start(config);
+    within(async {
+        let mut c = client(addr).await;
+        let mut req = get("/");
+        for i in 0..5 {
+            req.headers_mut().insert(
+                http::HeaderName::try_from(format!("x-field-{i}")).unwrap(),
+                "v".parse().unwrap(),
+            );
+        }
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert_eq!(
+            header(resp.headers(), "malla-error"),
+            "request-header-too-large"
+        );
+    })
+    .await;
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
     proxy.shutdown().await;
 }
 
