@@ -17,12 +17,20 @@ pub enum Output {
     Json,
 }
 
+/// What every registry verb takes: where the control plane is, and how to print.
+#[derive(clap::Args)]
+struct Common {
+    #[command(flatten)]
+    control: ControlArg,
+    /// `table` for people, `json` (the API's answer) for scripts.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
 #[derive(clap::Args)]
 pub struct ServicesArgs {
     #[command(flatten)]
-    control: ControlArg,
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
-    output: Output,
+    common: Common,
 }
 
 #[derive(clap::Args)]
@@ -39,9 +47,7 @@ pub struct InstancesArgs {
     #[arg(long)]
     serving: bool,
     #[command(flatten)]
-    control: ControlArg,
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
-    output: Output,
+    common: Common,
 }
 
 #[derive(clap::Args)]
@@ -71,9 +77,7 @@ pub struct RegisterArgs {
     #[arg(long)]
     keep_alive: bool,
     #[command(flatten)]
-    control: ControlArg,
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
-    output: Output,
+    common: Common,
 }
 
 #[derive(clap::Args)]
@@ -81,15 +85,13 @@ pub struct DeregisterArgs {
     service: String,
     id: String,
     #[command(flatten)]
-    control: ControlArg,
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
-    output: Output,
+    common: Common,
 }
 
 pub fn services(args: ServicesArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.control)?;
+    let client = Client::new(&args.common.control)?;
     let v = client.get("/v1/services")?;
-    match args.output {
+    match args.common.output {
         Output::Json => print_json(&v),
         Output::Table => {
             let rows = rows(&v["services"], |s| {
@@ -110,7 +112,7 @@ pub fn services(args: ServicesArgs) -> anyhow::Result<()> {
 }
 
 pub fn instances(args: InstancesArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.control)?;
+    let client = Client::new(&args.common.control)?;
     let mut path = format!("/v1/services/{}/instances", encode(&args.service));
     let mut query = Vec::new();
     if let Some(s) = &args.selector {
@@ -123,7 +125,7 @@ pub fn instances(args: InstancesArgs) -> anyhow::Result<()> {
         path = format!("{path}?{}", query.join("&"));
     }
     let v = client.get(&path)?;
-    match args.output {
+    match args.common.output {
         Output::Json => print_json(&v),
         Output::Table => {
             let rows = rows(&v["instances"], |i| {
@@ -155,7 +157,7 @@ pub fn instances(args: InstancesArgs) -> anyhow::Result<()> {
 }
 
 pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.control)?;
+    let client = Client::new(&args.common.control)?;
     let mut labels = serde_json::Map::new();
     for l in &args.labels {
         let (k, v) = l
@@ -176,7 +178,7 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
         encode(&args.id)
     );
     let v = client.put(&path, &body)?;
-    match args.output {
+    match args.common.output {
         Output::Json => print_json(&v),
         Output::Table => println!(
             "registered {} of {} (lease {}, ttl {}s, revision {})",
@@ -218,14 +220,14 @@ fn keep_alive(client: &Client, lease: u64, ttl: Duration) -> anyhow::Result<()> 
 }
 
 pub fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.control)?;
+    let client = Client::new(&args.common.control)?;
     let path = format!(
         "/v1/services/{}/instances/{}",
         encode(&args.service),
         encode(&args.id)
     );
     let v = client.delete(&path)?;
-    match args.output {
+    match args.common.output {
         Output::Json => print_json(&v),
         Output::Table => println!("deregistered {} of {}", args.id, args.service),
     }

@@ -16,17 +16,11 @@ use crate::server::Shared;
 
 type Body = Full<bytes::Bytes>;
 
-pub(crate) fn run(listener: std::net::TcpListener, shared: Arc<Shared>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            warn!(error = %e, "cannot start the admin runtime");
-            return;
-        }
-    };
+pub(crate) fn run(
+    runtime: tokio::runtime::Runtime,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+) {
     runtime.block_on(async move {
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,

@@ -298,10 +298,11 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
             bound.admin = Some(listener.local_addr()?);
             info!(addr = %listener.local_addr()?, "admin listening");
             let shared = shared.clone();
+            let runtime = thread_runtime("admin")?;
             Some(
                 thread::Builder::new()
                     .name("malla-admin".into())
-                    .spawn(move || admin::run(listener, shared))?,
+                    .spawn(move || admin::run(runtime, listener, shared))?,
             )
         }
         None => None,
@@ -310,10 +311,11 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
     let mut threads = Vec::with_capacity(workers);
     for (i, listeners) in per_worker.into_iter().enumerate() {
         let shared = shared.clone();
+        let runtime = thread_runtime("worker")?;
         threads.push(
             thread::Builder::new()
                 .name(format!("malla-worker-{i}"))
-                .spawn(move || run_worker(listeners, shared))?,
+                .spawn(move || run_worker(runtime, listeners, shared))?,
         );
     }
     Ok(ProxyHandle {
@@ -334,17 +336,20 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-fn run_worker(listeners: Vec<(Arc<ListenerCtx>, std::net::TcpListener)>, shared: Arc<Shared>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// A single-threaded runtime for one proxy thread, built before the thread starts so a
+/// failure is reported by [`start`].
+fn thread_runtime(what: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            warn!(error = %e, "cannot start a worker runtime");
-            return;
-        }
-    };
+        .with_context(|| format!("cannot start the {what} runtime"))
+}
+
+fn run_worker(
+    runtime: tokio::runtime::Runtime,
+    listeners: Vec<(Arc<ListenerCtx>, std::net::TcpListener)>,
+    shared: Arc<Shared>,
+) {
     runtime.block_on(async move {
         // Each connection holds a clone of `open`; when all are dropped, `closed` ends.
         let (open, mut closed) = mpsc::channel::<()>(1);
