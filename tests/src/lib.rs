@@ -12,10 +12,13 @@
 //!   input, gRPC and WebSocket clients, and streamed bodies.
 //! - [`cross_version`]: one test body, run over HTTP/1, HTTP/2 and gRPC (linkerd's
 //!   `cross_version` style): a [`cross_version::Flavor`] starts the matching peer and client.
+//! - [`control`]: [`control::TestControl`], the control plane in-process over a temporary
+//!   data directory (stop, restart on the same directory), and a JSON client for its API.
 //! - [`assert_eventually!`]: poll a condition a bounded number of times instead of sleeping.
 
 pub mod body;
 pub mod client;
+pub mod control;
 pub mod cross_version;
 pub mod eventually;
 pub mod peers;

@@ -3,6 +3,8 @@
 //!
 //! - [`http::HttpPeer`]: HTTP/1.1 or HTTP/2 (prior knowledge) echo server on hyper.
 //! - [`grpc::GrpcPeer`]: the `Echo` gRPC service (tonic), every streaming shape.
+//! - [`grpc_health::GrpcHealthPeer`]: the standard `grpc.health.v1.Health` service
+//!   (tonic-health), with statuses a test flips.
 //! - [`websocket::WebSocketPeer`], [`tcp::TcpPeer`]: echo servers.
 //! - [`misbehaving`]: raw upstreams that truncate, stall, hang up or send garbage.
 //!
@@ -11,6 +13,7 @@
 //! paths seen, and a delay and status that a test can change while the peer runs.
 
 pub mod grpc;
+pub mod grpc_health;
 pub mod http;
 pub mod misbehaving;
 pub mod tcp;
@@ -29,6 +32,7 @@ use std::{
 use tokio::{net::TcpStream, task::JoinSet};
 
 pub use grpc::GrpcPeer;
+pub use grpc_health::GrpcHealthPeer;
 pub use http::HttpPeer;
 pub use tcp::TcpPeer;
 pub use websocket::WebSocketPeer;

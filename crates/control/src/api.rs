@@ -1,3 +1,4 @@
 //! The control plane's APIs. Each is a projection of the [`crate::registry::Registry`].
 
+pub mod grpc;
 pub mod http;

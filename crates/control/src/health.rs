@@ -23,19 +23,92 @@ use tracing::{debug, info};
 
 use crate::{registry::Registry, store::Store};
 
+/// A service's check. In JSON it is one flat object (`{"kind": "http", "path": "/healthz",
+/// "interval": 5}`); it is read through [`wire::HealthCheck`] because serde cannot combine
+/// `flatten` (of the kind's fields) with `deny_unknown_fields`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "wire::HealthCheck")]
 pub struct HealthCheck {
     #[serde(flatten)]
     pub kind: CheckKind,
-    #[serde(default = "defaults::interval", with = "seconds")]
+    #[serde(with = "seconds")]
     pub interval: Duration,
-    #[serde(default = "defaults::timeout", with = "seconds")]
+    #[serde(with = "seconds")]
     pub timeout: Duration,
-    #[serde(default = "defaults::threshold")]
     pub healthy_threshold: u32,
-    #[serde(default = "defaults::threshold")]
     pub unhealthy_threshold: u32,
+}
+
+/// The flat JSON form of a [`HealthCheck`], with every field of every kind.
+mod wire {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    use super::{defaults, seconds, CheckKind};
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Kind {
+        Http,
+        Tcp,
+        Grpc,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct HealthCheck {
+        kind: Kind,
+        path: Option<String>,
+        expect_status: Option<u16>,
+        service: Option<String>,
+        #[serde(default = "defaults::interval", with = "seconds")]
+        interval: Duration,
+        #[serde(default = "defaults::timeout", with = "seconds")]
+        timeout: Duration,
+        #[serde(default = "defaults::threshold")]
+        healthy_threshold: u32,
+        #[serde(default = "defaults::threshold")]
+        unhealthy_threshold: u32,
+    }
+
+    impl TryFrom<HealthCheck> for super::HealthCheck {
+        type Error = String;
+
+        fn try_from(w: HealthCheck) -> Result<Self, String> {
+            let only =
+                |field: &str, kind: &str| format!("`{field}` is a field of {kind} checks only");
+            let kind = match w.kind {
+                Kind::Http => {
+                    if w.service.is_some() {
+                        return Err(only("service", "grpc"));
+                    }
+                    CheckKind::Http {
+                        path: w
+                            .path
+                            .ok_or("missing field `path`: an http check needs the path to GET")?,
+                        expect_status: w.expect_status.unwrap_or_else(defaults::status),
+                    }
+                }
+                Kind::Tcp | Kind::Grpc if w.path.is_some() => return Err(only("path", "http")),
+                Kind::Tcp | Kind::Grpc if w.expect_status.is_some() => {
+                    return Err(only("expect_status", "http"))
+                }
+                Kind::Tcp if w.service.is_some() => return Err(only("service", "grpc")),
+                Kind::Tcp => CheckKind::Tcp,
+                Kind::Grpc => CheckKind::Grpc {
+                    service: w.service.unwrap_or_default(),
+                },
+            };
+            Ok(super::HealthCheck {
+                kind,
+                interval: w.interval,
+                timeout: w.timeout,
+                healthy_threshold: w.healthy_threshold,
+                unhealthy_threshold: w.unhealthy_threshold,
+            })
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,8 +324,17 @@ struct Target {
     check: HealthCheck,
 }
 
+/// A probing task, aborted with its supervisor (a dropped `JoinHandle` would detach it).
+struct Probe(JoinHandle<()>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
-    let mut running: HashMap<ProbeKey, (Target, JoinHandle<()>)> = HashMap::new();
+    let mut running: HashMap<ProbeKey, (Target, Probe)> = HashMap::new();
     let (_, mut changes) = registry.subscribe();
     loop {
         let view = registry.view();
@@ -271,19 +353,13 @@ async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
                 );
             }
         }
-        running.retain(|key, (target, task)| {
-            let keep = wanted.get(key) == Some(target);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
+        running.retain(|key, (target, _)| wanted.get(key) == Some(target));
         for (key, target) in wanted {
             if running.contains_key(&key) {
                 continue;
             }
             let task = tokio::spawn(probe_loop(registry.clone(), key.clone(), target.clone()));
-            running.insert(key, (target, task));
+            running.insert(key, (target, Probe(task)));
         }
         // Reconcile again on the next change (or periodically, for spec-only changes
         // which are not instance changes).
@@ -328,6 +404,56 @@ async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey,
                     current = Some(health);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_one_flat_object() {
+        let check: HealthCheck = serde_json::from_str(
+            r#"{"kind": "http", "path": "/healthz", "interval": 0.5, "unhealthy_threshold": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            check.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                expect_status: 200
+            }
+        );
+        assert_eq!(check.interval, Duration::from_millis(500));
+        assert_eq!(check.timeout, Duration::from_secs(1));
+        assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
+        // What is written is read back (the store keeps specs as JSON).
+        let again: HealthCheck =
+            serde_json::from_str(&serde_json::to_string(&check).unwrap()).unwrap();
+        assert_eq!(again, check);
+        let grpc: HealthCheck = serde_json::from_str(r#"{"kind": "grpc"}"#).unwrap();
+        assert_eq!(grpc.kind, CheckKind::Grpc { service: "".into() });
+    }
+
+    #[test]
+    fn json_refuses_unknown_and_misplaced_fields() {
+        for (json, says) in [
+            (r#"{"kind": "tcp", "colour": 1}"#, "unknown field `colour`"),
+            (r#"{"kind": "icmp"}"#, "unknown variant `icmp`"),
+            (r#"{"kind": "http"}"#, "missing field `path`"),
+            (
+                r#"{"kind": "tcp", "path": "/"}"#,
+                "`path` is a field of http checks only",
+            ),
+            (
+                r#"{"kind": "http", "path": "/", "service": "a"}"#,
+                "`service`",
+            ),
+            (r#"{"path": "/"}"#, "missing field `kind`"),
+        ] {
+            let e = serde_json::from_str::<HealthCheck>(json).unwrap_err();
+            assert!(e.to_string().contains(says), "{json}: {e}");
         }
     }
 }

@@ -139,6 +139,11 @@ impl<S: Store + Clone> Registry<S> {
         &self.store
     }
 
+    /// Stops following the store (before closing it): the view stays as it is.
+    pub fn stop_following(&self) {
+        self.updater.abort();
+    }
+
     /// Waits until the view includes `revision` (read-your-writes).
     async fn caught_up(&self, revision: Revision) -> Result<()> {
         let mut rx = self.view.clone();

@@ -19,11 +19,17 @@ use crate::{
 /// Default addresses, all on loopback.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7780";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:7753";
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7781";
+
+/// How long [`Control::stop`] waits for the APIs to finish before cutting them.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
+    /// The gRPC API for sidecars (register, heartbeat, deregister, watch).
+    pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
     pub dns: DnsSettings,
 }
@@ -47,10 +53,12 @@ impl Default for DnsSettings {
 pub struct Control {
     pub registry: Arc<Registry<EmbeddedStore>>,
     pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
-    _health: HealthChecker,
-    _dns: Option<DnsServer>,
+    health: Option<HealthChecker>,
+    dns: Option<DnsServer>,
     http: JoinHandle<()>,
+    grpc: JoinHandle<()>,
     stop: watch::Sender<bool>,
 }
 
@@ -86,6 +94,12 @@ impl Control {
         });
         info!(addr = %http_addr, "HTTP API listening");
 
+        let (grpc_addr, grpc) =
+            api::grpc::bind(config.grpc_addr, registry.clone(), stop.subscribe())
+                .await
+                .with_context(|| format!("cannot listen on {} (--grpc-addr)", config.grpc_addr))?;
+        info!(addr = %grpc_addr, "gRPC API listening");
+
         let dns = match config.dns_addr {
             Some(addr) => {
                 let catalog: Arc<dyn Catalog> = Arc::new(RegistryCatalog(registry.clone()));
@@ -108,17 +122,45 @@ impl Control {
             dns_addr: dns.as_ref().map(|d| d.local_addr()),
             registry,
             http_addr,
-            _health: health,
-            _dns: dns,
+            grpc_addr,
+            health: Some(health),
+            dns,
             http,
+            grpc,
             stop,
         })
     }
 
-    /// Stops serving; the store is closed when the last handle goes.
-    pub async fn stop(self) {
+    /// Stops serving and closes the store, so that a new control plane can open the same
+    /// data directory at once. Watch streams end with `UNAVAILABLE` (sidecars reconnect);
+    /// leases keep running in the store and resume with their remaining time.
+    pub async fn stop(mut self) {
         self.stop.send_replace(true);
-        let _ = self.http.await;
+        self.health.take();
+        self.dns.take();
+        for (name, task) in [("HTTP", &mut self.http), ("gRPC", &mut self.grpc)] {
+            if tokio::time::timeout(STOP_TIMEOUT, &mut *task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the {name} API did not stop within {STOP_TIMEOUT:?}; cutting it");
+                task.abort();
+            }
+        }
+        self.registry.stop_following();
+        if let Err(e) = self.registry.store().close().await {
+            tracing::warn!(error = %e, "closing the store");
+        }
+    }
+}
+
+/// Dropping a control plane without [`Control::stop`] stops serving at once (without
+/// waiting for anything); the store closes when its last handle goes.
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        self.http.abort();
+        self.grpc.abort();
     }
 }
 

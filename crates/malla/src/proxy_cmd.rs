@@ -5,16 +5,22 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context as _;
 use clap::Args;
 use malla_proxy::{
-    config::{AdminConfig, BalancerKind, ListenerProtocol, OutboundConfig, UpstreamConfig},
+    config::{
+        AdminConfig, BalancerKind, ControlPlaneConfig, ListenerProtocol, OutboundConfig,
+        UpstreamConfig,
+    },
     ProxyConfig,
 };
 
 #[derive(Args)]
 #[command(after_help = "Examples:\n  \
     malla proxy --listen 127.0.0.1:4140 --upstream 127.0.0.1:8081,127.0.0.1:8082\n  \
-    malla proxy --config proxy.toml\n\n\
+    malla proxy --config proxy.toml\n  \
+    malla proxy --config proxy.toml --control http://127.0.0.1:7781 --service checkout --labels env=prod\n\n\
     The quick form runs one HTTP listener (HTTP/1.1 and HTTP/2 prior knowledge, detected)\n\
-    balancing over the endpoints with default policies. See docs/config.md for the file.")]
+    balancing over the endpoints with default policies. See docs/config.md for the file.\n\
+    With --control, upstreams that list no endpoints are discovered from the control plane,\n\
+    and --service registers this instance (the [inbound] listener) under a lease.")]
 pub struct ProxyArgs {
     /// A TOML configuration file; the flags below add to it.
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -45,6 +51,27 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "HOST:PORT")]
     admin: Option<SocketAddr>,
 
+    /// The control plane's gRPC API (`malla control --grpc-addr`): discovers the upstreams
+    /// that list no endpoints, and registers this instance with --service.
+    #[arg(long, value_name = "URL")]
+    control: Option<String>,
+
+    /// Register this instance as a member of SERVICE (needs --control or [control]).
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
+
+    /// The registered instance's id (default: SERVICE-HOSTNAME-PID).
+    #[arg(long, value_name = "ID")]
+    instance_id: Option<String>,
+
+    /// Labels of the registered instance, comma-separated KEY=VALUE.
+    #[arg(long, value_name = "K=V[,K=V...]", value_delimiter = ',')]
+    labels: Vec<String>,
+
+    /// The address other sidecars reach this instance at (default: the [inbound] listener).
+    #[arg(long, value_name = "IP:PORT")]
+    register_address: Option<SocketAddr>,
+
     /// Worker threads (each with its own event loop); 0 = one per core.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -70,7 +97,8 @@ enum BalancerArg {
 
 fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
     let mut config = match &args.config {
-        Some(path) => ProxyConfig::from_file(path)?,
+        // Validated below, once the flags have added to it.
+        Some(path) => ProxyConfig::parse_file(path)?,
         None => ProxyConfig::default(),
     };
     if let Some(listen) = args.listen {
@@ -99,6 +127,7 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
     if let Some(admin) = args.admin {
         config.admin = Some(AdminConfig { listen: admin });
     }
+    apply_control_flags(args, &mut config)?;
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
@@ -110,6 +139,46 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         });
     config.validate(&source)?;
     Ok(config)
+}
+
+/// `--control`, `--service` and the flags describing the registered instance.
+fn apply_control_flags(args: &ProxyArgs, config: &mut ProxyConfig) -> anyhow::Result<()> {
+    if let Some(url) = &args.control {
+        match &mut config.control {
+            Some(control) => control.url = url.clone(),
+            None => config.control = Some(ControlPlaneConfig::new(url.clone())),
+        }
+    }
+    let instance_flags = [
+        ("--service", args.service.is_some()),
+        ("--instance-id", args.instance_id.is_some()),
+        ("--labels", !args.labels.is_empty()),
+        ("--register-address", args.register_address.is_some()),
+    ];
+    let Some(control) = config.control.as_mut() else {
+        if let Some((flag, _)) = instance_flags.iter().find(|(_, set)| *set) {
+            anyhow::bail!("{flag} registers this instance with the control plane: give its address with --control URL (or a [control] section)");
+        }
+        return Ok(());
+    };
+    if let Some(service) = &args.service {
+        control.service = Some(service.clone());
+    }
+    if let Some(id) = &args.instance_id {
+        control.instance_id = Some(id.clone());
+    }
+    for pair in &args.labels {
+        let (k, v) = pair.split_once('=').with_context(|| {
+            format!("--labels {pair:?}: write KEY=VALUE pairs separated by commas, e.g. env=prod,zone=eu-1")
+        })?;
+        control
+            .labels
+            .insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if let Some(addr) = args.register_address {
+        control.register_address = Some(addr);
+    }
+    Ok(())
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
@@ -137,4 +206,85 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     proxy.join();
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: ProxyArgs,
+    }
+
+    fn config(argv: &[&str]) -> anyhow::Result<ProxyConfig> {
+        let cmd = Cmd::try_parse_from(std::iter::once("proxy").chain(argv.iter().copied()))?;
+        proxy_config(&cmd.args)
+    }
+
+    #[test]
+    fn the_quick_form_is_unchanged() {
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:4140",
+            "--upstream",
+            "127.0.0.1:1,127.0.0.1:2",
+        ])
+        .unwrap();
+        assert_eq!(c.upstreams[0].endpoints, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(c.control, None);
+    }
+
+    #[test]
+    fn control_flags_fill_the_control_section() {
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:4140",
+            "--upstream",
+            "127.0.0.1:1",
+            "--control",
+            "127.0.0.1:7781",
+            "--service",
+            "checkout",
+            "--instance-id",
+            "checkout-1",
+            "--labels",
+            "env=prod,zone=eu-1",
+            "--register-address",
+            "10.0.0.5:4143",
+        ])
+        .unwrap();
+        let control = c.control.unwrap();
+        assert_eq!(control.url, "127.0.0.1:7781");
+        assert_eq!(control.service.as_deref(), Some("checkout"));
+        assert_eq!(control.instance_id.as_deref(), Some("checkout-1"));
+        assert_eq!(control.labels["env"], "prod");
+        assert_eq!(control.labels["zone"], "eu-1");
+        assert_eq!(
+            control.register_address,
+            Some("10.0.0.5:4143".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn instance_flags_need_a_control_plane_and_registering_needs_an_address() {
+        let quick = ["--listen", "127.0.0.1:4140", "--upstream", "127.0.0.1:1"];
+        let err = config(&[&quick[..], &["--service", "checkout"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("--control URL"), "{err}");
+        let err = config(
+            &[
+                &quick[..],
+                &["--control", "c:7781", "--service", "checkout"],
+            ]
+            .concat(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--register-address"), "{err:#}");
+        let err = config(&[&quick[..], &["--control", "c:7781", "--labels", "env"]].concat())
+            .unwrap_err();
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+    }
 }

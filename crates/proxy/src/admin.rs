@@ -68,11 +68,23 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
             .body(Body::from(shared.metrics.encode()))
             .unwrap_or_default(),
         "/config" => {
-            let mut upstreams: Vec<_> = shared.upstreams.values().map(|u| u.state()).collect();
+            let discovery = shared.discovery.as_deref();
+            let mut upstreams: Vec<_> = shared
+                .upstreams
+                .values()
+                .map(|u| {
+                    let mut state = u.state();
+                    if let Some(d) = discovery.and_then(|d| d.upstream_json(u.name())) {
+                        state["discovery"] = d;
+                    }
+                    state
+                })
+                .collect();
             upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
             let doc = serde_json::json!({
                 "draining": shared.is_draining(),
                 "config": shared.config,
+                "control": discovery.map(|d| d.to_json()),
                 "upstreams": upstreams,
             });
             Response::builder()

@@ -5,7 +5,7 @@
 //! Every field has a documented default (see `docs/config.md`); [`ProxyConfig::validate`]
 //! reports *all* problems at once, each naming the field and the bad value.
 
-use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,11 @@ pub struct ProxyConfig {
     /// Limits that protect the proxy from its clients.
     #[serde(default)]
     pub limits: Limits,
+
+    /// The control plane: registers this proxy's instance and discovers the endpoints of
+    /// upstreams that list none (see [`crate::discovery`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlPlaneConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -70,6 +75,14 @@ pub struct UpstreamConfig {
     /// Concurrent streams this proxy opens on its one HTTP/2 connection per endpoint.
     #[serde(default = "defaults::h2_max_concurrent_streams")]
     pub h2_max_concurrent_streams: u32,
+    /// Discovered upstreams: the registry service whose instances are the endpoints
+    /// (default: the upstream's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Discovered upstreams: only the instances whose labels match this selector
+    /// (`env=prod,zone in (eu-1,eu-2)`); default: every instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -147,6 +160,78 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
+/// The `[control]` section: where the control plane is and what this proxy registers.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// The control plane's gRPC API, `http://HOST:PORT` (`malla control --grpc-addr`).
+    pub url: String,
+    /// Register this proxy's instance as a member of this service; without it the proxy
+    /// only discovers its upstreams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The instance id; default `SERVICE-HOSTNAME-PID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Labels of the registered instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The address other sidecars reach this instance at; default: the `[inbound]`
+    /// listener's (which must then not be a wildcard address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_address: Option<SocketAddr>,
+    /// Lease time to live (whole seconds, 1s to 1h); heartbeats go every third of it.
+    #[serde(default = "defaults::lease_ttl", with = "duration")]
+    pub lease_ttl: Duration,
+    /// TCP connect to the control plane.
+    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl ControlPlaneConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        ControlPlaneConfig {
+            url: url.into(),
+            service: None,
+            instance_id: None,
+            labels: BTreeMap::new(),
+            register_address: None,
+            lease_ttl: defaults::lease_ttl(),
+            connect_timeout: defaults::connect_timeout(),
+        }
+    }
+
+    /// The URL as a channel endpoint: `HOST:PORT` gets `http://`; only plain HTTP/2 is
+    /// spoken to the control plane for now.
+    pub fn endpoint(&self) -> Result<String, String> {
+        let url = if self.url.contains("://") {
+            self.url.clone()
+        } else {
+            format!("http://{}", self.url)
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("{e}; write for example http://127.0.0.1:7781"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err("TLS to the control plane is not supported yet; use http://".to_string())
+            }
+            _ => return Err("use http://HOST:PORT, for example http://127.0.0.1:7781".into()),
+        }
+        let authority = uri
+            .authority()
+            .ok_or("the URL has no HOST:PORT; write for example http://127.0.0.1:7781")?;
+        if authority.port_u16().is_none() {
+            return Err("the URL has no port; the control plane's gRPC port is 7781 by default (http://HOST:7781)".into());
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err("the URL must have no path: write http://HOST:PORT".into());
+        }
+        Ok(format!("http://{authority}"))
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -217,6 +302,9 @@ pub mod defaults {
     pub fn detect_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    pub fn lease_ttl() -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 impl UpstreamConfig {
@@ -231,7 +319,20 @@ impl UpstreamConfig {
             idle_timeout: defaults::idle_timeout(),
             max_idle_per_endpoint: defaults::max_idle_per_endpoint(),
             h2_max_concurrent_streams: defaults::h2_max_concurrent_streams(),
+            service: None,
+            selector: None,
         }
+    }
+
+    /// Whether the endpoints come from the control plane: a proxy with a `[control]`
+    /// section discovers every upstream that lists no static endpoints.
+    pub fn is_discovered(&self, control: bool) -> bool {
+        control && self.endpoints.is_empty()
+    }
+
+    /// The registry service a discovered upstream follows.
+    pub fn discovery_service(&self) -> &str {
+        self.service.as_deref().unwrap_or(&self.name)
     }
 }
 
@@ -246,6 +347,7 @@ impl Default for ProxyConfig {
             inbound: None,
             admin: None,
             limits: Limits::default(),
+            control: None,
         }
     }
 }
@@ -268,23 +370,37 @@ impl fmt::Display for ConfigError {
 }
 
 impl ProxyConfig {
-    /// Parses a TOML document; `source_name` (usually the file path) names it in errors.
+    /// Parses and validates a TOML document; `source_name` (usually the file path) names it
+    /// in errors.
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
-        let config: ProxyConfig = toml::from_str(text).map_err(|e| ConfigError {
-            source_name: source_name.to_string(),
-            problems: vec![e.to_string().trim_end().to_string()],
-        })?;
+        let config = Self::parse_toml(text, source_name)?;
         config.validate(source_name)?;
         Ok(config)
     }
 
+    /// Parses a TOML document without [validating](Self::validate) it, for callers that
+    /// add to it first (command-line flags) and validate the result.
+    pub fn parse_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            problems: vec![e.to_string().trim_end().to_string()],
+        })
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let config = Self::parse_file(path)?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file without validating it (see [`Self::parse_toml`]).
+    pub fn parse_file(path: &Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: name.clone(),
             problems: vec![format!("cannot read the file: {e}")],
         })?;
-        Self::from_toml(&text, &name)
+        Self::parse_toml(&text, &name)
     }
 
     /// Checks what serde cannot: references between sections, names, limits.
@@ -319,6 +435,10 @@ impl ProxyConfig {
                     "upstream[{i}].h2_max_concurrent_streams must be at least 1"
                 ));
             }
+            check_discovery(i, u, self.control.is_some(), &mut problems);
+        }
+        if let Some(control) = &self.control {
+            check_control(control, self.inbound.as_ref(), &mut problems);
         }
         let known = |name: &str| self.upstreams.iter().any(|u| u.name == name);
         for (i, o) in self.outbound.iter().enumerate() {
@@ -364,6 +484,120 @@ impl ProxyConfig {
                 problems,
             })
         }
+    }
+}
+
+/// The discovery keys of `upstream[i]`.
+fn check_discovery(i: usize, u: &UpstreamConfig, control: bool, problems: &mut Vec<String>) {
+    if let Some(service) = &u.service {
+        if !valid_name(service) {
+            problems.push(format!(
+                "upstream[{i}].service {service:?}: use 1-63 lowercase letters, digits and '-', starting with a letter"
+            ));
+        }
+    }
+    if let Some(selector) = &u.selector {
+        if let Err(e) = malla_core::Selector::parse(selector) {
+            problems.push(format!("upstream[{i}].selector: {e}"));
+        }
+    }
+    let keys = match (&u.service, &u.selector) {
+        (Some(_), Some(_)) => "service and selector",
+        (Some(_), None) => "service",
+        (None, Some(_)) => "selector",
+        (None, None) => return,
+    };
+    if !u.endpoints.is_empty() {
+        problems.push(format!(
+            "upstream[{i}] ({:?}) has both static endpoints and discovery keys ({keys}); \
+             remove `endpoints` to discover the instances from the control plane, or remove {keys}",
+            u.name
+        ));
+    } else if !control {
+        problems.push(format!(
+            "upstream[{i}].{} needs the control plane to discover instances: add a [control] \
+             section (or --control URL)",
+            if u.service.is_some() {
+                "service"
+            } else {
+                "selector"
+            }
+        ));
+    }
+}
+
+/// The `[control]` section; registration needs an address other sidecars can reach.
+fn check_control(
+    c: &ControlPlaneConfig,
+    inbound: Option<&InboundConfig>,
+    problems: &mut Vec<String>,
+) {
+    if let Err(why) = c.endpoint() {
+        problems.push(format!("control.url {:?}: {why}", c.url));
+    }
+    if c.lease_ttl < Duration::from_secs(1)
+        || c.lease_ttl > Duration::from_secs(3600)
+        || c.lease_ttl.subsec_nanos() != 0
+    {
+        problems.push(format!(
+            "control.lease_ttl {}: use whole seconds from \"1s\" to \"1h\"",
+            humantime::format_duration(c.lease_ttl)
+        ));
+    }
+    if c.connect_timeout.is_zero() {
+        problems.push("control.connect_timeout must be greater than 0s".to_string());
+    }
+    if let Some(id) = &c.instance_id {
+        if !malla_core::service::valid_instance_id(id) {
+            problems.push(format!(
+                "control.instance_id {id:?}: use 1-128 letters, digits, '.', '_', ':' or '-'"
+            ));
+        }
+    }
+    if let Err(e) = malla_core::Labels::try_from(c.labels.clone()) {
+        problems.push(format!("control.labels: {e}"));
+    }
+    let Some(service) = &c.service else {
+        for (key, set) in [
+            ("instance_id", c.instance_id.is_some()),
+            ("labels", !c.labels.is_empty()),
+            ("register_address", c.register_address.is_some()),
+        ] {
+            if set {
+                problems.push(format!(
+                    "control.{key} describes the registered instance, but control.service \
+                     (--service) is not set: set it to register, or remove {key}"
+                ));
+            }
+        }
+        return;
+    };
+    if !valid_name(service) {
+        problems.push(format!(
+            "control.service {service:?}: use 1-63 lowercase letters, digits and '-', starting with a letter"
+        ));
+    }
+    match (c.register_address, inbound) {
+        (Some(addr), _) => {
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                problems.push(format!(
+                    "control.register_address {addr}: give the IP and port other sidecars reach \
+                     this one at (not a wildcard address, not port 0)"
+                ));
+            }
+        }
+        (None, Some(inb)) if inb.listen.ip().is_unspecified() => problems.push(format!(
+            "control.service: the [inbound] listener {} is a wildcard address, which other \
+             sidecars cannot call: set control.register_address (--register-address IP:PORT)",
+            inb.listen
+        )),
+        (None, Some(_)) => {}
+        (None, None) => problems.push(
+            "control.service: registering needs the address other sidecars reach this \
+             instance at: add an [inbound] listener or set control.register_address \
+             (--register-address IP:PORT)"
+                .to_string(),
+        ),
     }
 }
 
@@ -505,6 +739,152 @@ mod tests {
         assert!(text.contains("upstream[0].name \"Bad_Name\""), "{text}");
         assert!(text.contains("outbound[0].upstream \"missing\""), "{text}");
         assert!(text.contains("endpoints[1]"), "{text}");
+    }
+
+    #[test]
+    fn control_section_and_discovered_upstreams_parse() {
+        let c = ProxyConfig::from_toml(
+            r#"
+            [control]
+            url = "http://127.0.0.1:7781"
+            service = "checkout"
+            labels = { env = "prod", "malla.dev/zone" = "eu-1" }
+            lease_ttl = "15s"
+
+            [[upstream]]
+            name = "quote"
+            service = "shipping-quote"
+            selector = "env=prod,zone in (eu-1,eu-2)"
+
+            [[upstream]]
+            name = "inventory"
+
+            [[upstream]]
+            name = "static"
+            endpoints = ["127.0.0.1:9000"]
+
+            [[outbound]]
+            listen = "127.0.0.1:4140"
+            upstream = "quote"
+
+            [inbound]
+            listen = "127.0.0.1:4143"
+            forward_to = "127.0.0.1:8080"
+            "#,
+            "mesh.toml",
+        )
+        .unwrap();
+        let control = c.control.as_ref().unwrap();
+        assert_eq!(control.lease_ttl, Duration::from_secs(15));
+        assert_eq!(control.connect_timeout, defaults::connect_timeout());
+        assert_eq!(control.endpoint().unwrap(), "http://127.0.0.1:7781");
+        assert_eq!(c.upstreams[0].discovery_service(), "shipping-quote");
+        assert_eq!(c.upstreams[1].discovery_service(), "inventory");
+        let discovered: Vec<_> = c
+            .upstreams
+            .iter()
+            .filter(|u| u.is_discovered(true))
+            .map(|u| u.name.as_str())
+            .collect();
+        assert_eq!(discovered, ["quote", "inventory"]);
+        // Printing the effective configuration and reading it back gives the same.
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(ProxyConfig::from_toml(&printed, "printed").unwrap(), c);
+    }
+
+    #[test]
+    fn control_urls() {
+        let url = |u: &str| ControlPlaneConfig::new(u).endpoint();
+        assert_eq!(url("127.0.0.1:7781").unwrap(), "http://127.0.0.1:7781");
+        assert_eq!(
+            url("http://control.mesh:7781/").unwrap(),
+            "http://control.mesh:7781"
+        );
+        assert!(url("https://c:7781").unwrap_err().contains("TLS"));
+        assert!(url("http://c").unwrap_err().contains("no port"));
+        assert!(url("http://c:1/v1").unwrap_err().contains("no path"));
+        assert!(url("ftp://c:1").unwrap_err().contains("http://HOST:PORT"));
+        assert!(url("http://").is_err());
+    }
+
+    #[test]
+    fn discovery_and_registration_problems_are_named() {
+        let err = ProxyConfig::from_toml(
+            r#"
+            [[upstream]]
+            name = "a"
+            endpoints = ["127.0.0.1:1"]
+            selector = "env=prod"
+            [[upstream]]
+            name = "b"
+            selector = "env in prod"
+            [[upstream]]
+            name = "c"
+            service = "Bad"
+            [[outbound]]
+            listen = "127.0.0.1:1"
+            upstream = "a"
+            "#,
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "upstream[0] (\"a\") has both static endpoints and discovery keys (selector)"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("upstream[1].selector: invalid selector \"env in prod\" at position 7"),
+            "{err}"
+        );
+        assert!(
+            err.contains("upstream[1].selector needs the control plane"),
+            "{err}"
+        );
+        assert!(err.contains("upstream[2].service \"Bad\""), "{err}");
+
+        let base = "[[upstream]]\nname = \"a\"\n[[outbound]]\nlisten = \"127.0.0.1:1\"\nupstream = \"a\"\n";
+        let cases = [
+            ("[control]\nurl = \"https://c:1\"\n", "control.url \"https://c:1\": TLS"),
+            (
+                "[control]\nurl = \"c:1\"\nservice = \"me\"\n",
+                "control.service: registering needs the address",
+            ),
+            (
+                "[control]\nurl = \"c:1\"\nservice = \"me\"\n[inbound]\nlisten = \"0.0.0.0:4143\"\nforward_to = \"127.0.0.1:8080\"\n",
+                "wildcard address",
+            ),
+            (
+                "[control]\nurl = \"c:1\"\nservice = \"me\"\nregister_address = \"0.0.0.0:80\"\n",
+                "control.register_address 0.0.0.0:80",
+            ),
+            (
+                "[control]\nurl = \"c:1\"\nlabels = { env = \"x y\" }\n",
+                "control.labels: invalid value \"x y\"",
+            ),
+            (
+                "[control]\nurl = \"c:1\"\ninstance_id = \"me-1\"\n",
+                "control.instance_id describes the registered instance",
+            ),
+            (
+                "[control]\nurl = \"c:1\"\nservice = \"me\"\ninstance_id = \"a/b\"\nregister_address = \"10.0.0.1:80\"\n",
+                "control.instance_id \"a/b\"",
+            ),
+            (
+                "[control]\nurl = \"c:1\"\nlease_ttl = \"1500ms\"\n",
+                "control.lease_ttl 1s 500ms: use whole seconds",
+            ),
+        ];
+        for (section, expected) in cases {
+            let err = ProxyConfig::from_toml(&format!("{base}{section}"), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+        }
+        // Discovery alone needs no address.
+        ProxyConfig::from_toml(&format!("{base}[control]\nurl = \"c:1\"\n"), "x.toml").unwrap();
     }
 
     #[test]

@@ -78,6 +78,15 @@ impl Endpoint {
             .unwrap_or(DEFAULT_RTT.as_nanos() as f64)
     }
 
+    /// Starts the latency estimate at `rtt_ns` rather than the default, for an endpoint that
+    /// joins others already measured (see [`crate::upstream::Upstream::set_endpoints`]).
+    pub(crate) fn seed_rtt_estimate(&self, rtt_ns: f64) {
+        if let Ok(mut e) = self.ewma.lock() {
+            e.rtt_ns = rtt_ns;
+            e.stamp = Instant::now();
+        }
+    }
+
     /// The P2C-EWMA load: latency estimate weighted by outstanding work.
     pub fn load(&self) -> f64 {
         self.rtt_estimate_ns() * f64::from(self.in_flight() + 1)

@@ -21,6 +21,7 @@ pub mod balance;
 pub mod config;
 mod connect;
 pub mod detect;
+pub mod discovery;
 pub mod endpoint;
 pub mod error;
 mod forwarding;

@@ -4,11 +4,20 @@
 //! endpoint and listener resolves its metric handles once, when it is created, and a
 //! request then costs a few atomic adds and one histogram observation.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder},
+    metrics::{
+        counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, MetricType,
+        TypedMetric,
+    },
     registry::Registry,
 };
 
@@ -59,6 +68,55 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_accepted: Family<ListenerLabels, Counter>,
+    /// Registered on first use: a proxy without a control plane does not show them.
+    control: ControlFamilies,
+    control_registered: std::sync::Once,
+}
+
+/// The control-plane client's families (see [`crate::discovery`]).
+#[derive(Clone, Default)]
+struct ControlFamilies {
+    connected: Family<UpstreamLabels, Gauge>,
+    revision: Family<UpstreamLabels, Gauge>,
+    last_update_age: Family<UpstreamLabels, UpdateAge>,
+    reconnects: Family<UpstreamLabels, Counter>,
+    registered: Gauge,
+    registrations: Counter,
+}
+
+impl ControlFamilies {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "control_connected",
+            "1 while the watch of a discovered upstream's instances is connected to the control plane",
+            self.connected.clone(),
+        );
+        registry.register(
+            "control_revision",
+            "Registry revision of the last update applied to a discovered upstream",
+            self.revision.clone(),
+        );
+        registry.register(
+            "control_last_update_age_seconds",
+            "Seconds since a discovered upstream last heard from the control plane (snapshot or update)",
+            self.last_update_age.clone(),
+        );
+        registry.register(
+            "control_reconnects",
+            "Times a discovered upstream's watch was re-established after it broke",
+            self.reconnects.clone(),
+        );
+        registry.register(
+            "control_registered",
+            "1 while this proxy's instance holds a live lease in the registry",
+            self.registered.clone(),
+        );
+        registry.register(
+            "control_registrations",
+            "Registrations of this proxy's instance (the first, and each after a lost lease)",
+            self.registrations.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -122,6 +180,39 @@ impl Metrics {
             errors,
             listener_connections,
             listener_accepted,
+            control: ControlFamilies::default(),
+            control_registered: std::sync::Once::new(),
+        }
+    }
+
+    fn control(&self) -> &ControlFamilies {
+        self.control_registered.call_once(|| {
+            let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            self.control.register(&mut registry);
+        });
+        &self.control
+    }
+
+    /// The handles of one discovered upstream's watch.
+    pub(crate) fn discovery(&self, upstream: &str) -> DiscoveryMetrics {
+        let labels = UpstreamLabels {
+            upstream: upstream.to_string(),
+        };
+        let control = self.control();
+        DiscoveryMetrics {
+            connected: control.connected.get_or_create(&labels).clone(),
+            revision: control.revision.get_or_create(&labels).clone(),
+            last_update: control.last_update_age.get_or_create(&labels).clone(),
+            reconnects: control.reconnects.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The handles of this proxy's registration.
+    pub(crate) fn registration(&self) -> RegistrationMetrics {
+        let control = self.control();
+        RegistrationMetrics {
+            registered: control.registered.clone(),
+            registrations: control.registrations.clone(),
         }
     }
 
@@ -266,5 +357,113 @@ impl Drop for ConnectionTracker {
     }
 }
 
+/// A discovered upstream's watch, as metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct DiscoveryMetrics {
+    pub connected: Gauge,
+    pub revision: Gauge,
+    pub last_update: UpdateAge,
+    pub reconnects: Counter,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct RegistrationMetrics {
+    pub registered: Gauge,
+    pub registrations: Counter,
+}
+
+/// A gauge of the seconds since an event, computed when scraped (so it keeps growing while
+/// nothing happens, which is the point). Before the first event it reports nothing useful:
+/// `NaN`.
+#[derive(Clone, Debug, Default)]
+pub struct UpdateAge {
+    /// Unix time of the last event in milliseconds; 0 = never.
+    last_unix_ms: Arc<AtomicU64>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl UpdateAge {
+    /// Records an event now.
+    pub fn touch(&self) {
+        self.last_unix_ms.store(unix_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// Time since the last event; `None` before the first.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        match self.last_unix_ms.load(Ordering::Relaxed) {
+            0 => None,
+            last => Some(std::time::Duration::from_millis(
+                unix_ms().saturating_sub(last),
+            )),
+        }
+    }
+
+    /// Unix time of the last event in milliseconds.
+    pub fn last_unix_ms(&self) -> Option<u64> {
+        Some(self.last_unix_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+}
+
+impl TypedMetric for UpdateAge {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for UpdateAge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let seconds = self.age().map_or(f64::NAN, |a| a.as_secs_f64());
+        encoder.encode_gauge(&seconds)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Lets a shared `Metrics` be cloned cheaply into every component.
 pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_families_appear_only_when_used_and_age_is_computed_when_scraped() {
+        let metrics = Metrics::new();
+        assert!(
+            !metrics.encode().contains("control"),
+            "{}",
+            metrics.encode()
+        );
+        let d = metrics.discovery("quote");
+        let text = metrics.encode();
+        assert!(
+            text.contains("malla_proxy_control_last_update_age_seconds{upstream=\"quote\"} NaN"),
+            "{text}"
+        );
+        d.last_update.touch();
+        d.connected.set(1);
+        d.reconnects.inc();
+        let text = metrics.encode();
+        let age = text
+            .lines()
+            .find(|l| l.starts_with("malla_proxy_control_last_update_age_seconds{"))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap();
+        assert!((0.0..1.0).contains(&age), "{age}");
+        assert!(
+            text.contains("malla_proxy_control_connected{upstream=\"quote\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("malla_proxy_control_reconnects_total{upstream=\"quote\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("malla_proxy_control_registered 0"), "{text}");
+    }
+}

@@ -34,6 +34,7 @@ use crate::{
     admin,
     config::{ListenerProtocol, ProxyConfig, UpstreamConfig},
     detect::{self, Detected},
+    discovery::{Discovery, DiscoveryStatus, DEREGISTER_TIMEOUT},
     error::ProxyError,
     http1, http2,
     metrics::{ListenerMetrics, Metrics, SharedMetrics},
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub routes: HashMap<String, Arc<Upstream>>,
     pub metrics: SharedMetrics,
+    /// The control-plane client's state, when there is a `[control]` section.
+    pub discovery: Option<Arc<DiscoveryStatus>>,
     pub draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
     /// Set once every worker has finished; the admin listener stops then.
@@ -144,6 +147,7 @@ pub struct ProxyHandle {
     shared: Arc<Shared>,
     workers: Vec<thread::JoinHandle<()>>,
     admin: Option<thread::JoinHandle<()>>,
+    discovery: Option<Discovery>,
 }
 
 impl ProxyHandle {
@@ -160,18 +164,32 @@ impl ProxyHandle {
         &self.shared.metrics
     }
 
-    /// Starts draining: listeners close, connections finish their work.
+    /// The control-plane client's state (`None` without a `[control]` section).
+    pub fn discovery(&self) -> Option<&DiscoveryStatus> {
+        self.shared.discovery.as_deref()
+    }
+
+    /// Starts draining: `/ready` turns 503, the instance is deregistered from the control
+    /// plane (waiting at most [`DEREGISTER_TIMEOUT`], so callers stop choosing it first),
+    /// then listeners close and connections finish their work.
     pub fn drain(&self) {
         if !self.shared.draining.swap(true, Ordering::SeqCst) {
             info!("draining");
+            if let Some(discovery) = &self.discovery {
+                discovery.deregister(DEREGISTER_TIMEOUT);
+            }
             self.shared.drain_tx.send_replace(true);
         }
     }
 
     /// Drains and waits until every worker has finished (at most `drain_timeout`).
     pub async fn shutdown(self) {
-        self.drain();
-        let _ = tokio::task::spawn_blocking(move || self.join()).await;
+        // Draining may wait for the deregistration: off the caller's runtime threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            self.drain();
+            self.join();
+        })
+        .await;
     }
 
     /// Blocks until the proxy has drained (after [`Self::drain`]).
@@ -183,6 +201,9 @@ impl ProxyHandle {
         if let Some(a) = self.admin {
             let _ = a.join();
         }
+        if let Some(d) = self.discovery {
+            d.join();
+        }
     }
 }
 
@@ -192,6 +213,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         .validate("configuration")
         .map_err(anyhow::Error::new)?;
     let metrics = Arc::new(Metrics::new());
+    let discovery = DiscoveryStatus::new(&config, &metrics)?.map(Arc::new);
     let mut upstreams = HashMap::new();
     for u in &config.upstreams {
         upstreams.insert(
@@ -221,6 +243,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         upstreams,
         routes,
         metrics,
+        discovery,
         draining: AtomicBool::new(false),
         drain_tx,
         stopped_tx,
@@ -308,6 +331,9 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         None => None,
     };
 
+    // The control-plane client, once the inbound address it registers is known.
+    let discovery = Discovery::start(shared.clone(), &bound)?;
+
     let mut threads = Vec::with_capacity(workers);
     for (i, listeners) in per_worker.into_iter().enumerate() {
         let shared = shared.clone();
@@ -323,6 +349,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         shared,
         workers: threads,
         admin,
+        discovery,
     })
 }
 

@@ -54,9 +54,18 @@ impl Upstream {
 
     /// Replaces the endpoint set. Endpoints present before and after keep their state
     /// (load estimate, pooled connections); removed ones finish the requests they carry.
+    ///
+    /// A newcomer's latency estimate starts at the average of the endpoints already there,
+    /// not at the 30 ms default: next to endpoints that answer in a millisecond, the default
+    /// would keep it out of P2C's choices until their estimates had decayed (tens of
+    /// seconds), and a new instance must take traffic within a second of registering. A
+    /// slow newcomer gives itself away on its first answer (a peak replaces the estimate).
     pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
         let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.endpoints.snapshot();
+        let seed = (!current.is_empty()).then(|| {
+            current.iter().map(|e| e.rtt_estimate_ns()).sum::<f64>() / current.len() as f64
+        });
         let mut existing: HashMap<SocketAddr, &Arc<Endpoint>> =
             current.iter().map(|e| (e.addr, e)).collect();
         let mut next = Vec::with_capacity(addrs.len());
@@ -66,11 +75,17 @@ impl Upstream {
             }
             let endpoint = match existing.remove(addr) {
                 Some(e) => e.clone(),
-                None => Arc::new(Endpoint::new(
-                    *addr,
-                    self.metrics.endpoint(&self.config.name, &addr.to_string()),
-                    self.config.max_idle_per_endpoint,
-                )),
+                None => {
+                    let endpoint = Arc::new(Endpoint::new(
+                        *addr,
+                        self.metrics.endpoint(&self.config.name, &addr.to_string()),
+                        self.config.max_idle_per_endpoint,
+                    ));
+                    if let Some(seed) = seed {
+                        endpoint.seed_rtt_estimate(seed);
+                    }
+                    endpoint
+                }
             };
             next.push(endpoint);
         }
@@ -136,4 +151,34 @@ pub fn resolve_all(specs: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
         out.extend(addrs);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn newcomers_start_at_the_average_estimate_of_the_others() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let upstream = Upstream::new(
+            UpstreamConfig::new("u", vec![a.to_string(), b.to_string()]),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        // The first endpoints have nothing to go by: the default.
+        let default = upstream.endpoints()[0].rtt_estimate_ns();
+        assert!(default > 20e6, "{default}");
+        upstream.endpoints()[0].seed_rtt_estimate(1e6);
+        upstream.endpoints()[1].seed_rtt_estimate(3e6);
+        upstream.set_endpoints(&[a, b, c]);
+        let endpoints = upstream.endpoints();
+        let newcomer = endpoints.iter().find(|e| e.addr == c).unwrap();
+        let estimate = newcomer.rtt_estimate_ns();
+        assert!(estimate > 1.9e6 && estimate <= 2e6, "{estimate}");
+        // Endpoints that stay keep their own estimate.
+        assert!(endpoints[0].rtt_estimate_ns() <= 1e6);
+    }
 }

@@ -14,6 +14,7 @@
 //! | `http1`, `http2`, `grpc`, `websocket`, `tcp` | what is particular to each protocol |
 //! | `bad_input` | malformed and hostile HTTP/1 input, misbehaving upstreams |
 //! | `admin` | `/live`, `/ready`, `/metrics`, `/config` |
+//! | `control` | the control plane's HTTP API, leases, health checks, restarts, bad input, DNS |
 //! | `memory` | a 1 GiB streamed upload keeps the proxy's memory flat |
 
 // All of this binary is test code: an `unwrap` here is an assertion (clippy.toml allows it
@@ -48,6 +49,8 @@ macro_rules! cross_version {
 mod admin;
 mod bad_input;
 mod balancing;
+mod control;
+mod discovery;
 mod drain;
 mod errors;
 mod grpc;

@@ -53,7 +53,53 @@ pub fn router<S: Store + Clone>(registry: Arc<Registry<S>>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(registry)
+}
+
+/// Gives the error answers that axum makes itself (a method the route does not take, a body
+/// over [`MAX_BODY`], a path segment that is not UTF-8) the JSON error shape every other
+/// answer has, so clients parse one shape.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(http::header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (
+                "method_not_allowed",
+                format!("{path} does not take {method}; it takes {allowed} (see docs/control.md)"),
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            format!("the request body is over the limit of {MAX_BODY} bytes (64 KiB)"),
+        ),
+        StatusCode::BAD_REQUEST => ("invalid_argument", format!("invalid request: {text}")),
+        _ if text.is_empty() => ("error", status.to_string()),
+        _ => ("error", text),
+    };
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.remove(http::header::CONTENT_TYPE);
+    let error = ApiError::new(status, code, message).into_response();
+    let (error_parts, body) = error.into_parts();
+    parts.headers.extend(error_parts.headers);
+    Response::from_parts(parts, body)
 }
 
 /// An error answer.

@@ -1,0 +1,16 @@
+//! Generates the registry API's messages and stubs from `proto/`. The proto is parsed by
+//! `protox` (pure Rust), so the build needs no `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/malla/registry/v1/registry.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // The stubs stay generic over the transport: the control plane brings tonic's
+        // server, the sidecar its channel, and this crate needs neither.
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! # malla-api
+//!
+//! The gRPC API between sidecars and the control plane, `malla.registry.v1.Registry`
+//! (`proto/malla/registry/v1/registry.proto`): a sidecar registers its instance under a
+//! lease, heartbeats it, deregisters it on drain, and watches the instances of the services
+//! it calls.
+//!
+//! This crate sits between the domain model and the two processes that speak the API:
+//!
+//! ```text
+//! malla-core (domain) <- malla-api (protobuf, stubs, conversions) <- malla-control (server)
+//!                                                                 <- malla-proxy (client)
+//! ```
+//!
+//! Protobuf messages stop here: [`convert`] turns them into [`malla_core`] types (with a
+//! precise error naming the bad field) and back, so the control plane and the sidecar only
+//! ever handle domain types. The stubs are generic over the transport; the server brings
+//! tonic's server, the sidecar tonic's channel.
+
+pub mod convert;
+
+/// The generated messages and stubs of `malla.registry.v1`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("malla.registry.v1");
+}
+
+pub use convert::{ConversionError, Registration, WatchEvent, WatchTarget};
+pub use pb::registry_client::RegistryClient;
+pub use pb::registry_server::{Registry as RegistryService, RegistryServer};

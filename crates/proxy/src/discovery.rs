@@ -1,0 +1,355 @@
+//! The sidecar's side of the control plane: registering this proxy's instance and
+//! discovering the endpoints of its upstreams.
+//!
+//! With a `[control]` section (`malla proxy --control URL`):
+//!
+//! - **Registration** ([`registration`]), when `control.service` is set: the proxy
+//!   registers its instance (the address other sidecars reach it at: the `[inbound]`
+//!   listener, or `control.register_address`) under a lease, heartbeats every third of the
+//!   TTL, registers again if the lease was lost (the control plane answers `NOT_FOUND`),
+//!   and deregisters first thing when it drains, so callers stop choosing it before its
+//!   listeners close.
+//! - **Discovery** ([`watch`]): every upstream without static endpoints follows a Watch of
+//!   its service (the upstream's name, or `service`) filtered by its `selector`, and each
+//!   snapshot or update becomes [`Upstream::set_endpoints`] with the addresses of the
+//!   instances that may serve (not `unhealthy`). Endpoints that leave finish the requests
+//!   they carry.
+//!
+//! # Failure
+//!
+//! The control plane is not on the request path. When it is unreachable or a stream
+//! breaks, the proxy keeps serving on the endpoints it last knew, and reconnects with
+//! exponential backoff and full jitter ([`backoff`]: 100 ms doubling to 10 s). The first
+//! message of every new stream is a snapshot, which *replaces* the endpoint set: an
+//! instance that left while the proxy was disconnected does not survive the resync.
+//!
+//! # Where it runs
+//!
+//! On a thread and current-thread runtime of its own (`malla-discovery`), like the admin
+//! listener: control-plane work never runs on, or waits behind, a data-plane worker. The
+//! workers only see the result, through the upstreams' lock-free endpoint snapshots.
+//!
+//! The state (connected, revision, last update, lease) is in [`DiscoveryStatus`]: metrics
+//! `malla_proxy_control_*` and the `control` / `upstreams[].discovery` parts of `/config`.
+
+mod backoff;
+mod registration;
+mod watch;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use malla_api::{Registration, RegistryClient, WatchTarget};
+use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+use crate::{
+    config::{ControlPlaneConfig, ListenerProtocol, ProxyConfig},
+    metrics::{DiscoveryMetrics, Metrics, RegistrationMetrics},
+    server::{Bound, Shared},
+};
+
+/// The first retry waits at most this long...
+const RETRY_BASE: Duration = Duration::from_millis(100);
+/// ...and no retry waits longer than this.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Longest wait for a unary call (register, heartbeat).
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a draining proxy waits for its deregistration before it closes its listeners
+/// anyway (the lease then expires by itself).
+pub(crate) const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings to the control plane, so a vanished one is noticed without traffic.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the proxy knows of its control plane, for `/config` and metrics.
+pub struct DiscoveryStatus {
+    url: String,
+    registration: Option<Arc<RegistrationStatus>>,
+    watches: BTreeMap<String, Arc<WatchStatus>>,
+}
+
+/// The registration of this proxy's instance.
+pub(crate) struct RegistrationStatus {
+    service: ServiceName,
+    instance_id: String,
+    labels: Labels,
+    /// Known once the listeners are bound.
+    address: OnceLock<SocketAddr>,
+    /// The current lease; 0 while unregistered.
+    lease: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    metrics: RegistrationMetrics,
+}
+
+/// One discovered upstream's watch.
+pub(crate) struct WatchStatus {
+    target: WatchTarget,
+    instances: AtomicUsize,
+    serving: AtomicUsize,
+    last_error: Mutex<Option<String>>,
+    metrics: DiscoveryMetrics,
+}
+
+fn set_error(slot: &Mutex<Option<String>>, error: Option<String>) {
+    *slot.lock().unwrap_or_else(|e| e.into_inner()) = error;
+}
+
+fn get_error(slot: &Mutex<Option<String>>) -> Option<String> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+impl DiscoveryStatus {
+    /// The status of a configuration's control-plane client; `None` without `[control]`.
+    /// The configuration must have been validated.
+    pub(crate) fn new(config: &ProxyConfig, metrics: &Metrics) -> anyhow::Result<Option<Self>> {
+        let Some(control) = &config.control else {
+            return Ok(None);
+        };
+        let registration = match &control.service {
+            Some(service) => {
+                let service = ServiceName::new(service)?;
+                let instance_id = control
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(|| default_instance_id(&service));
+                Some(Arc::new(RegistrationStatus {
+                    service,
+                    instance_id,
+                    labels: Labels::try_from(control.labels.clone())?,
+                    address: OnceLock::new(),
+                    lease: AtomicU64::new(0),
+                    last_error: Mutex::new(None),
+                    metrics: metrics.registration(),
+                }))
+            }
+            None => None,
+        };
+        let mut watches = BTreeMap::new();
+        for u in config.upstreams.iter().filter(|u| u.is_discovered(true)) {
+            let selector = match &u.selector {
+                Some(s) => Selector::parse(s)?,
+                None => Selector::all(),
+            };
+            let target = WatchTarget {
+                service: ServiceName::new(u.discovery_service())?,
+                selector,
+            };
+            watches.insert(
+                u.name.clone(),
+                Arc::new(WatchStatus {
+                    target,
+                    instances: AtomicUsize::new(0),
+                    serving: AtomicUsize::new(0),
+                    last_error: Mutex::new(None),
+                    metrics: metrics.discovery(&u.name),
+                }),
+            );
+        }
+        Ok(Some(DiscoveryStatus {
+            url: control.url.clone(),
+            registration,
+            watches,
+        }))
+    }
+
+    /// The `control` part of `/config`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let registration = self.registration.as_ref().map(|r| {
+            let lease = r.lease.load(Ordering::Relaxed);
+            json!({
+                "service": r.service,
+                "instance_id": r.instance_id,
+                "address": r.address.get().map(ToString::to_string),
+                "labels": r.labels,
+                "registered": lease != 0,
+                "lease": (lease != 0).then_some(lease),
+                "registrations": r.metrics.registrations.get(),
+                "last_error": get_error(&r.last_error),
+            })
+        });
+        let watches: BTreeMap<_, _> = self
+            .watches
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.upstream_json(name)?)))
+            .collect();
+        json!({
+            "url": self.url,
+            "registration": registration,
+            "watches": watches,
+        })
+    }
+
+    /// The `discovery` part of a discovered upstream in `/config`.
+    pub fn upstream_json(&self, upstream: &str) -> Option<serde_json::Value> {
+        let w = self.watches.get(upstream)?;
+        let m = &w.metrics;
+        Some(json!({
+            "service": w.target.service,
+            "selector": w.target.selector.to_string(),
+            "connected": m.connected.get() == 1,
+            "revision": m.revision.get(),
+            "last_update_unix_ms": m.last_update.last_unix_ms(),
+            "last_update_age_seconds": m.last_update.age().map(|a| a.as_secs_f64()),
+            "instances": w.instances.load(Ordering::Relaxed),
+            "serving": w.serving.load(Ordering::Relaxed),
+            "reconnects": m.reconnects.get(),
+            "last_error": get_error(&w.last_error),
+        }))
+    }
+}
+
+/// `SERVICE-HOSTNAME-PID`, cut to the 128 characters an instance id may have.
+fn default_instance_id(service: &ServiceName) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    let raw = format!("{service}-{host}-{}", std::process::id());
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect()
+}
+
+/// The running control-plane client.
+pub(crate) struct Discovery {
+    /// Asks the registration task to deregister; it answers on the enclosed channel.
+    deregister: Option<mpsc::UnboundedSender<std::sync::mpsc::SyncSender<()>>>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Discovery {
+    /// Starts the client's thread. `bound` gives the inbound listener's real address.
+    pub(crate) fn start(shared: Arc<Shared>, bound: &Bound) -> anyhow::Result<Option<Discovery>> {
+        let (Some(control), Some(status)) =
+            (shared.config.control.clone(), shared.discovery.clone())
+        else {
+            return Ok(None);
+        };
+        let registration = match &status.registration {
+            Some(r) => {
+                let address = control
+                    .register_address
+                    .or(bound.inbound)
+                    .context("control.service is set but there is no address to register: add an [inbound] listener or --register-address IP:PORT")?;
+                let _ = r.address.set(address);
+                let protocol = match shared.config.inbound.as_ref().map(|i| i.protocol) {
+                    Some(ListenerProtocol::Tcp) => InstanceProtocol::Tcp,
+                    _ => InstanceProtocol::Http,
+                };
+                Some(Registration {
+                    instance: Instance {
+                        id: r.instance_id.clone(),
+                        service: r.service.clone(),
+                        address: address.ip(),
+                        port: address.port(),
+                        protocol,
+                        labels: r.labels.clone(),
+                        health: Health::Unknown,
+                    },
+                    ttl: Some(control.lease_ttl),
+                })
+            }
+            None => None,
+        };
+        let endpoint = Endpoint::from_shared(
+            control
+                .endpoint()
+                .map_err(|why| anyhow::anyhow!("control.url {:?}: {why}", control.url))?,
+        )?
+        .connect_timeout(control.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the discovery runtime")?;
+        let (deregister_tx, deregister_rx) = mpsc::unbounded_channel();
+        let deregister = registration.is_some().then_some(deregister_tx);
+        let thread = thread::Builder::new()
+            .name("malla-discovery".into())
+            .spawn(move || {
+                runtime.block_on(run(
+                    shared,
+                    status,
+                    control,
+                    endpoint,
+                    registration,
+                    deregister_rx,
+                ))
+            })?;
+        Ok(Some(Discovery { deregister, thread }))
+    }
+
+    /// Deregisters this proxy's instance, waiting at most `timeout`; a no-op when it does
+    /// not register.
+    pub(crate) fn deregister(&self, timeout: Duration) {
+        let Some(tx) = &self.deregister else { return };
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        if tx.send(done_tx).is_ok() && done_rx.recv_timeout(timeout).is_err() {
+            warn!(
+                ?timeout,
+                "deregistration did not finish in time; the lease will expire by itself"
+            );
+        }
+    }
+
+    /// Waits for the thread (it ends once the proxy has stopped).
+    pub(crate) fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    status: Arc<DiscoveryStatus>,
+    control: ControlPlaneConfig,
+    endpoint: Endpoint,
+    registration: Option<Registration>,
+    deregister: mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>,
+) {
+    // One HTTP/2 connection, made lazily and remade after it breaks, carries every call.
+    let client = RegistryClient::new(endpoint.connect_lazy());
+    info!(url = %control.url, upstreams = status.watches.len(), registers = registration.is_some(), "following the control plane");
+    let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(registration), Some(reg_status)) = (registration, status.registration.clone()) {
+        tasks.spawn(registration::run(
+            client.clone(),
+            registration,
+            reg_status,
+            deregister,
+        ));
+    }
+    for (name, watch_status) in &status.watches {
+        let Some(upstream) = shared.upstreams.get(name).cloned() else {
+            continue;
+        };
+        tasks.spawn(watch::run(client.clone(), upstream, watch_status.clone()));
+    }
+    let mut stopped = shared.stopped_signal();
+    let _ = stopped.wait_for(|s| *s).await;
+    tasks.shutdown().await;
+}

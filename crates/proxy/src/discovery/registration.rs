@@ -1,0 +1,155 @@
+//! Keeping this proxy's instance in the registry: register, heartbeat every TTL/3,
+//! register again when the lease is lost, deregister on drain.
+
+use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use malla_api::{pb, Registration, RegistryClient};
+use tokio::{sync::mpsc, time::timeout};
+use tonic::{transport::Channel, Code};
+use tracing::{debug, info, warn};
+
+use super::{backoff::Backoff, set_error, RegistrationStatus, RETRY_BASE, RETRY_MAX, RPC_TIMEOUT};
+
+type Deregister = mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>;
+
+/// A unary call under [`RPC_TIMEOUT`], its failure as text.
+async fn call<T>(
+    what: &str,
+    future: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, (Option<Code>, String)> {
+    match timeout(RPC_TIMEOUT, future).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err((
+            Some(status.code()),
+            format!("{what}: {:?}: {}", status.code(), status.message()),
+        )),
+        Err(_) => Err((None, format!("{what}: no answer within {RPC_TIMEOUT:?}"))),
+    }
+}
+
+pub(super) async fn run(
+    mut client: RegistryClient<Channel>,
+    registration: Registration,
+    status: Arc<RegistrationStatus>,
+    mut deregister: Deregister,
+) {
+    let request = pb::RegisterRequest::from(&registration);
+    let instance = &registration.instance;
+    let ttl = registration.ttl.unwrap_or(Duration::from_secs(10));
+    let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+    loop {
+        // Register, retrying until it works, or until the proxy drains.
+        let lease = loop {
+            let outcome = tokio::select! {
+                done = deregister.recv() => {
+                    finish(&mut client, &registration, &status, done).await;
+                    return;
+                }
+                outcome = call("register", client.register(request.clone())) => outcome,
+            };
+            match outcome {
+                Ok(registered) => break registered,
+                Err((code, error)) => {
+                    let wait = backoff.next_delay();
+                    // Bad input will not get better: say so loudly, and keep trying slowly
+                    // (an operator may fix the control plane's side).
+                    if code == Some(Code::InvalidArgument) {
+                        warn!(%error, "the control plane rejects this instance's registration");
+                    } else {
+                        debug!(%error, retry_in = ?wait, "registration failed; retrying");
+                    }
+                    set_error(&status.last_error, Some(error));
+                    tokio::select! {
+                        done = deregister.recv() => {
+                            finish(&mut client, &registration, &status, done).await;
+                            return;
+                        }
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+        status.lease.store(lease.lease, Ordering::Relaxed);
+        status.metrics.registered.set(1);
+        status.metrics.registrations.inc();
+        set_error(&status.last_error, None);
+        backoff.reset();
+        info!(service = %instance.service, id = %instance.id, address = %instance.socket_addr(), lease = lease.lease, ttl_seconds = lease.ttl_seconds, "registered");
+
+        // Heartbeats every third of the TTL; sooner retries (with backoff) when one fails.
+        let ttl = match lease.ttl_seconds {
+            0 => ttl,
+            s => Duration::from_secs(u64::from(s)),
+        };
+        let beat = ttl / 3;
+        let mut wait = beat;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                done = deregister.recv() => {
+                    finish(&mut client, &registration, &status, done).await;
+                    return;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match call(
+                "heartbeat",
+                client.heartbeat(pb::HeartbeatRequest { lease: lease.lease }),
+            )
+            .await
+            {
+                Ok(_) => {
+                    if failing {
+                        info!(lease = lease.lease, "heartbeats resumed");
+                        set_error(&status.last_error, None);
+                    }
+                    failing = false;
+                    wait = beat;
+                    backoff.reset();
+                }
+                Err((Some(Code::NotFound), error)) => {
+                    warn!(lease = lease.lease, %error, "the lease was lost (expired or revoked); registering again");
+                    set_error(&status.last_error, Some(error));
+                    status.lease.store(0, Ordering::Relaxed);
+                    status.metrics.registered.set(0);
+                    break;
+                }
+                Err((_, error)) => {
+                    wait = backoff.next_delay().min(beat);
+                    if !failing {
+                        warn!(%error, "heartbeat failed; the lease holds until its TTL runs out, retrying");
+                    }
+                    failing = true;
+                    set_error(&status.last_error, Some(error));
+                }
+            }
+        }
+    }
+}
+
+/// Deregisters (when asked to: `done` is `Some`) and acknowledges; stops heartbeating
+/// either way.
+async fn finish(
+    client: &mut RegistryClient<Channel>,
+    registration: &Registration,
+    status: &RegistrationStatus,
+    done: Option<std::sync::mpsc::SyncSender<()>>,
+) {
+    let Some(done) = done else { return };
+    let instance = &registration.instance;
+    let request = pb::DeregisterRequest {
+        service: instance.service.to_string(),
+        id: instance.id.clone(),
+    };
+    match call("deregister", client.deregister(request)).await {
+        Ok(_) | Err((Some(Code::NotFound), _)) => {
+            info!(service = %instance.service, id = %instance.id, "deregistered");
+        }
+        Err((_, error)) => {
+            warn!(%error, "deregistration failed; the lease will expire by itself");
+        }
+    }
+    status.lease.store(0, Ordering::Relaxed);
+    status.metrics.registered.set(0);
+    let _ = done.send(());
+}

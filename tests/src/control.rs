@@ -1,0 +1,229 @@
+//! The control plane under test: [`TestControl`] runs `malla_control::server::Control`
+//! in-process, its HTTP API and DNS on `127.0.0.1:0`, its store in a fresh temporary
+//! directory ([`TempDir`], removed when dropped), and offers a small JSON client for the API
+//! ([`api::Api`]). The gRPC API listens on `127.0.0.1:0` too ([`TestControl::grpc_addr`]).
+//!
+//! ```ignore
+//! let mut control = TestControl::start().await;
+//! control.api().register("orders", "o-1", &json!({"address": "127.0.0.1", "port": 8080})).await;
+//! control.restart().await; // same data directory, same HTTP address when it is free
+//! assert_eq!(control.api().instance_ids("orders", "").await, ["o-1"]);
+//! ```
+//!
+//! Stopping ([`TestControl::stop`]) stops the APIs and closes the store, so the same data
+//! directory can be opened again at once, by [`TestControl::start_again`] or by a real
+//! `malla control` process. Dropping a `TestControl` stops it without waiting.
+
+pub mod api;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use malla_control::{
+    registry::Registry,
+    server::{Control, ControlConfig, DnsSettings},
+    store::embedded::EmbeddedStore,
+};
+
+use self::api::Api;
+
+/// A directory under [`std::env::temp_dir`] with a name no other test (or test process)
+/// uses; it is removed, with everything in it, when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `TMP/malla-test-PREFIX-PID-N-NANOS`.
+    pub fn new(prefix: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "malla-test-{prefix}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running (or stopped, between [`stop`](TestControl::stop) and
+/// [`start_again`](TestControl::start_again)) control plane over one data directory.
+pub struct TestControl {
+    control: Option<Control>,
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    dns_addr: Option<SocketAddr>,
+    dns: bool,
+    // Declared last: dropped after the control plane.
+    dir: TempDir,
+}
+
+impl std::fmt::Debug for TestControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestControl")
+            .field("running", &self.control.is_some())
+            .field("http_addr", &self.http_addr)
+            .field("dns_addr", &self.dns_addr)
+            .field("dir", &self.dir.path)
+            .finish()
+    }
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl TestControl {
+    /// A control plane with the HTTP API and DNS on ephemeral loopback ports and an empty
+    /// store. Call from inside a tokio runtime (the control plane's tasks run on it).
+    pub async fn start() -> TestControl {
+        Self::start_in(TempDir::new("control"), true).await
+    }
+
+    /// The same without the DNS interface.
+    pub async fn start_without_dns() -> TestControl {
+        Self::start_in(TempDir::new("control"), false).await
+    }
+
+    /// A control plane over `dir` (which may hold the store of an earlier run).
+    pub async fn start_in(dir: TempDir, dns: bool) -> TestControl {
+        let mut control = TestControl {
+            control: None,
+            http_addr: any_port(),
+            grpc_addr: any_port(),
+            dns_addr: None,
+            dns,
+            dir,
+        };
+        control.start_again().await;
+        control
+    }
+
+    /// Starts the control plane again over the same data directory (after
+    /// [`stop`](Self::stop)); the HTTP API gets its previous address back when that is
+    /// free (it is on loopback, unless a test took it meanwhile), another one otherwise.
+    /// DNS gets a new port. A no-op when running.
+    pub async fn start_again(&mut self) {
+        if self.control.is_some() {
+            return;
+        }
+        let mut http_addr = self.http_addr;
+        let mut attempt = 0;
+        let control = loop {
+            attempt += 1;
+            let config = ControlConfig {
+                data_dir: self.dir.path.clone(),
+                http_addr,
+                grpc_addr: any_port(),
+                dns_addr: self.dns.then(any_port),
+                dns: DnsSettings::default(),
+            };
+            match Control::start(config).await {
+                Ok(control) => break control,
+                // The previous address may linger for a moment: retry, then take any.
+                Err(e) if http_addr.port() != 0 && attempt < 50 => {
+                    if attempt == 49 {
+                        tracing_hint(&e);
+                        http_addr = any_port();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!(
+                    "the control plane did not start over {}: {e:#}",
+                    self.dir.path.display()
+                ),
+            }
+        };
+        self.http_addr = control.http_addr;
+        self.grpc_addr = control.grpc_addr;
+        self.dns_addr = control.dns_addr;
+        self.control = Some(control);
+    }
+
+    /// Stops serving and closes the store (the data directory stays). A no-op when stopped.
+    pub async fn stop(&mut self) {
+        let Some(control) = self.control.take() else {
+            return;
+        };
+        let store = control.registry.store().clone();
+        crate::client::within("stopping the control plane", control.stop()).await;
+        crate::client::within("closing the store", store.close())
+            .await
+            .unwrap_or_else(|e| panic!("closing the store failed: {e}"));
+    }
+
+    /// [`stop`](Self::stop), then [`start_again`](Self::start_again).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.control.is_some()
+    }
+
+    /// A client for the HTTP API at its current address.
+    pub fn api(&self) -> Api {
+        Api::new(self.http_addr)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The gRPC API's address (new on every start).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The DNS interface's address (UDP and TCP); panics when started without DNS.
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr
+            .expect("this control plane was started without DNS")
+    }
+
+    /// The HTTP API's base URL, as the CLI's `--control` takes it.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// The running control plane's registry (in-process reads and watches).
+    pub fn registry(&self) -> &Arc<Registry<EmbeddedStore>> {
+        &self
+            .control
+            .as_ref()
+            .expect("the control plane is stopped")
+            .registry
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.dir.path
+    }
+}
+
+fn tracing_hint(e: &anyhow::Error) {
+    eprintln!("control plane: previous HTTP address unavailable ({e:#}); using a new port");
+}

@@ -1,0 +1,207 @@
+//! Register, list, get, deregister over the HTTP API; label selectors.
+
+use malla_control::store::Revision;
+use malla_tests::{
+    client::within,
+    control::{api::ids, TestControl},
+};
+use serde_json::json;
+
+use super::registration;
+
+fn revision(v: &serde_json::Value) -> Revision {
+    v["revision"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no revision in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_list_get_deregister() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+
+    assert_eq!(api.get("/live").await.status, 200);
+    let empty = api.get("/v1/services").await.ok();
+    assert_eq!(empty["services"], json!([]), "{empty}");
+
+    let first = api
+        .register(
+            "orders",
+            "o-1",
+            &json!({"address": "127.0.0.1", "port": 8081, "protocol": "grpc",
+                    "labels": {"env": "prod", "malla.dev/zone": "eu-1", "canary": ""}}),
+        )
+        .await;
+    assert!(first["lease"].as_u64().is_some(), "{first}");
+    assert_eq!(first["ttl_seconds"], 30, "the default lease: {first}");
+    let second = api
+        .register("orders", "o-2", &registration(8082, &[("env", "dev")]))
+        .await;
+    assert!(revision(&second) > revision(&first));
+    assert_ne!(
+        second["lease"], first["lease"],
+        "one lease per registration"
+    );
+
+    // Read-your-writes: every list below sees both.
+    let services = api.get("/v1/services").await.ok();
+    assert_eq!(
+        services["services"],
+        json!([{"name": "orders", "instances": 2, "serving": 2, "health_check": null}]),
+        "{services}"
+    );
+    assert!(revision(&services) >= revision(&second));
+
+    let service = api.get("/v1/services/orders").await.ok();
+    assert_eq!(service["name"], "orders");
+    assert_eq!(service["spec"], json!({}));
+    assert_eq!(
+        service["instances"][0],
+        json!({"id": "o-1", "service": "orders", "address": "127.0.0.1", "port": 8081,
+               "protocol": "grpc", "health": "unknown",
+               "labels": {"canary": "", "env": "prod", "malla.dev/zone": "eu-1"}}),
+        "{service}"
+    );
+    assert_eq!(service["instances"][1]["protocol"], "http", "the default");
+
+    let status = api.get("/v1/status").await.ok();
+    assert_eq!(status["services"], 1, "{status}");
+    assert_eq!(status["instances"], 2, "{status}");
+
+    // Registering again replaces the instance and frees its old lease.
+    let again = api
+        .register("orders", "o-1", &registration(9091, &[("env", "prod")]))
+        .await;
+    assert_ne!(again["lease"], first["lease"]);
+    let listed = api.instances("orders", "").await;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["port"], 9091);
+    assert_eq!(listed[0]["labels"], json!({"env": "prod"}));
+    let old = first["lease"].as_u64().unwrap();
+    api.keepalive(old).await.error(404, "lease_not_found");
+
+    // Deregistering removes at once; the service stays, empty.
+    let gone = api.deregister("orders", "o-1").await;
+    assert!(revision(&gone) > revision(&again));
+    assert_eq!(api.instance_ids("orders", "").await, ["o-2"]);
+    api.delete("/v1/services/orders/instances/o-1")
+        .await
+        .error(404, "not_found");
+    api.deregister("orders", "o-2").await;
+    let service = api.get("/v1/services/orders").await.ok();
+    assert_eq!(service["instances"], json!([]), "{service}");
+
+    // Deleting the service removes it (and would remove its instances).
+    api.register("orders", "o-3", &registration(8083, &[]))
+        .await;
+    api.delete("/v1/services/orders").await.ok();
+    api.get("/v1/services/orders").await.error(404, "not_found");
+    api.list("orders", "", "").await.error(404, "not_found");
+    assert_eq!(api.get("/v1/status").await.ok()["instances"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_specs() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let spec = json!({"health_check": {"kind": "tcp", "interval": 30, "timeout": 2}});
+    let put = api.put_service("billing", &spec).await;
+    // Defaults are filled in and echoed.
+    let expected = json!({"health_check": {"kind": "tcp", "interval": 30.0, "timeout": 2.0,
+                                           "healthy_threshold": 2, "unhealthy_threshold": 2}});
+    assert_eq!(put["spec"], expected, "{put}");
+    let got = api.get("/v1/services/billing").await.ok();
+    assert_eq!(got["spec"], expected);
+    assert_eq!(got["instances"], json!([]));
+    let listed = api.get("/v1/services").await.ok();
+    assert_eq!(listed["services"][0]["health_check"]["kind"], "tcp");
+    assert_eq!(listed["services"][0]["instances"], 0);
+
+    // A spec without a check replaces the check.
+    api.put_service("billing", &json!({})).await;
+    let got = api.get("/v1/services/billing").await.ok();
+    assert_eq!(got["spec"], json!({}), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selectors() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let instances: [(&str, &[(&str, &str)]); 6] = [
+        ("a", &[("env", "prod"), ("zone", "eu-1"), ("canary", "")]),
+        ("b", &[("env", "prod"), ("zone", "eu-2")]),
+        ("c", &[("env", "dev"), ("zone", "eu-1")]),
+        ("d", &[("env", "staging")]),
+        ("e", &[]),
+        ("f", &[("malla.dev/tier", "gold"), ("zone", "us-1")]),
+    ];
+    for (port, (id, labels)) in (9001..).zip(instances) {
+        api.register("shop", id, &registration(port, labels)).await;
+    }
+
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("", &["a", "b", "c", "d", "e", "f"], ""),
+        ("env=prod", &["a", "b"], "env=prod"),
+        ("env==prod", &["a", "b"], "env=prod"),
+        ("env!=prod", &["c", "d", "e", "f"], "env!=prod"),
+        (
+            "zone in (eu-1,eu-2)",
+            &["a", "b", "c"],
+            "zone in (eu-1,eu-2)",
+        ),
+        ("zone in (eu-2)", &["b"], "zone in (eu-2)"),
+        (
+            "zone notin (eu-1)",
+            &["b", "d", "e", "f"],
+            "zone notin (eu-1)",
+        ),
+        (
+            "zone notin (eu-1, us-1)",
+            &["b", "d", "e"],
+            "zone notin (eu-1,us-1)",
+        ),
+        ("canary", &["a"], "canary"),
+        ("!canary", &["b", "c", "d", "e", "f"], "!canary"),
+        ("zone", &["a", "b", "c", "f"], "zone"),
+        ("!zone", &["d", "e"], "!zone"),
+        ("env=prod,zone=eu-1", &["a"], "env=prod,zone=eu-1"),
+        (
+            "env in (dev, staging), !canary",
+            &["c", "d"],
+            "env in (dev,staging),!canary",
+        ),
+        ("malla.dev/tier=gold", &["f"], "malla.dev/tier=gold"),
+        ("env=nope", &[], "env=nope"),
+    ];
+    for (selector, want, canonical) in cases {
+        let reply = api.list("shop", selector, "").await;
+        let answer = reply.clone().ok();
+        assert_eq!(ids(&answer), *want, "selector {selector:?}: {reply}");
+        assert_eq!(answer["selector"], *canonical, "selector {selector:?}");
+    }
+
+    // `serving=true` keeps instances that are not unhealthy: here all (no check).
+    let serving = api.list("shop", "env=prod", "serving=true").await.ok();
+    assert_eq!(ids(&serving), ["a", "b"]);
+    let all = api.list("shop", "", "serving=false").await.ok();
+    assert_eq!(ids(&all).len(), 6);
+}
+
+/// A watcher of the registry learns of every registration and deregistration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_see_changes() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let (view, mut changes) = control.registry().subscribe();
+    assert_eq!(view.instance_count(), 0);
+    api.register("orders", "o-1", &registration(8081, &[]))
+        .await;
+    api.deregister("orders", "o-1").await;
+    let added = within("a registry change", changes.recv()).await.unwrap();
+    assert_eq!(added.service.as_str(), "orders");
+    assert!(added.before.is_none());
+    assert_eq!(added.after.as_ref().map(|i| i.id.as_str()), Some("o-1"));
+    let removed = within("a registry change", changes.recv()).await.unwrap();
+    assert!(removed.after.is_none());
+    assert!(removed.revision > added.revision);
+}
