@@ -1,10 +1,12 @@
 //! `malla demo`: what already works, in one command and with nothing to install.
 //!
-//! Starts three instances of a demo `shipping-quote` service (the third one slow) and a
-//! sidecar proxy in front of them, sends traffic through the sidecar over HTTP/1.1 and
-//! HTTP/2, and prints where it went: P2C over peak-EWMA steers away from the slow instance
-//! without being told. Then it keeps the mesh running for `curl` until Ctrl-C (or exits at
-//! once with `--exit`).
+//! Starts a control plane (embedded store in a temporary directory), three instances of a
+//! demo `shipping-quote` service registered in it (the third one slow), and a sidecar that
+//! discovers them through the control plane's watch API. It sends traffic through the
+//! sidecar over HTTP/1.1 and HTTP/2 and prints where it went (P2C over peak-EWMA steers
+//! away from the slow instance without being told), then deregisters the slow instance and
+//! registers a new one, and shows the traffic follow. Then it keeps the mesh running for
+//! `curl`, the CLI and `dig` until Ctrl-C (or exits at once with `--exit`).
 
 use std::{
     convert::Infallible,
@@ -22,14 +24,28 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use malla_control::{
+    registry::Registration,
+    server::{Control, ControlConfig, DnsSettings},
+};
+use malla_core::{InstanceProtocol, Labels, ServiceName};
 use malla_proxy::{
-    config::{AdminConfig, ListenerProtocol, OutboundConfig, UpstreamConfig},
+    config::{AdminConfig, ControlPlaneConfig, ListenerProtocol, OutboundConfig, UpstreamConfig},
     ProxyConfig,
 };
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
+    /// The control plane's HTTP API (what `malla services` talks to).
+    #[arg(long, default_value = "127.0.0.1:7780")]
+    control_http: SocketAddr,
+    /// The control plane's gRPC API (what the sidecar watches).
+    #[arg(long, default_value = "127.0.0.1:7781")]
+    control_grpc: SocketAddr,
+    /// The control plane's DNS.
+    #[arg(long, default_value = "127.0.0.1:7753")]
+    dns: SocketAddr,
     /// Where the sidecar's outbound listener for `shipping-quote` listens.
     #[arg(long, default_value = "127.0.0.1:4140")]
     listen: SocketAddr,
@@ -63,23 +79,46 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    println!("malla demo: three instances of shipping-quote behind one sidecar\n");
+    println!("malla demo: a control plane, three instances of shipping-quote, one sidecar\n");
+    let data_dir = std::env::temp_dir().join(format!("malla-demo-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(data_dir.clone());
+    let control = Control::start(ControlConfig {
+        data_dir: data_dir.clone(),
+        http_addr: args.control_http,
+        grpc_addr: args.control_grpc,
+        dns_addr: Some(args.dns),
+        dns: DnsSettings::default(),
+    })
+    .await
+    .context("cannot start the control plane; pick other ports with --control-http, --control-grpc and --dns")?;
+    let dns = control.dns_addr.context("DNS address")?;
+    println!(
+        "  control plane   http://{}  (malla services, malla instances)",
+        control.http_addr
+    );
+    println!(
+        "                  grpc://{}  (sidecars)   dns {dns}",
+        control.grpc_addr
+    );
+
     let mut instances = Vec::new();
-    for (name, delay) in [
-        ("quote-a", 0),
-        ("quote-b", 0),
-        ("quote-c (slow)", args.slow_ms),
+    for (name, zone, delay) in [
+        ("quote-a", "eu-1", 0),
+        ("quote-b", "eu-2", 0),
+        ("quote-c", "eu-1", args.slow_ms),
     ] {
-        instances.push(start_instance(name, Duration::from_millis(delay)).await?);
-    }
-    for i in &instances {
-        println!("  instance {:<15} http://{}", i.name, i.addr);
+        let instance = start_instance(name, Duration::from_millis(delay)).await?;
+        register(&control, &instance, zone).await?;
+        let slow = if delay > 0 { "  (slow)" } else { "" };
+        println!(
+            "  instance        {:<8} http://{}  zone={zone}{slow}",
+            instance.name, instance.addr
+        );
+        instances.push(instance);
     }
 
-    let mut upstream = UpstreamConfig::new(
-        "shipping-quote",
-        instances.iter().map(|i| i.addr.to_string()).collect(),
-    );
+    // The sidecar knows no endpoint: it learns them from the control plane.
+    let mut upstream = UpstreamConfig::new("shipping-quote", Vec::new());
     upstream.connect_timeout = Duration::from_millis(500);
     let config = ProxyConfig {
         workers: 1,
@@ -90,6 +129,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             protocol: ListenerProtocol::Auto,
         }],
         admin: Some(AdminConfig { listen: args.admin }),
+        control: Some(ControlPlaneConfig::new(format!(
+            "http://{}",
+            control.grpc_addr
+        ))),
         ..ProxyConfig::default()
     };
     let proxy = malla_proxy::start(config).with_context(|| {
@@ -100,8 +143,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     })?;
     let sidecar = proxy.bound().outbound[0];
     let admin = proxy.bound().admin.context("admin listener")?;
-    println!("  sidecar  outbound        http://{sidecar}  (HTTP/1.1, HTTP/2, TCP: detected)");
-    println!("  sidecar  admin           http://{admin}/metrics  /config  /ready\n");
+    println!("  sidecar         http://{sidecar}  (HTTP/1.1, HTTP/2, TCP: detected)");
+    println!("  sidecar admin   http://{admin}/metrics  /config  /ready\n");
+    let upstream = proxy
+        .upstream("shipping-quote")
+        .context("the demo upstream")?;
+    let started = Instant::now();
+    wait_for(|| upstream.endpoints().len() == instances.len()).await?;
+    println!(
+        "The sidecar discovered {} endpoints through the control plane in {:.0} ms.\n",
+        instances.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     for h2 in [false, true] {
         let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
@@ -116,34 +169,124 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             "{proto}: {ok} ok, {failed} failed, {:.0} req/s through the sidecar (16 concurrent)",
             ok as f64 / elapsed.as_secs_f64()
         );
-        for (i, b) in instances.iter().zip(before) {
-            let n = i.served.load(Ordering::Relaxed) - b;
-            println!(
-                "  {:<15} {:>6} requests  {:>5.1}%  {}",
-                i.name,
-                n,
-                100.0 * n as f64 / ok.max(1) as f64,
-                "#".repeat((40 * n / ok.max(1)) as usize)
-            );
-        }
-        println!();
+        report(&instances, &before, ok);
     }
     println!(
         "P2C over peak-EWMA latency sends little to the slow instance: no configuration needed.\n"
     );
+
+    // Take the slow instance out and bring a new one in: the sidecar follows the registry.
+    control
+        .registry
+        .deregister(&service_name()?, "quote-c")
+        .await
+        .context("deregister quote-c")?;
+    let d = start_instance("quote-d", Duration::ZERO).await?;
+    let registered = Instant::now();
+    register(&control, &d, "eu-2").await?;
+    let (gone, new) = (instances[2].addr, d.addr);
+    wait_for(|| {
+        let endpoints = upstream.endpoints();
+        endpoints.iter().any(|e| e.addr == new) && endpoints.iter().all(|e| e.addr != gone)
+    })
+    .await?;
+    println!(
+        "Deregistered quote-c and registered quote-d: the sidecar had the change {:.0} ms later.",
+        registered.elapsed().as_secs_f64() * 1e3
+    );
+    instances[2] = d;
+    let before: Vec<u64> = instances
+        .iter()
+        .map(|i| i.served.load(Ordering::Relaxed))
+        .collect();
+    let (ok, failed) = send_traffic(sidecar, args.requests, false).await;
+    println!("HTTP/1.1: {ok} ok, {failed} failed");
+    report(&instances, &before, ok);
+
     if args.exit {
         proxy.shutdown().await;
+        control.stop().await;
         return Ok(());
     }
+    let ctl = control.http_addr;
     println!("The mesh keeps running. Try:");
     println!("  curl -i http://{sidecar}/quote");
     println!("  curl --http2-prior-knowledge -i http://{sidecar}/quote");
+    println!("  malla services --control http://{ctl}");
+    println!("  malla instances shipping-quote --selector zone=eu-2 --control http://{ctl}");
+    println!(
+        "  dig @{} -p {} +short eu-2.zone.shipping-quote.svc.malla",
+        dns.ip(),
+        dns.port()
+    );
     println!("  curl -s http://{admin}/metrics | grep malla_proxy_responses_total");
     println!("Ctrl-C stops it.");
     tokio::signal::ctrl_c().await?;
     println!("\ndraining...");
     proxy.shutdown().await;
+    control.stop().await;
     Ok(())
+}
+
+fn service_name() -> anyhow::Result<ServiceName> {
+    Ok(ServiceName::new("shipping-quote")?)
+}
+
+/// Registers a demo instance with a lease long enough for a demo session.
+async fn register(control: &Control, instance: &Instance, zone: &str) -> anyhow::Result<()> {
+    let mut labels = Labels::new();
+    labels.insert("zone", zone)?;
+    labels.insert("env", "demo")?;
+    control
+        .registry
+        .register(
+            &service_name()?,
+            instance.name,
+            Registration {
+                address: instance.addr.ip(),
+                port: instance.addr.port(),
+                protocol: InstanceProtocol::Http,
+                labels,
+                ttl_seconds: Some(3600),
+            },
+        )
+        .await
+        .with_context(|| format!("register {}", instance.name))?;
+    Ok(())
+}
+
+/// Polls `done` every 10 ms for at most 5 s.
+async fn wait_for(mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    for _ in 0..500 {
+        if done() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("the sidecar did not catch up with the control plane within 5 s")
+}
+
+fn report(instances: &[Instance], before: &[u64], ok: u64) {
+    for (i, b) in instances.iter().zip(before) {
+        let n = i.served.load(Ordering::Relaxed) - b;
+        println!(
+            "  {:<15} {:>6} requests  {:>5.1}%  {}",
+            i.name,
+            n,
+            100.0 * n as f64 / ok.max(1) as f64,
+            "#".repeat((40 * n / ok.max(1)) as usize)
+        );
+    }
+    println!();
+}
+
+/// Removes the demo's data directory when the demo ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<Instance> {
