@@ -1,7 +1,9 @@
 //! The registry's in-memory view, rebuilt from store events.
 //!
-//! Each service's state sits behind its own `Arc`, so applying an event copies the map of
-//! services (pointers) and the one service it touches, never the whole registry.
+//! Each service's state sits behind its own `Arc` and keeps its instances in a persistent
+//! ordered map (`imbl`), so applying an event costs O(log n) in the service it touches
+//! instead of a copy of every instance: registering the 10,000th instance of a service is
+//! as cheap as the first.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -22,7 +24,7 @@ pub struct ServiceState {
     pub spec: ServiceSpec,
     /// Whether the service key exists (a service can also appear through instances only).
     pub defined: bool,
-    pub instances: BTreeMap<String, Instance>,
+    pub instances: imbl::OrdMap<String, Instance>,
 }
 
 /// One applied change to an instance.
