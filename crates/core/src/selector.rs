@@ -198,7 +198,17 @@ impl Parser<'_> {
         }
         let mut values = Vec::new();
         loop {
-            values.push(self.value(key)?);
+            self.skip_ws();
+            let at = self.pos;
+            let value = self.value(key)?;
+            if value.is_empty() {
+                // `zone in ()` and `zone in (a,,b)` are mistakes, not sets with "".
+                return Err(SelectorError {
+                    pos: at,
+                    ..self.error("expected a value in the set (sets cannot be empty)")
+                });
+            }
+            values.push(value);
             self.skip_ws();
             if self.eat(")") {
                 return Ok(values);
@@ -310,6 +320,9 @@ mod tests {
         assert!(e.message.contains("',' or ')'"), "{e}");
         let e = Selector::parse("env=prod zone=a").unwrap_err();
         assert!(e.message.contains("between requirements"), "{e}");
+        let e = Selector::parse("zone in ()").unwrap_err();
+        assert!(e.message.contains("cannot be empty"), "{e}");
+        assert!(Selector::parse("zone in (a,,b)").is_err());
         let e = Selector::parse("env=not ok!").unwrap_err();
         assert!(e.to_string().contains("position"), "{e}");
         assert!(Selector::parse("-bad=x").is_err());

@@ -59,7 +59,17 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/ready" => match shared.discovery.as_deref().map(|d| d.unsynced()) {
+            Some(waiting) if !waiting.is_empty() => Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(Body::from(format!(
+                    "waiting for the control plane's first endpoints of: {}\n",
+                    waiting.join(", ")
+                )))
+                .unwrap_or_default(),
+            _ => text(StatusCode::OK, "ready\n"),
+        },
         "/metrics" => Response::builder()
             .header(
                 header::CONTENT_TYPE,

@@ -40,7 +40,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
     thread,
@@ -99,6 +99,8 @@ pub(crate) struct WatchStatus {
     target: WatchTarget,
     instances: AtomicUsize,
     serving: AtomicUsize,
+    /// Set by the first snapshot: until then the upstream has no endpoints to offer.
+    synced: AtomicBool,
     last_error: Mutex<Option<String>>,
     metrics: DiscoveryMetrics,
 }
@@ -153,6 +155,7 @@ impl DiscoveryStatus {
                     target,
                     instances: AtomicUsize::new(0),
                     serving: AtomicUsize::new(0),
+                    synced: AtomicBool::new(false),
                     last_error: Mutex::new(None),
                     metrics: metrics.discovery(&u.name),
                 }),
@@ -163,6 +166,18 @@ impl DiscoveryStatus {
             registration,
             watches,
         }))
+    }
+
+    /// Upstreams still waiting for their first snapshot from the control plane. A sidecar
+    /// is not ready before it knows where to send traffic (as Envoy-based sidecars wait
+    /// for their first configuration); afterwards it stays ready on its last known
+    /// endpoints even if the control plane goes away.
+    pub fn unsynced(&self) -> Vec<&str> {
+        self.watches
+            .iter()
+            .filter(|(_, w)| !w.synced.load(Ordering::Acquire))
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     /// The `control` part of `/config`.

@@ -166,6 +166,8 @@ async fn endpoints_follow_registrations_deregistrations_and_health() {
         endpoint_count(&proxy) == 2,
         "the proxy never discovered a and b"
     );
+    // Ready once the first snapshot arrived.
+    assert_eventually!(admin::status(proxy.admin(), "/ready").await == 200);
     let out = proxy.outbound();
     send(out, 20).await;
     assert!(a.state().requests() > 0 && b.state().requests() > 0);
@@ -504,9 +506,16 @@ async fn an_unreachable_control_plane_is_retried_and_reported() {
             .is_some_and(|e| e.contains("Unavailable")),
         "no error reported"
     );
-    // Requests meanwhile get the proxy's own answer (no endpoints), not a hang.
+    // Requests meanwhile get the proxy's own answer (no endpoints), not a hang, and the
+    // sidecar does not claim to be ready before it knows any endpoint.
     let err = request(proxy.outbound()).await.unwrap_err().to_string();
     assert!(err.contains("503"), "{err}");
+    let (status, body) = admin::get(proxy.admin(), "/ready").await.unwrap();
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("waiting for the control plane's first endpoints of: echo"),
+        "{body}"
+    );
     proxy.stop().await;
 }
 

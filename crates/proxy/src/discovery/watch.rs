@@ -77,6 +77,7 @@ impl Known {
             .revision
             .set(i64::try_from(revision).unwrap_or(i64::MAX));
         status.metrics.last_update.touch();
+        status.synced.store(true, Ordering::Release);
         if addrs != self.applied {
             upstream.set_endpoints(&addrs);
             info!(upstream = %upstream.name(), revision, instances = self.instances.len(), serving = addrs.len(), "endpoints updated from the control plane");
@@ -211,10 +212,12 @@ mod tests {
             },
             instances: Default::default(),
             serving: Default::default(),
+            synced: Default::default(),
             last_error: Default::default(),
             metrics: metrics.discovery("svc"),
         };
         let mut known = Known::default();
+        assert!(!status.synced.load(Ordering::Acquire));
         known.apply(
             WatchEvent::Snapshot {
                 revision: 3,
@@ -231,6 +234,10 @@ mod tests {
         assert_eq!(status.instances.load(Ordering::Relaxed), 3);
         assert_eq!(status.serving.load(Ordering::Relaxed), 2);
         assert_eq!(status.metrics.revision.get(), 3);
+        assert!(
+            status.synced.load(Ordering::Acquire),
+            "a snapshot makes the upstream ready"
+        );
 
         known.apply(
             WatchEvent::Update {
