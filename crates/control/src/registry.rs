@@ -323,7 +323,7 @@ impl<S: Store + Clone> Registry<S> {
         &self,
         service: &ServiceName,
         selector: &Selector,
-    ) -> Option<(Revision, Vec<Instance>)> {
+    ) -> Option<(Revision, Vec<Arc<Instance>>)> {
         let view = self.view();
         let state = view.services.get(service)?;
         Some((

@@ -168,7 +168,7 @@ impl Drop for Control {
 struct RegistryCatalog<S>(Arc<Registry<S>>);
 
 impl<S: Store + Clone> Catalog for RegistryCatalog<S> {
-    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Instance>> {
+    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Arc<Instance>>> {
         self.0.instances(service, selector).map(|(_, instances)| {
             instances
                 .into_iter()

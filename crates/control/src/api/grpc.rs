@@ -252,7 +252,7 @@ impl WatchState {
                     .instances
                     .values()
                     .filter(|i| self.target.selector.matches(&i.labels))
-                    .map(|i| (i.id.clone(), i.clone()))
+                    .map(|i| (i.id.clone(), Instance::clone(i)))
                     .collect()
             })
             .unwrap_or_default();

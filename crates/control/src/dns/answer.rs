@@ -187,7 +187,11 @@ impl Zone {
                 (service, instances, srv_form)
             }
         };
-        let mut serving: Vec<&Instance> = instances.iter().filter(|i| i.health.serving()).collect();
+        let mut serving: Vec<&Instance> = instances
+            .iter()
+            .map(|i| &**i)
+            .filter(|i| i.health.serving())
+            .collect();
         if !serving.is_empty() {
             let n = serving.len();
             serving.rotate_left(usize::from(id) % n);

@@ -1,6 +1,6 @@
 //! An in-memory [`Catalog`] and the fixture the DNS tests answer from.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
 
@@ -12,11 +12,11 @@ pub(super) struct FakeCatalog {
 }
 
 impl Catalog for FakeCatalog {
-    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Instance>> {
+    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Arc<Instance>>> {
         self.services.get(service).map(|all| {
             all.iter()
                 .filter(|i| selector.matches(&i.labels))
-                .cloned()
+                .map(|i| Arc::new(i.clone()))
                 .collect()
         })
     }

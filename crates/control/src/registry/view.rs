@@ -24,7 +24,8 @@ pub struct ServiceState {
     pub spec: ServiceSpec,
     /// Whether the service key exists (a service can also appear through instances only).
     pub defined: bool,
-    pub instances: imbl::OrdMap<String, Instance>,
+    /// Shared, so readers (DNS, snapshots) hand out pointers instead of copies.
+    pub instances: imbl::OrdMap<String, Arc<Instance>>,
 }
 
 /// One applied change to an instance.
@@ -88,7 +89,10 @@ impl View {
             Key::Instance(service, id) => {
                 let instance: Instance = serde_json::from_slice(value)?;
                 let state = Arc::make_mut(self.services.entry(service.clone()).or_default());
-                let before = state.instances.insert(id.to_string(), instance.clone());
+                let before = state
+                    .instances
+                    .insert(id.to_string(), Arc::new(instance.clone()))
+                    .map(Arc::unwrap_or_clone);
                 Ok(Some(Change {
                     revision: self.revision,
                     service,
@@ -116,7 +120,7 @@ impl View {
             Key::Instance(service, id) => {
                 let state = self.services.get_mut(&service)?;
                 let s = Arc::make_mut(state);
-                let before = s.instances.remove(id)?;
+                let before = Arc::unwrap_or_clone(s.instances.remove(id)?);
                 if s.instances.is_empty() && !s.defined {
                     self.services.remove(&service);
                 }

@@ -566,7 +566,8 @@ fn queued_changes_coalesce_into_one_update() {
     });
     let mut view = View::new(5);
     let mut svc = crate::registry::ServiceState::default();
-    svc.instances.insert("a".into(), instance("a", "prod"));
+    svc.instances
+        .insert("a".into(), std::sync::Arc::new(instance("a", "prod")));
     view.services
         .insert(ServiceName::new("svc").unwrap(), std::sync::Arc::new(svc));
     state.snapshot(&view);
