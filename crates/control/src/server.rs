@@ -64,6 +64,11 @@ pub struct Control {
 
 impl Control {
     pub async fn start(config: ControlConfig) -> anyhow::Result<Control> {
+        // A port in use must fail before the store is opened (and its file locked), so that
+        // a retry with another port finds the data directory free.
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (--http-addr)", config.http_addr))?;
         let store = EmbeddedStore::open(&config.data_dir)
             .await
             .with_context(|| {
@@ -73,13 +78,59 @@ impl Control {
                 )
             })?;
         let registry = Arc::new(Registry::open(store).await?);
-        let health = HealthChecker::start(registry.clone());
+        let started = Self::serve(&config, registry.clone(), listener).await;
+        if started.is_err() {
+            // Release the store at once, not when the last handle happens to drop.
+            registry.stop_following();
+            if let Err(e) = registry.store().close().await {
+                tracing::warn!(error = %e, "closing the store");
+            }
+        }
+        started
+    }
 
-        let listener = TcpListener::bind(config.http_addr)
-            .await
-            .with_context(|| format!("cannot listen on {} (--http-addr)", config.http_addr))?;
-        let http_addr = listener.local_addr()?;
+    /// Starts every API over an open registry; fallible steps come first so that a
+    /// failure leaves nothing running.
+    async fn serve(
+        config: &ControlConfig,
+        registry: Arc<Registry<EmbeddedStore>>,
+        listener: TcpListener,
+    ) -> anyhow::Result<Control> {
         let (stop, mut stopped) = watch::channel(false);
+        let (grpc_addr, grpc) =
+            api::grpc::bind(config.grpc_addr, registry.clone(), stop.subscribe())
+                .await
+                .with_context(|| format!("cannot listen on {} (--grpc-addr)", config.grpc_addr))?;
+        info!(addr = %grpc_addr, "gRPC API listening");
+
+        let dns = match config.dns_addr {
+            Some(addr) => {
+                let catalog: Arc<dyn Catalog> = Arc::new(RegistryCatalog(registry.clone()));
+                let started = DnsServer::start(
+                    DnsConfig {
+                        addr,
+                        domain: config.dns.domain.clone(),
+                        ttl: config.dns.ttl,
+                    },
+                    catalog,
+                )
+                .await;
+                match started {
+                    Ok(server) => {
+                        info!(addr = %server.local_addr(), "DNS listening");
+                        Some(server)
+                    }
+                    Err(e) => {
+                        stop.send_replace(true);
+                        grpc.abort();
+                        return Err(e.context(format!("cannot serve DNS on {addr} (--dns-addr)")));
+                    }
+                }
+            }
+            None => None,
+        };
+
+        let http_addr = listener.local_addr()?;
         let app = api::http::router(registry.clone());
         let http = tokio::spawn(async move {
             let shutdown = async move {
@@ -93,31 +144,8 @@ impl Control {
             }
         });
         info!(addr = %http_addr, "HTTP API listening");
+        let health = HealthChecker::start(registry.clone());
 
-        let (grpc_addr, grpc) =
-            api::grpc::bind(config.grpc_addr, registry.clone(), stop.subscribe())
-                .await
-                .with_context(|| format!("cannot listen on {} (--grpc-addr)", config.grpc_addr))?;
-        info!(addr = %grpc_addr, "gRPC API listening");
-
-        let dns = match config.dns_addr {
-            Some(addr) => {
-                let catalog: Arc<dyn Catalog> = Arc::new(RegistryCatalog(registry.clone()));
-                let server = DnsServer::start(
-                    DnsConfig {
-                        addr,
-                        domain: config.dns.domain.clone(),
-                        ttl: config.dns.ttl,
-                    },
-                    catalog,
-                )
-                .await
-                .with_context(|| format!("cannot serve DNS on {addr} (--dns-addr)"))?;
-                info!(addr = %server.local_addr(), "DNS listening");
-                Some(server)
-            }
-            None => None,
-        };
         Ok(Control {
             dns_addr: dns.as_ref().map(|d| d.local_addr()),
             registry,
@@ -175,5 +203,43 @@ impl<S: Store + Clone> Catalog for RegistryCatalog<S> {
                 .filter(|i| i.health.serving())
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, dns_addr: SocketAddr) -> ControlConfig {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        ControlConfig {
+            data_dir: dir.to_path_buf(),
+            http_addr: any,
+            grpc_addr: any,
+            dns_addr: Some(dns_addr),
+            dns: DnsSettings::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_start_leaves_the_data_directory_free_for_a_retry() {
+        let dir = std::env::temp_dir().join(format!(
+            "malla-server-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        // DNS cannot bind a port that a UDP socket already holds.
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = Control::start(config(&dir, taken.local_addr().unwrap()))
+            .await
+            .err()
+            .expect("the DNS port is taken");
+        assert!(format!("{err:#}").contains("--dns-addr"), "{err:#}");
+        // At once, the same directory opens.
+        let control = Control::start(config(&dir, "127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        control.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
