@@ -7,6 +7,7 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
+use malla_core::service::is_dns_label;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of one `malla proxy` process.
@@ -408,7 +409,7 @@ impl ProxyConfig {
         let mut problems = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
-            if !valid_name(&u.name) {
+            if !is_dns_label(&u.name) {
                 problems.push(format!(
                     "upstream[{i}].name {:?}: use 1-63 lowercase letters, digits and '-', starting with a letter",
                     u.name
@@ -490,7 +491,7 @@ impl ProxyConfig {
 /// The discovery keys of `upstream[i]`.
 fn check_discovery(i: usize, u: &UpstreamConfig, control: bool, problems: &mut Vec<String>) {
     if let Some(service) = &u.service {
-        if !valid_name(service) {
+        if !is_dns_label(service) {
             problems.push(format!(
                 "upstream[{i}].service {service:?}: use 1-63 lowercase letters, digits and '-', starting with a letter"
             ));
@@ -572,7 +573,7 @@ fn check_control(
         }
         return;
     };
-    if !valid_name(service) {
+    if !is_dns_label(service) {
         problems.push(format!(
             "control.service {service:?}: use 1-63 lowercase letters, digits and '-', starting with a letter"
         ));
@@ -599,17 +600,6 @@ fn check_control(
                 .to_string(),
         ),
     }
-}
-
-/// Service and upstream names: DNS-label shaped, so they can appear in hosts and metrics.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && !name.ends_with('-')
 }
 
 fn check_host_port(s: &str) -> Result<(), &'static str> {
@@ -889,12 +879,12 @@ mod tests {
 
     #[test]
     fn names_are_dns_labels() {
-        assert!(valid_name("shipping-quote"));
-        assert!(valid_name("a1"));
-        assert!(!valid_name(""));
-        assert!(!valid_name("1a"));
-        assert!(!valid_name("a-"));
-        assert!(!valid_name("A"));
-        assert!(!valid_name(&"a".repeat(64)));
+        assert!(is_dns_label("shipping-quote"));
+        assert!(is_dns_label("a1"));
+        assert!(!is_dns_label(""));
+        assert!(!is_dns_label("1a"));
+        assert!(!is_dns_label("a-"));
+        assert!(!is_dns_label("A"));
+        assert!(!is_dns_label(&"a".repeat(64)));
     }
 }
