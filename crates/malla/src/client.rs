@@ -64,10 +64,15 @@ impl Client {
     }
 
     pub fn call(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        self.runtime.block_on(self.request(method, path, body))
+        self.block_on(self.request(method, path, body))
     }
 
-    async fn request(
+    /// Runs async work (several calls, signals) on the client's runtime.
+    pub fn block_on<F: std::future::Future>(&self, work: F) -> F::Output {
+        self.runtime.block_on(work)
+    }
+
+    pub async fn request(
         &self,
         method: Method,
         path: &str,

@@ -198,25 +198,25 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Heartbeats every third of the TTL until Ctrl-C.
+/// Heartbeats every third of the TTL until Ctrl-C, on the client's own runtime, with one
+/// Ctrl-C listener for the whole loop (so a Ctrl-C during a heartbeat is not missed).
 fn keep_alive(client: &Client, lease: u64, ttl: Duration) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let interval = (ttl / 3).max(Duration::from_millis(300));
     println!("sending heartbeats every {interval:?}; Ctrl-C deregisters");
-    loop {
-        let stop = runtime.block_on(async {
+    let path = format!("/v1/leases/{lease}/keepalive");
+    client.block_on(async {
+        let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+        let mut ticks = tokio::time::interval(interval);
+        ticks.tick().await; // the first tick is immediate; registration just renewed it
+        loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => true,
-                _ = tokio::time::sleep(interval) => false,
+                _ = &mut ctrl_c => return Ok(()),
+                _ = ticks.tick() => {
+                    client.request(http::Method::PUT, &path, Some(&json!({}))).await?;
+                }
             }
-        });
-        if stop {
-            return Ok(());
         }
-        client.put(&format!("/v1/leases/{lease}/keepalive"), &json!({}))?;
-    }
+    })
 }
 
 pub fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
