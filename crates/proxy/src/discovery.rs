@@ -298,10 +298,7 @@ impl Discovery {
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the discovery runtime")?;
+        let runtime = crate::server::thread_runtime("discovery")?;
         let (deregister_tx, deregister_rx) = mpsc::unbounded_channel();
         let deregister = registration.is_some().then_some(deregister_tx);
         let thread = thread::Builder::new()

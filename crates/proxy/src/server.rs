@@ -365,7 +365,7 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 
 /// A single-threaded runtime for one proxy thread, built before the thread starts so a
 /// failure is reported by [`start`].
-fn thread_runtime(what: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn thread_runtime(what: &str) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
