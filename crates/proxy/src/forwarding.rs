@@ -33,32 +33,44 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 pub const VIA_HTTP1: &str = "1.1 malla";
 pub const VIA_HTTP2: &str = "2 malla";
 
+/// The list-append rule of every forwarding field: `previous, ours`, or `ours` alone when
+/// the request carried nothing. Writes into `out` so the HTTP/1 path can use it without
+/// allocating.
+pub fn append_list(out: &mut Vec<u8>, previous: Option<&[u8]>, ours: &[u8]) {
+    if let Some(prev) = previous.filter(|p| !p.is_empty()) {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ours);
+}
+
+fn appended(previous: Option<&[u8]>, ours: &str) -> String {
+    let mut out = Vec::new();
+    append_list(&mut out, previous, ours.as_bytes());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `Forwarded` element naming `client` (RFC 7239 quotes IPv6 addresses).
+pub fn forwarded_element(client: IpAddr, proto: &str) -> String {
+    match client {
+        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    }
+}
+
 /// `X-Forwarded-For` with `client` appended to what the request carried.
 pub fn x_forwarded_for(existing: Option<&[u8]>, client: IpAddr) -> String {
-    match existing {
-        Some(prev) if !prev.is_empty() => format!("{}, {client}", String::from_utf8_lossy(prev)),
-        _ => client.to_string(),
-    }
+    appended(existing, &client.to_string())
 }
 
 /// An existing `Forwarded` with a `for=` element for `client` appended.
 pub fn forwarded(existing: &[u8], client: IpAddr, proto: &str) -> String {
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    format!(
-        "{}, for={node};proto={proto}",
-        String::from_utf8_lossy(existing)
-    )
+    appended(Some(existing), &forwarded_element(client, proto))
 }
 
 /// A `Via` value with this proxy appended.
 pub fn via(existing: Option<&[u8]>, ours: &str) -> String {
-    match existing {
-        Some(prev) if !prev.is_empty() => format!("{}, {ours}", String::from_utf8_lossy(prev)),
-        _ => ours.to_string(),
-    }
+    appended(existing, ours)
 }
 
 /// Whether a comma-separated field value (such as `Connection`) contains `token`.

@@ -300,13 +300,9 @@ pub struct ClientAddr {
 
 impl ClientAddr {
     pub fn new(ip: IpAddr) -> Self {
-        let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
         ClientAddr {
             text: ip.to_string(),
-            forwarded: format!("for={node};proto=http"),
+            forwarded: forwarding::forwarded_element(ip, "http"),
         }
     }
 }
@@ -315,11 +311,7 @@ impl ClientAddr {
 fn push_list_field(out: &mut Vec<u8>, name: &[u8], previous: Option<&[u8]>, ours: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    if let Some(prev) = previous.filter(|p| !p.is_empty()) {
-        out.extend_from_slice(prev);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(ours);
+    forwarding::append_list(out, previous, ours);
     out.extend_from_slice(b"\r\n");
 }
 
