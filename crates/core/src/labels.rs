@@ -107,7 +107,7 @@ fn is_dns_subdomain(s: &str) -> bool {
         })
 }
 
-pub(crate) fn validate_key(key: &str) -> Result<(), LabelError> {
+pub fn validate_key(key: &str) -> Result<(), LabelError> {
     let ok = match key.split_once('/') {
         Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
         None => is_label_name(key),

@@ -4,10 +4,13 @@
 //! label selectors. No I/O and no protocol types: the control plane's store, its APIs and
 //! the sidecars convert to and from these types at their edges.
 
+pub mod duration;
 pub mod labels;
+pub mod policy;
 pub mod selector;
 pub mod service;
 
 pub use labels::Labels;
+pub use policy::Policy;
 pub use selector::Selector;
 pub use service::{Health, Instance, InstanceProtocol, ServiceName};
