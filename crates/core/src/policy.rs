@@ -444,7 +444,10 @@ impl Policy {
         check(
             (0.0..=10.0).contains(&r.budget_ratio),
             "retries.budget_ratio",
-            format!("{} is not between 0 and 10 (0.2 lets retries add 20% to the load)", r.budget_ratio),
+            format!(
+                "{} is not between 0 and 10 (0.2 lets retries add 20% to the load)",
+                r.budget_ratio
+            ),
         );
         check(
             !r.budget_window.is_zero(),
@@ -474,12 +477,18 @@ impl Policy {
         check(
             o.success_rate.stdev_factor > 0.0,
             "outlier.success_rate.stdev_factor",
-            format!("{} must be above 0 (1.9 is usual)", o.success_rate.stdev_factor),
+            format!(
+                "{} must be above 0 (1.9 is usual)",
+                o.success_rate.stdev_factor
+            ),
         );
         check(
             o.latency.factor > 1.0,
             "outlier.latency.factor",
-            format!("{} must be above 1 (3 ejects endpoints three times slower than the median)", o.latency.factor),
+            format!(
+                "{} must be above 1 (3 ejects endpoints three times slower than the median)",
+                o.latency.factor
+            ),
         );
         for (i, limit) in self.rate_limits.iter().enumerate() {
             check(
@@ -523,7 +532,10 @@ impl Policy {
         check(
             f.overprovisioning_factor >= 1.0 && f.overprovisioning_factor <= 10.0,
             "failover.overprovisioning_factor",
-            format!("{} is not between 1 and 10 (1.4 is usual)", f.overprovisioning_factor),
+            format!(
+                "{} is not between 1 and 10 (1.4 is usual)",
+                f.overprovisioning_factor
+            ),
         );
         for (i, key) in f.locality.iter().enumerate() {
             check(
@@ -552,8 +564,14 @@ pub mod defaults {
         3
     }
     pub fn retry_on() -> Conditions {
-        Conditions::parse(&["connect-failure", "reset", "timeout", "5xx", "grpc-unavailable"])
-            .unwrap_or_default()
+        Conditions::parse(&[
+            "connect-failure",
+            "reset",
+            "timeout",
+            "5xx",
+            "grpc-unavailable",
+        ])
+        .unwrap_or_default()
     }
     pub fn backoff_base() -> Duration {
         Duration::from_millis(25)

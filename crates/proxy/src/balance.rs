@@ -102,7 +102,7 @@ mod tests {
     fn p2c_never_picks_the_same_endpoint_twice_as_candidates() {
         // With two endpoints and one busy, P2C must always see both and pick the idle one.
         let eps = endpoints(2);
-        let _busy: Vec<_> = (0..5).map(|_| eps[0].start()).collect();
+        let _busy: Vec<_> = (0..5).map(|_| eps[0].start(false)).collect();
         let b = Balancer::new(BalancerKind::LeastRequest);
         for _ in 0..100 {
             assert_eq!(b.pick(&eps).unwrap().addr, eps[1].addr);
@@ -114,7 +114,7 @@ mod tests {
         let eps = endpoints(3);
         // Teach the estimator that endpoint 0 is slow.
         for _ in 0..3 {
-            let f = eps[0].start();
+            let f = eps[0].start(false);
             f.endpoint().observe(std::time::Duration::from_millis(500));
         }
         let b = Balancer::new(BalancerKind::P2cEwma);

@@ -20,7 +20,7 @@ pub struct ProxyConfig {
     pub workers: usize,
 
     /// How long a draining proxy (SIGTERM) waits for open connections before it exits.
-    #[serde(default = "defaults::drain_timeout", with = "duration")]
+    #[serde(default = "defaults::drain_timeout", with = "malla_core::duration")]
     pub drain_timeout: Duration,
 
     /// Upstream services, each a named set of endpoints with a balancer.
@@ -62,13 +62,13 @@ pub struct UpstreamConfig {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub balancer: BalancerKind,
-    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    #[serde(default = "defaults::connect_timeout", with = "malla_core::duration")]
     pub connect_timeout: Duration,
     /// Longest wait for the response head after the request was sent. `0s` disables it.
-    #[serde(default = "defaults::response_timeout", with = "duration")]
+    #[serde(default = "defaults::response_timeout", with = "malla_core::duration")]
     pub response_timeout: Duration,
     /// How long an unused pooled connection to an endpoint is kept.
-    #[serde(default = "defaults::idle_timeout", with = "duration")]
+    #[serde(default = "defaults::idle_timeout", with = "malla_core::duration")]
     pub idle_timeout: Duration,
     /// HTTP/1 connections kept idle per endpoint and worker.
     #[serde(default = "defaults::max_idle_per_endpoint")]
@@ -84,6 +84,11 @@ pub struct UpstreamConfig {
     /// (`env=prod,zone in (eu-1,eu-2)`); default: every instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// The resilience policy of calls to this upstream when the control plane has none
+    /// for its service (`[upstream.policy]`, the schema of `malla apply`, without
+    /// `service`); default: the documented defaults (docs/resilience.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<malla_core::Policy>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -182,10 +187,10 @@ pub struct ControlPlaneConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub register_address: Option<SocketAddr>,
     /// Lease time to live (whole seconds, 1s to 1h); heartbeats go every third of it.
-    #[serde(default = "defaults::lease_ttl", with = "duration")]
+    #[serde(default = "defaults::lease_ttl", with = "malla_core::duration")]
     pub lease_ttl: Duration,
     /// TCP connect to the control plane.
-    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    #[serde(default = "defaults::connect_timeout", with = "malla_core::duration")]
     pub connect_timeout: Duration,
 }
 
@@ -243,14 +248,17 @@ pub struct Limits {
     #[serde(default = "defaults::max_headers")]
     pub max_headers: usize,
     /// A client that sent part of a request head must finish it within this time.
-    #[serde(default = "defaults::head_timeout", with = "duration")]
+    #[serde(default = "defaults::head_timeout", with = "malla_core::duration")]
     pub head_timeout: Duration,
     /// An idle keep-alive client connection is closed after this time.
-    #[serde(default = "defaults::client_idle_timeout", with = "duration")]
+    #[serde(
+        default = "defaults::client_idle_timeout",
+        with = "malla_core::duration"
+    )]
     pub client_idle_timeout: Duration,
     /// How long an `auto` listener waits for a client's first bytes before treating the
     /// connection as opaque TCP (server-speaks-first protocols).
-    #[serde(default = "defaults::detect_timeout", with = "duration")]
+    #[serde(default = "defaults::detect_timeout", with = "malla_core::duration")]
     pub detect_timeout: Duration,
 }
 
@@ -322,6 +330,7 @@ impl UpstreamConfig {
             h2_max_concurrent_streams: defaults::h2_max_concurrent_streams(),
             service: None,
             selector: None,
+            policy: None,
         }
     }
 
@@ -437,6 +446,16 @@ impl ProxyConfig {
                 ));
             }
             check_discovery(i, u, self.control.is_some(), &mut problems);
+            if let Some(policy) = &u.policy {
+                if policy.service.is_some() {
+                    problems.push(format!(
+                        "upstream[{i}].policy.service: a local policy applies to its upstream; remove `service`"
+                    ));
+                }
+                for e in policy.validate() {
+                    problems.push(format!("upstream[{i}].policy.{}: {}", e.field, e.message));
+                }
+            }
         }
         if let Some(control) = &self.control {
             check_control(control, self.inbound.as_ref(), &mut problems);
@@ -618,26 +637,6 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
         _ => Err("the port must be a number from 1 to 65535"),
-    }
-}
-
-/// Durations as human strings: `"250ms"`, `"1s"`, `"2m"`.
-mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); write for example \"250ms\", \"1s\" or \"2m\""
-            ))
-        })
     }
 }
 

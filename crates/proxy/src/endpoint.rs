@@ -19,7 +19,7 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::{net::TcpStream, time::Instant};
 
-use crate::{http2, metrics::EndpointMetrics};
+use crate::{http2, metrics::EndpointMetrics, resilience::outlier::Breaker};
 
 /// Latency assumed for an endpoint that has not answered yet (as Linkerd does).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -34,6 +34,8 @@ pub struct Endpoint {
     pub(crate) pool: Pool,
     pub(crate) h2: http2::EndpointClient,
     pub(crate) metrics: EndpointMetrics,
+    /// The endpoint's circuit breaker (outlier detection).
+    pub(crate) breaker: Breaker,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -57,6 +59,7 @@ impl Endpoint {
             pool: Pool::new(max_idle),
             h2: http2::EndpointClient::default(),
             metrics,
+            breaker: Breaker::default(),
         }
     }
 
@@ -92,13 +95,15 @@ impl Endpoint {
         self.rtt_estimate_ns() * f64::from(self.in_flight() + 1)
     }
 
-    /// Marks a request as started on this endpoint until the guard is dropped.
-    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+    /// Marks a request as started on this endpoint until the guard is dropped; `probe`:
+    /// it is the half-open breaker's probe.
+    pub(crate) fn start(self: &Arc<Self>, probe: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
             endpoint: self.clone(),
             started: Instant::now(),
+            probe,
         }
     }
 
@@ -114,11 +119,17 @@ impl Endpoint {
 pub(crate) struct InFlight {
     endpoint: Arc<Endpoint>,
     started: Instant,
+    probe: bool,
 }
 
 impl InFlight {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
+    }
+
+    /// Time since the request started on this endpoint.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// The endpoint answered (a response head arrived): feeds its latency estimate.
@@ -140,6 +151,11 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            // Whatever the probe's fate, the next request may probe (a recorded outcome
+            // has already closed or re-ejected the breaker).
+            self.endpoint.breaker.end_probe();
+        }
     }
 }
 
@@ -240,10 +256,6 @@ impl EndpointSet {
     /// The current endpoints; cheap, lock-free, safe to hold for one request.
     pub fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.current.load_full()
-    }
-
-    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Vec<Arc<Endpoint>>>> {
-        self.current.load()
     }
 
     pub(crate) fn store(&self, next: Vec<Arc<Endpoint>>) {

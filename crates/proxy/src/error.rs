@@ -8,6 +8,9 @@
 use std::{io, net::SocketAddr, time::Duration};
 
 use http::StatusCode;
+use malla_core::policy::{LIMIT_HEADER, RELAYED_FAILURE_HEADER};
+
+use crate::resilience::rate::retry_after_secs;
 
 /// The response header that names why the proxy answered instead of the upstream.
 pub const ERROR_HEADER: &str = "malla-error";
@@ -42,6 +45,21 @@ pub enum ProxyError {
     HeadTimeout(Duration),
     #[error("the proxy is shutting down")]
     Draining,
+    #[error("upstream {upstream} is at its limit {limit} = {max}; the call was not queued")]
+    LimitReached {
+        upstream: String,
+        limit: &'static str,
+        max: u32,
+    },
+    #[error("upstream {upstream} is over its rate limit; retry after {retry_after:?}")]
+    RateLimited {
+        upstream: String,
+        retry_after: Duration,
+    },
+    #[error("the request's deadline passed before an answer (budget {budget:?})")]
+    DeadlineExceeded { budget: Duration },
+    #[error("fault injected by policy (status {status})")]
+    FaultAbort { status: u16 },
 }
 
 impl ProxyError {
@@ -62,14 +80,23 @@ impl ProxyError {
             }
             ProxyError::HeadTimeout(_) => "request-timeout",
             ProxyError::Draining => "draining",
+            ProxyError::LimitReached { .. } => "limit-reached",
+            ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
+            ProxyError::FaultAbort { .. } => "fault-injected",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints { .. } | ProxyError::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ProxyError::NoEndpoints { .. }
+            | ProxyError::Draining
+            | ProxyError::LimitReached { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::FaultAbort { status } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             ProxyError::ConnectRefused { .. }
             | ProxyError::Connect { .. }
@@ -92,15 +119,62 @@ impl ProxyError {
         const UNAVAILABLE: u8 = 14;
         const DEADLINE_EXCEEDED: u8 = 4;
         const UNIMPLEMENTED: u8 = 12;
+        const RESOURCE_EXHAUSTED: u8 = 8;
         match self {
             ProxyError::NoRoute { .. } => UNIMPLEMENTED,
-            ProxyError::ResponseTimeout { .. } => DEADLINE_EXCEEDED,
+            ProxyError::ResponseTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
+                DEADLINE_EXCEEDED
+            }
+            ProxyError::RateLimited { .. } => RESOURCE_EXHAUSTED,
+            ProxyError::FaultAbort { status } => grpc_status_for_http(*status),
             ProxyError::UpstreamProtocol { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::HeadTooLarge { .. }
             | ProxyError::TooManyHeaders => INTERNAL,
             _ => UNAVAILABLE,
         }
+    }
+
+    /// Whether the error is about the upstream (its endpoints, limits or deadline) rather
+    /// than about the request or this proxy: relayed by a sidecar's outbound side, such an
+    /// error is marked `malla-relayed-failure` so that the caller's outlier detector does
+    /// not blame the relaying instance.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoEndpoints { .. }
+                | ProxyError::ConnectRefused { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Connect { .. }
+                | ProxyError::UpstreamReset { .. }
+                | ProxyError::ResponseTimeout { .. }
+                | ProxyError::UpstreamProtocol { .. }
+                | ProxyError::LimitReached { .. }
+                | ProxyError::RateLimited { .. }
+                | ProxyError::DeadlineExceeded { .. }
+                | ProxyError::FaultAbort { .. }
+        )
+    }
+
+    /// Header fields that go with the error besides `malla-error`: the limit that
+    /// rejected the call, `retry-after`, and the relayed-failure mark (`relay`: the
+    /// upstream's name, when the error is relayed by an outbound listener).
+    fn extra_fields(&self, relay: Option<&str>) -> Vec<(&'static str, String)> {
+        let mut fields = Vec::new();
+        match self {
+            ProxyError::LimitReached { limit, .. } => {
+                fields.push((LIMIT_HEADER, limit.to_string()))
+            }
+            ProxyError::RateLimited { retry_after, .. } => {
+                fields.push((LIMIT_HEADER, "rate-limit".to_string()));
+                fields.push(("retry-after", retry_after_secs(*retry_after).to_string()));
+            }
+            _ => {}
+        }
+        if let Some(upstream) = relay.filter(|_| self.is_upstream_failure()) {
+            fields.push((RELAYED_FAILURE_HEADER, upstream.to_string()));
+        }
+        fields
     }
 
     /// Classifies a failed connect.
@@ -112,11 +186,15 @@ impl ProxyError {
     }
 
     /// An HTTP/1 response, complete with head and body, ready to write to a client.
-    pub fn http1_response(&self, close: bool) -> Vec<u8> {
+    pub fn http1_response(&self, close: bool, relay: Option<&str>) -> Vec<u8> {
         let status = self.status();
         let body = format!("malla: {self}\n");
+        let mut extra = String::new();
+        for (name, value) in self.extra_fields(relay) {
+            extra.push_str(&format!("{name}: {value}\r\n"));
+        }
         format!(
-            "HTTP/1.1 {} {}\r\n{ERROR_HEADER}: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}\r\n{}",
+            "HTTP/1.1 {} {}\r\n{ERROR_HEADER}: {}\r\n{extra}content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}\r\n{}",
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
             self.cause(),
@@ -130,8 +208,15 @@ impl ProxyError {
 
     /// An `http::Response` for HTTP/2 clients; gRPC callers (`content-type:
     /// application/grpc...`) get a trailers-only response with `grpc-status`.
-    pub fn http_response<B: Default + From<String>>(&self, grpc: bool) -> http::Response<B> {
+    pub fn http_response<B: Default + From<String>>(
+        &self,
+        grpc: bool,
+        relay: Option<&str>,
+    ) -> http::Response<B> {
         let mut builder = http::Response::builder().header(ERROR_HEADER, self.cause());
+        for (name, value) in self.extra_fields(relay) {
+            builder = builder.header(name, value);
+        }
         if grpc {
             builder = builder
                 .status(StatusCode::OK)
@@ -145,6 +230,18 @@ impl ProxyError {
             .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
             .body(B::from(format!("malla: {self}\n")))
             .unwrap_or_default()
+    }
+}
+
+/// gRPC's mapping of HTTP statuses (http-grpc-status-mapping.md), for injected aborts.
+fn grpc_status_for_http(status: u16) -> u8 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
     }
 }
 
@@ -206,7 +303,7 @@ mod tests {
         let err = ProxyError::NoEndpoints {
             upstream: "shipping-quote".into(),
         };
-        let bytes = err.http1_response(true);
+        let bytes = err.http1_response(true, Some("shipping-quote"));
         let mut headers = [httparse::EMPTY_HEADER; 16];
         let mut resp = httparse::Response::new(&mut headers);
         let httparse::Status::Complete(head_len) = resp.parse(&bytes).unwrap() else {
@@ -224,6 +321,13 @@ mod tests {
             .headers
             .iter()
             .any(|h| h.name == ERROR_HEADER && h.value == b"no-endpoints"));
+        assert!(resp
+            .headers
+            .iter()
+            .any(|h| h.name == RELAYED_FAILURE_HEADER && h.value == b"shipping-quote"));
+        // A client's own error is never marked as an upstream's.
+        let own = ProxyError::BadRequest("x").http1_response(true, Some("shipping-quote"));
+        assert!(!String::from_utf8_lossy(&own).contains(RELAYED_FAILURE_HEADER));
     }
 
     #[test]

@@ -48,12 +48,19 @@ use self::{
     body::BodyError,
     head::{BodyKind, Parsed, RequestInfo, ResponseInfo},
 };
+use malla_core::policy::{Outcome, Retries};
+
 use crate::{
     config::Limits,
     connect::connect,
     endpoint::{Endpoint, InFlight},
     error::ProxyError,
     metrics::ConnectionTracker,
+    resilience::{
+        budget, deadline, fault,
+        limits::{self, Limit},
+        outlier, Resilience,
+    },
     server::ListenerCtx,
     upstream::Upstream,
 };
@@ -72,11 +79,14 @@ struct UpConn {
     buf: BytesMut,
     last_used: Instant,
     _active: ConnectionTracker,
+    /// Counts against the upstream's `max_connections` while in use.
+    _slot: Option<limits::Slot>,
 }
 
 impl UpConn {
-    fn new(endpoint: Arc<Endpoint>, stream: TcpStream) -> Self {
+    fn new(endpoint: Arc<Endpoint>, stream: TcpStream, slot: Option<limits::Slot>) -> Self {
         UpConn {
+            _slot: slot,
             _active: ConnectionTracker::open(&endpoint.metrics.open_connections),
             endpoint,
             stream,
@@ -142,7 +152,7 @@ pub(crate) async fn serve(
             Ok(None) => break,
             Err(err) => {
                 debug!(error = %err, %peer, "rejecting request");
-                let _ = client.write_all(&err.http1_response(true)).await;
+                let _ = client.write_all(&err.http1_response(true, None)).await;
                 linger_close(&mut client).await;
                 break;
             }
@@ -152,14 +162,13 @@ pub(crate) async fn serve(
             Err(err) => {
                 buf.advance(info.head_len);
                 let close = info.body != BodyKind::Empty || !info.keep_alive;
-                let _ = client.write_all(&err.http1_response(close)).await;
+                let _ = client.write_all(&err.http1_response(close, None)).await;
                 if close {
                     break;
                 }
                 continue;
             }
         };
-        buf.advance(info.head_len);
         match s.exchange(&mut client, &mut buf, &info, upstream).await {
             Next::KeepAlive if !ctx.shared.is_draining() => {}
             Next::KeepAlive | Next::Close => break,
@@ -238,7 +247,8 @@ impl Session<'_> {
         }
     }
 
-    /// One request/response exchange with an upstream.
+    /// One request/response exchange with an upstream, under its resilience policy:
+    /// deadline, faults, rate limits and service limits first, then one or more attempts.
     async fn exchange(
         &mut self,
         client: &mut TcpStream,
@@ -246,62 +256,256 @@ impl Session<'_> {
         req: &RequestInfo,
         upstream: &Upstream,
     ) -> Next {
-        let endpoint = match upstream.pick() {
-            Ok(e) => e,
+        let res = upstream.resilience_full();
+        let deadline = deadline::deadline(Instant::now(), res.policy.timeouts.request, req.timeout);
+        let gate = if res.faults.is_empty() && res.rate_limits.is_empty() {
+            Ok(())
+        } else {
+            let path = buf[req.path.0..req.path.1].to_vec();
+            self.gate(upstream, &res, &path, deadline).await
+        };
+        buf.advance(req.head_len);
+        if let Err(err) = gate {
+            return self.fail(client, req, upstream, None, err).await;
+        }
+        let _request = match upstream.acquire(Limit::Requests, &res) {
+            Ok(slot) => slot,
             Err(err) => return self.fail(client, req, upstream, None, err).await,
         };
-        let in_flight = endpoint.start();
+        upstream.deposit(outlier::now_ms());
 
         // The body is "complete" when it is already in the buffer: it goes out with the
-        // head in one write, and a dead pooled connection can be retried transparently.
-        let complete_len = match req.body {
+        // head in one write, and the request can be sent again (a retry, or a dead pooled
+        // connection). A small body still on its way is read first when the request may
+        // be retried, so that it can be replayed.
+        let mut complete_len = match req.body {
             BodyKind::Empty => Some(0),
             BodyKind::Length(n) if n <= buf.len() as u64 => Some(n as usize),
             _ => None,
         };
+        if let BodyKind::Length(n) = req.body {
+            let retries = &res.policy.retries;
+            if complete_len.is_none()
+                && retries.enabled
+                && retries.max_attempts > 1
+                && n <= retries.max_replay_bytes
+                && (req.idempotent || retries.non_idempotent)
+                && !req.expect_continue
+            {
+                complete_len = self.read_body(client, buf, n as usize).await;
+                if complete_len.is_none() {
+                    return Next::Close;
+                }
+            }
+        }
+        let head_end = self.req_head.len();
         if let Some(n) = complete_len {
             self.req_head.extend_from_slice(&buf[..n]);
             buf.advance(n);
             return self
-                .exchange_buffered(client, req, upstream, in_flight)
+                .exchange_buffered(client, req, upstream, &res, deadline, head_end)
                 .await;
         }
-        self.exchange_streaming(client, buf, req, upstream, in_flight)
+        self.exchange_streaming(client, buf, req, upstream, &res, deadline, head_end)
             .await
     }
 
-    /// The request is entirely in `req_head`: send it, read the answer, relay it.
+    /// Fault injection and rate limits, before any endpoint is involved.
+    async fn gate(
+        &mut self,
+        upstream: &Upstream,
+        res: &Resilience,
+        path: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), ProxyError> {
+        let injected = fault::draw(&res.faults, path);
+        if let Some(delay) = injected.delay {
+            upstream.upstream_metrics.fault("delay");
+            match deadline {
+                Some(d) if Instant::now() + delay >= d => {
+                    tokio::time::sleep_until(d).await;
+                    return Err(ProxyError::DeadlineExceeded {
+                        budget: res.policy.timeouts.request,
+                    });
+                }
+                _ => tokio::time::sleep(delay).await,
+            }
+        }
+        if let Some(status) = injected.abort {
+            upstream.upstream_metrics.fault("abort");
+            return Err(ProxyError::FaultAbort { status });
+        }
+        upstream.rate_limit(res, path)
+    }
+
+    /// Reads the rest of a `Content-Length` body into `buf` (at most the head timeout);
+    /// `None` when the client went away or was too slow.
+    async fn read_body(
+        &mut self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        n: usize,
+    ) -> Option<usize> {
+        let deadline = Instant::now() + self.limits.head_timeout;
+        buf.reserve(n.saturating_sub(buf.len()));
+        while buf.len() < n {
+            match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+                Ok(Ok(read)) if read > 0 => {}
+                _ => return None,
+            }
+        }
+        Some(n)
+    }
+
+    /// The request is entirely in `req_head` (head ends at `head_end`): attempts, retried
+    /// as the policy allows, then the answer relayed.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange_buffered(
         &mut self,
         client: &mut TcpStream,
         req: &RequestInfo,
         upstream: &Upstream,
-        in_flight: InFlight,
+        res: &Resilience,
+        deadline: Option<Instant>,
+        head_end: usize,
     ) -> Next {
-        let timeout = upstream.config.response_timeout;
-        let mut retried = false;
-        let (mut up, resp) = loop {
-            let (mut up, reused) = match self.connection(in_flight.endpoint(), upstream).await {
-                Ok(c) => c,
-                Err(err) => {
-                    return self
-                        .fail(client, req, upstream, Some(&in_flight), err)
-                        .await
+        let retries = &res.policy.retries;
+        let max_attempts = if retries.enabled {
+            retries.max_attempts
+        } else {
+            1
+        };
+        let mut previous: Option<Arc<Endpoint>> = None;
+        let mut timeout_field = TimeoutField::new(head_end);
+        let mut _retry_slot = None;
+        let mut attempt = 0;
+        let (in_flight, up, resp) = loop {
+            attempt += 1;
+            let in_flight = match upstream.pick(previous.as_deref()) {
+                Ok(f) => f,
+                Err(err) => return self.fail(client, req, upstream, None, err).await,
+            };
+            let (timeout, deadline_bound) = match deadline {
+                None => (res.per_try_timeout, false),
+                Some(d) => {
+                    let left = deadline::remaining(d);
+                    if left.is_zero() {
+                        let err = ProxyError::DeadlineExceeded {
+                            budget: res
+                                .policy
+                                .timeouts
+                                .request
+                                .max(req.timeout.unwrap_or_default()),
+                        };
+                        return self.fail(client, req, upstream, None, err).await;
+                    }
+                    timeout_field.set(&mut self.req_head, left);
+                    let bounded = res.per_try_timeout.is_zero() || left < res.per_try_timeout;
+                    (if bounded { left } else { res.per_try_timeout }, bounded)
                 }
             };
-            let may_retry = reused && req.idempotent && !retried;
+            let failure = match self
+                .attempt(client, req, upstream, &in_flight, res, timeout)
+                .await
+            {
+                Ok((up, resp)) => {
+                    let outcome = Outcome::Status(resp.status);
+                    upstream.record(&in_flight, outcome, resp.relayed);
+                    in_flight.answered(resp.status);
+                    if resp.status < 500
+                        || attempt >= max_attempts
+                        || !retryable(retries, req, outcome)
+                    {
+                        break (in_flight, up, resp);
+                    }
+                    match self.retry_permit(upstream, res, attempt, deadline).await {
+                        Some(slot) => {
+                            _retry_slot = slot;
+                            self.discard(up, &resp);
+                            previous = Some(in_flight.endpoint().clone());
+                            continue;
+                        }
+                        None => break (in_flight, up, resp),
+                    }
+                }
+                Err(failure) => failure,
+            };
+            let AttemptError {
+                err,
+                outcome,
+                partial,
+            } = failure;
+            if let Some(outcome) = outcome {
+                upstream.record(&in_flight, outcome, false);
+                let deadline_hit = deadline_bound && outcome == Outcome::Timeout;
+                if !partial
+                    && !deadline_hit
+                    && attempt < max_attempts
+                    && retryable(retries, req, outcome)
+                {
+                    if let Some(slot) = self.retry_permit(upstream, res, attempt, deadline).await {
+                        in_flight.failed(err.status().as_u16());
+                        _retry_slot = slot;
+                        previous = Some(in_flight.endpoint().clone());
+                        continue;
+                    }
+                }
+                if deadline_hit {
+                    in_flight.failed(504);
+                    let err = ProxyError::DeadlineExceeded { budget: timeout };
+                    return self.fail(client, req, upstream, None, err).await;
+                }
+            }
+            if partial {
+                in_flight.failed(502);
+                return Next::Close;
+            }
+            return self
+                .fail(client, req, upstream, Some(&in_flight), err)
+                .await;
+        };
+        let mut up = up;
+        if resp.status == 101 {
+            return self.switch_protocols(client, up).await;
+        }
+        drop(in_flight);
+        let close =
+            !req.keep_alive || self.ctx.shared.is_draining() || resp.body == BodyKind::UntilClose;
+        head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
+        let relayed = relay_response(&mut up, client, &mut self.resp_head, &resp).await;
+        self.finish(up, &resp, relayed, true, close)
+    }
+
+    /// Sends the buffered request to the endpoint of `in_flight` and reads its final
+    /// response head (relaying 1xx). A reused connection found dead before it answered is
+    /// replaced once, transparently: the request never reached the endpoint.
+    async fn attempt(
+        &mut self,
+        client: &mut TcpStream,
+        req: &RequestInfo,
+        upstream: &Upstream,
+        in_flight: &InFlight,
+        res: &Resilience,
+        timeout: Duration,
+    ) -> Result<(UpConn, ResponseInfo), AttemptError> {
+        let mut resent = false;
+        loop {
+            let (mut up, reused) = self
+                .connection(in_flight.endpoint(), upstream, res)
+                .await
+                .map_err(AttemptError::connect)?;
+            let may_resend = reused && req.idempotent && !resent;
             if let Err(e) = up.stream.write_all(&self.req_head).await {
-                if may_retry {
-                    retried = true;
+                if may_resend {
+                    resent = true;
                     continue;
                 }
                 debug!(error = %e, "upstream write failed");
-                let err = ProxyError::UpstreamReset {
-                    addr: up.endpoint.addr,
-                };
-                return self
-                    .fail(client, req, upstream, Some(&in_flight), err)
-                    .await;
+                let addr = up.endpoint.addr;
+                return Err(AttemptError::sent(
+                    ProxyError::UpstreamReset { addr },
+                    Outcome::Reset,
+                ));
             }
             let (mut ur, _) = up.stream.split();
             let read = read_final_head(
@@ -320,56 +524,134 @@ impl Session<'_> {
                     .unwrap_or(Err(HeadError::Timeout))
             };
             match result {
-                Ok(resp) => break (up, resp),
-                Err(HeadError::Closed { relayed_1xx: false }) if may_retry => {
-                    retried = true;
+                Ok(resp) => return Ok((up, resp)),
+                Err(HeadError::Closed { relayed_1xx: false }) if may_resend => {
+                    resent = true;
                     continue;
                 }
-                Err(e) => {
-                    let addr = up.endpoint.addr;
-                    return self
-                        .fail_head(client, req, upstream, &in_flight, e, addr, timeout)
-                        .await;
-                }
+                Err(e) => return Err(AttemptError::head(e, up.endpoint.addr, timeout)),
             }
-        };
-        in_flight.answered(resp.status);
-        if resp.status == 101 {
-            return self.switch_protocols(client, up).await;
         }
-        let close =
-            !req.keep_alive || self.ctx.shared.is_draining() || resp.body == BodyKind::UntilClose;
-        head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
-        let relayed = relay_response(&mut up, client, &mut self.resp_head, &resp).await;
-        self.finish(up, &resp, relayed, true, close)
+    }
+
+    /// Whether a retry may go now: the budget, the retries limit, and the time left after
+    /// the backoff (which it waits). The slot counts the retry while it is in flight.
+    async fn retry_permit(
+        &mut self,
+        upstream: &Upstream,
+        res: &Resilience,
+        attempt: u32,
+        deadline: Option<Instant>,
+    ) -> Option<Option<limits::Slot>> {
+        let slot = upstream.acquire(Limit::Retries, res).ok()?;
+        if !upstream.withdraw_retry(res) {
+            return None;
+        }
+        let wait = budget::backoff(&res.policy.retries, attempt);
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return None;
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Some(slot)
+    }
+
+    /// Drops a response that will be retried: the connection stays when the rest of the
+    /// response is already read (or there is none), else it is closed.
+    fn discard(&mut self, mut up: UpConn, resp: &ResponseInfo) {
+        let rest = match resp.body {
+            BodyKind::Empty => Some(0),
+            BodyKind::Length(n) if n <= up.buf.len() as u64 => Some(n as usize),
+            _ => None,
+        };
+        if let Some(n) = rest {
+            up.buf.advance(n);
+            if resp.reusable && up.buf.is_empty() {
+                up.last_used = Instant::now();
+                self.held = Some(up);
+            }
+        }
     }
 
     /// The request body is still arriving: stream it while waiting for the response.
+    /// Only a failed connect is retried here (nothing was sent); once body bytes left,
+    /// they cannot be sent again.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange_streaming(
         &mut self,
         client: &mut TcpStream,
         buf: &mut BytesMut,
         req: &RequestInfo,
         upstream: &Upstream,
-        in_flight: InFlight,
+        res: &Resilience,
+        deadline: Option<Instant>,
+        head_end: usize,
     ) -> Next {
-        let (mut up, _) = match self.connection(in_flight.endpoint(), upstream).await {
-            Ok(c) => c,
-            Err(err) => {
-                return self
-                    .fail(client, req, upstream, Some(&in_flight), err)
-                    .await
+        let retries = &res.policy.retries;
+        let max_attempts = if retries.enabled {
+            retries.max_attempts
+        } else {
+            1
+        };
+        let mut previous: Option<Arc<Endpoint>> = None;
+        let mut _retry_slot = None;
+        let mut attempt = 0;
+        let (in_flight, mut up) = loop {
+            attempt += 1;
+            let in_flight = match upstream.pick(previous.as_deref()) {
+                Ok(f) => f,
+                Err(err) => return self.fail(client, req, upstream, None, err).await,
+            };
+            match self.connection(in_flight.endpoint(), upstream, res).await {
+                Ok((up, _)) => break (in_flight, up),
+                Err(err) => {
+                    let failure = AttemptError::connect(err);
+                    if let Some(outcome) = failure.outcome {
+                        upstream.record(&in_flight, outcome, false);
+                        if attempt < max_attempts && retryable(retries, req, outcome) {
+                            if let Some(slot) =
+                                self.retry_permit(upstream, res, attempt, deadline).await
+                            {
+                                in_flight.failed(502);
+                                _retry_slot = slot;
+                                previous = Some(in_flight.endpoint().clone());
+                                continue;
+                            }
+                        }
+                    }
+                    return self
+                        .fail(client, req, upstream, Some(&in_flight), failure.err)
+                        .await;
+                }
             }
         };
         let addr = up.endpoint.addr;
+        if let Some(d) = deadline {
+            let left = deadline::remaining(d);
+            if left.is_zero() {
+                let err = ProxyError::DeadlineExceeded {
+                    budget: res.policy.timeouts.request,
+                };
+                return self
+                    .fail(client, req, upstream, Some(&in_flight), err)
+                    .await;
+            }
+            TimeoutField::new(head_end).set(&mut self.req_head, left);
+        }
         if let Err(e) = up.stream.write_all(&self.req_head).await {
             debug!(error = %e, "upstream write failed");
+            upstream.record(&in_flight, Outcome::Reset, false);
             let err = ProxyError::UpstreamReset { addr };
             return self
                 .fail(client, req, upstream, Some(&in_flight), err)
                 .await;
         }
-        let timeout = upstream.config.response_timeout;
+        let timeout = match deadline {
+            Some(d) if res.per_try_timeout.is_zero() => deadline::remaining(d),
+            Some(d) => res.per_try_timeout.min(deadline::remaining(d)),
+            None => res.per_try_timeout,
+        };
         let limits = self.limits;
         let draining = self.ctx.shared.is_draining();
         let outcome = {
@@ -428,6 +710,7 @@ impl Session<'_> {
                         || resp.body == BodyKind::UntilClose
                         || sent != Some(true);
                     head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
+                    upstream.record(&in_flight, Outcome::Status(resp.status), resp.relayed);
                     in_flight.answered(resp.status);
                     let mut relay = pin!(relay_halves(
                         &mut ur,
@@ -473,12 +756,15 @@ impl Session<'_> {
                 if invalid {
                     let err = ProxyError::BadRequest("invalid chunked request body");
                     upstream.error(&err);
-                    let _ = client.write_all(&err.http1_response(true)).await;
+                    let _ = client.write_all(&err.http1_response(true, None)).await;
                 }
                 Next::Close
             }
             Streamed::Failed(e) => {
                 drop(up);
+                if let Some(outcome) = AttemptError::head(e.clone(), addr, timeout).outcome {
+                    upstream.record(&in_flight, outcome, false);
+                }
                 self.fail_head(client, req, upstream, &in_flight, e, addr, timeout)
                     .await;
                 Next::Close
@@ -512,6 +798,7 @@ impl Session<'_> {
         &mut self,
         endpoint: &Arc<Endpoint>,
         upstream: &Upstream,
+        res: &Resilience,
     ) -> Result<(UpConn, bool), ProxyError> {
         if let Some(up) = self.held.take() {
             if Arc::ptr_eq(&up.endpoint, endpoint)
@@ -525,13 +812,15 @@ impl Session<'_> {
                 up.release();
             }
         }
+        let slot = upstream.acquire(Limit::Connections, res)?;
         while let Some(stream) = endpoint.pool.checkout(upstream.config.idle_timeout) {
             if alive(&stream) {
-                return Ok((UpConn::new(endpoint.clone(), stream), true));
+                return Ok((UpConn::new(endpoint.clone(), stream, slot), true));
             }
         }
-        let stream = connect(endpoint.addr, upstream.config.connect_timeout).await?;
-        Ok((UpConn::new(endpoint.clone(), stream), false))
+        let _pending = upstream.acquire(Limit::PendingRequests, res)?;
+        let stream = connect(endpoint.addr, res.connect_timeout).await?;
+        Ok((UpConn::new(endpoint.clone(), stream, slot), false))
     }
 
     /// Switches to a tunnel after `101 Switching Protocols`.
@@ -559,7 +848,8 @@ impl Session<'_> {
         }
         // A request body the proxy did not consume leaves the connection unusable.
         let close = !req.keep_alive || req.body != BodyKind::Empty || self.ctx.shared.is_draining();
-        if client.write_all(&err.http1_response(close)).await.is_err() || close {
+        let response = err.http1_response(close, self.ctx.relay_mark(upstream));
+        if client.write_all(&response).await.is_err() || close {
             return Next::Close;
         }
         Next::KeepAlive
@@ -594,6 +884,107 @@ impl Session<'_> {
     }
 }
 
+/// Whether a failed attempt may be tried again under the retry policy: the condition is
+/// listed, and the request never reached the endpoint (a failed connect) or is safe to
+/// send twice.
+fn retryable(policy: &Retries, req: &RequestInfo, outcome: Outcome) -> bool {
+    policy.on.matches(outcome)
+        && (outcome == Outcome::ConnectFailure || req.idempotent || policy.non_idempotent)
+}
+
+/// Why an attempt failed before a response head.
+struct AttemptError {
+    err: ProxyError,
+    /// For the breaker and the retry conditions; `None`: not the endpoint's doing (a
+    /// service limit).
+    outcome: Option<Outcome>,
+    /// Part of a response (a 1xx) already reached the client: nothing can be retried or
+    /// answered any more.
+    partial: bool,
+}
+
+impl AttemptError {
+    fn connect(err: ProxyError) -> Self {
+        let outcome = match err {
+            ProxyError::LimitReached { .. } => None,
+            _ => Some(Outcome::ConnectFailure),
+        };
+        AttemptError {
+            err,
+            outcome,
+            partial: false,
+        }
+    }
+
+    fn sent(err: ProxyError, outcome: Outcome) -> Self {
+        AttemptError {
+            err,
+            outcome: Some(outcome),
+            partial: false,
+        }
+    }
+
+    fn head(e: HeadError, addr: SocketAddr, timeout: Duration) -> Self {
+        let (err, outcome) = match e {
+            HeadError::Closed { relayed_1xx: true } | HeadError::ClientWrite => {
+                return AttemptError {
+                    err: ProxyError::UpstreamReset { addr },
+                    outcome: Some(Outcome::Reset),
+                    partial: true,
+                }
+            }
+            HeadError::Closed { .. } | HeadError::Io => {
+                (ProxyError::UpstreamReset { addr }, Outcome::Reset)
+            }
+            HeadError::Timeout => (
+                ProxyError::ResponseTimeout { addr, timeout },
+                Outcome::Timeout,
+            ),
+            HeadError::Invalid(reason) => (
+                ProxyError::UpstreamProtocol {
+                    addr,
+                    reason: reason.to_string(),
+                },
+                Outcome::Status(502),
+            ),
+            HeadError::ClientBody(_) => {
+                return AttemptError {
+                    err: ProxyError::BadRequest("the client's request body failed"),
+                    outcome: None,
+                    partial: true,
+                }
+            }
+        };
+        AttemptError::sent(err, outcome)
+    }
+}
+
+/// The `malla-timeout-ms` field of a request head, rewritten before each attempt with the
+/// time left, just before the head's final CRLF (`head_end` is where the head ends).
+struct TimeoutField {
+    at: usize,
+    len: usize,
+}
+
+impl TimeoutField {
+    fn new(head_end: usize) -> Self {
+        TimeoutField {
+            at: head_end.saturating_sub(2),
+            len: 0,
+        }
+    }
+
+    fn set(&mut self, head: &mut Vec<u8>, left: Duration) {
+        let field = format!(
+            "{}: {}\r\n",
+            malla_core::policy::TIMEOUT_HEADER,
+            left.as_millis().max(1)
+        );
+        head.splice(self.at..self.at + self.len, field.bytes());
+        self.len = field.len();
+    }
+}
+
 /// An idle connection may have been closed by the endpoint; one non-blocking read tells
 /// (no data and no EOF means it is alive).
 fn alive(stream: &TcpStream) -> bool {
@@ -612,7 +1003,7 @@ enum Streamed {
     Failed(HeadError),
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum HeadError {
     /// The upstream closed before a final response head.
     Closed {

@@ -143,24 +143,26 @@ async fn forward(
     let grpc = is_grpc(req.headers());
     let (req, sent) = match upstream_request(&down, req) {
         Ok(prepared) => prepared,
-        Err(e) => return Ok(e.http_response(grpc)),
+        Err(e) => return Ok(e.http_response(grpc, None)),
     };
     let upstream = match down.ctx.route(host(&req)) {
         Ok(u) => u,
         Err(e) => {
             debug!(error = %e, "h2: no route");
-            return Ok(e.http_response(grpc));
+            return Ok(e.http_response(grpc, None));
         }
     };
-    let endpoint = match upstream.pick() {
-        Ok(e) => e,
+    let relay = down.ctx.relay_mark(upstream);
+    let in_flight = match upstream.pick(None) {
+        Ok(f) => f,
         Err(e) => {
             upstream.error(&e);
             debug!(error = %e, "h2: no endpoint");
-            return Ok(e.http_response(grpc));
+            return Ok(e.http_response(grpc, relay));
         }
     };
-    let mut guard = StreamGuard::new(endpoint.start(), upstream.config.h2_max_concurrent_streams);
+    let endpoint = in_flight.endpoint().clone();
+    let mut guard = StreamGuard::new(in_flight, upstream.config.h2_max_concurrent_streams);
     match send(&down, upstream, &endpoint, &mut guard, req, sent).await {
         Ok(response) => {
             guard.in_flight().answered(response.status().as_u16());
@@ -175,7 +177,7 @@ async fn forward(
             upstream.error(&e);
             guard.in_flight().failed(e.status().as_u16());
             debug!(error = %e, "h2: answering with an error");
-            Ok(e.http_response(grpc))
+            Ok(e.http_response(grpc, relay))
         }
     }
 }

@@ -28,6 +28,7 @@ mod forwarding;
 pub mod http1;
 pub mod http2;
 pub mod metrics;
+pub mod resilience;
 mod server;
 mod tcp;
 pub mod upstream;

@@ -47,6 +47,15 @@ pub struct ErrorLabels {
     pub cause: String,
 }
 
+/// A resilience action: a breaker transition, a limit or rate limit hit, a fault.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub upstream: String,
+    pub action: String,
+    /// `enforce`, or `audit` when the policy only reports.
+    pub mode: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
@@ -66,6 +75,11 @@ pub struct Metrics {
     upstream_connections: Family<EndpointLabels, Gauge>,
     endpoints: Family<UpstreamLabels, Gauge>,
     errors: Family<ErrorLabels, Counter>,
+    retries: Family<UpstreamLabels, Counter>,
+    retry_budget_exhausted: Family<UpstreamLabels, Counter>,
+    breaker: Family<ActionLabels, Counter>,
+    limits: Family<ActionLabels, Counter>,
+    faults: Family<ActionLabels, Counter>,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_accepted: Family<ListenerLabels, Counter>,
     /// Registered on first use: a proxy without a control plane does not show them.
@@ -159,6 +173,36 @@ impl Metrics {
             "Requests the proxy answered itself, by cause (see docs/proxy.md)",
             errors.clone(),
         );
+        let retries = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries sent (each attempt after the first)",
+            retries.clone(),
+        );
+        let retry_budget_exhausted = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries that were due but not sent because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        let breaker = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "breaker_transitions",
+            "Endpoint circuit breaker transitions (ejected, half-open, closed, ejection-skipped); mode=audit counts ejections a policy in audit mode would have made",
+            breaker.clone(),
+        );
+        let limits = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "limit_hits",
+            "Requests over a service limit or rate limit (action = max_connections, max_pending_requests, max_requests, max_retries, rate-limit); mode=audit: counted, not rejected",
+            limits.clone(),
+        );
+        let faults = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "faults_injected",
+            "Faults injected by policy (action = delay or abort)",
+            faults.clone(),
+        );
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -178,6 +222,11 @@ impl Metrics {
             upstream_connections,
             endpoints,
             errors,
+            retries,
+            retry_budget_exhausted,
+            breaker,
+            limits,
+            faults,
             listener_connections,
             listener_accepted,
             control: ControlFamilies::default(),
@@ -270,7 +319,12 @@ impl Metrics {
         UpstreamMetrics {
             name: upstream.to_string(),
             endpoints: self.endpoints.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            retry_budget_exhausted: self.retry_budget_exhausted.get_or_create(&labels).clone(),
             errors: self.errors.clone(),
+            breaker: self.breaker.clone(),
+            limits: self.limits.clone(),
+            faults: self.faults.clone(),
         }
     }
 
@@ -312,10 +366,54 @@ impl EndpointMetrics {
 pub(crate) struct UpstreamMetrics {
     name: String,
     pub endpoints: Gauge,
+    retries: Counter,
+    retry_budget_exhausted: Counter,
     errors: Family<ErrorLabels, Counter>,
+    breaker: Family<ActionLabels, Counter>,
+    limits: Family<ActionLabels, Counter>,
+    faults: Family<ActionLabels, Counter>,
 }
 
 impl UpstreamMetrics {
+    fn action(&self, family: &Family<ActionLabels, Counter>, action: &str, audit: bool) {
+        family
+            .get_or_create(&ActionLabels {
+                upstream: self.name.clone(),
+                action: action.to_string(),
+                mode: if audit { "audit" } else { "enforce" },
+            })
+            .inc();
+    }
+
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.retry_budget_exhausted.inc();
+    }
+
+    pub fn breaker(&self, kind: crate::resilience::events::EventKind) {
+        self.action(&self.breaker, kind.as_str(), false);
+    }
+
+    /// An ejection that a policy in audit mode would have made.
+    pub fn breaker_audit(&self) {
+        self.action(&self.breaker, "ejected", true);
+    }
+
+    pub fn limit_hit(&self, limit: &str, audit: bool) {
+        self.action(&self.limits, limit, audit);
+    }
+
+    pub fn rate_limited(&self, audit: bool) {
+        self.action(&self.limits, "rate-limit", audit);
+    }
+
+    pub fn fault(&self, fault: &str) {
+        self.action(&self.faults, fault, false);
+    }
+
     /// Errors are rare, so the label lookup here is acceptable.
     pub fn error(&self, cause: &str) {
         self.errors

@@ -23,6 +23,7 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::BytesMut;
+use malla_core::{policy::Policy, Labels};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -38,6 +39,7 @@ use crate::{
     error::ProxyError,
     http1, http2,
     metrics::{ListenerMetrics, Metrics, SharedMetrics},
+    resilience::events::EventLog,
     tcp,
     upstream::Upstream,
 };
@@ -50,6 +52,8 @@ pub(crate) struct Shared {
     pub metrics: SharedMetrics,
     /// The control-plane client's state, when there is a `[control]` section.
     pub discovery: Option<Arc<DiscoveryStatus>>,
+    /// Resilience events waiting to be sent to the control plane.
+    pub events: Arc<EventLog>,
     pub draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
     /// Set once every worker has finished; the admin listener stops then.
@@ -81,6 +85,10 @@ pub(crate) enum Target {
 /// A listener as its connections see it.
 pub(crate) struct ListenerCtx {
     pub name: String,
+    /// Outbound listeners relay their upstreams' failures (and mark them as such, see
+    /// [`ProxyError::is_upstream_failure`]); the inbound listener's failures are this
+    /// instance's own.
+    pub relays: bool,
     pub protocol: ListenerProtocol,
     pub target: Target,
     pub shared: Arc<Shared>,
@@ -106,6 +114,11 @@ impl ListenerCtx {
                     })
             }
         }
+    }
+
+    /// The relayed-failure mark for an error answered on behalf of `upstream`.
+    pub fn relay_mark<'a>(&self, upstream: &'a Upstream) -> Option<&'a str> {
+        self.relays.then(|| upstream.name())
     }
 
     /// The connections of a listener without an upstream of its own (HTTP proxy) have no
@@ -147,6 +160,7 @@ pub struct ProxyHandle {
     shared: Arc<Shared>,
     workers: Vec<thread::JoinHandle<()>>,
     admin: Option<thread::JoinHandle<()>>,
+    resilience: Option<thread::JoinHandle<()>>,
     discovery: Option<Discovery>,
 }
 
@@ -162,6 +176,11 @@ impl ProxyHandle {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Resilience events not yet sent to the control plane.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.shared.events
     }
 
     /// The control-plane client's state (`None` without a `[control]` section).
@@ -201,6 +220,9 @@ impl ProxyHandle {
         if let Some(a) = self.admin {
             let _ = a.join();
         }
+        if let Some(r) = self.resilience {
+            let _ = r.join();
+        }
         if let Some(d) = self.discovery {
             d.join();
         }
@@ -214,11 +236,23 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         .map_err(anyhow::Error::new)?;
     let metrics = Arc::new(Metrics::new());
     let discovery = DiscoveryStatus::new(&config, &metrics)?.map(Arc::new);
+    let events = Arc::new(EventLog::default());
+    // This sidecar's locality: the labels it registers with.
+    let local = config
+        .control
+        .as_ref()
+        .and_then(|c| Labels::try_from(c.labels.clone()).ok())
+        .unwrap_or_default();
     let mut upstreams = HashMap::new();
     for u in &config.upstreams {
         upstreams.insert(
             u.name.clone(),
-            Arc::new(Upstream::new(u.clone(), metrics.clone())?),
+            Arc::new(Upstream::new(
+                u.clone(),
+                metrics.clone(),
+                local.clone(),
+                events.clone(),
+            )?),
         );
     }
     let routes = config
@@ -232,8 +266,10 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         .collect();
     let inbound = match &config.inbound {
         Some(inb) => Some(Arc::new(Upstream::new(
-            UpstreamConfig::new("inbound", vec![inb.forward_to.clone()]),
+            inbound_upstream(&inb.forward_to),
             metrics.clone(),
+            local,
+            events.clone(),
         )?)),
         None => None,
     };
@@ -244,11 +280,28 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         routes,
         metrics,
         discovery,
+        events,
         draining: AtomicBool::new(false),
         drain_tx,
         stopped_tx,
         config,
     });
+
+    let resilience = {
+        let upstreams: Vec<_> = shared.upstreams.values().cloned().collect();
+        let runtime = thread_runtime("resilience")?;
+        let mut stopped = shared.stopped_signal();
+        thread::Builder::new()
+            .name("malla-resilience".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    for u in upstreams {
+                        tokio::spawn(u.maintain());
+                    }
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+            })?
+    };
 
     // Listener specs: (name, address, protocol, target).
     let mut specs = Vec::new();
@@ -298,6 +351,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
             _ => bound.outbound.push(actual),
         }
         let ctx = Arc::new(ListenerCtx {
+            relays: name != "inbound",
             metrics_http1: shared.metrics.listener(&name, "http1"),
             metrics_http2: shared.metrics.listener(&name, "http2"),
             metrics_tcp: shared.metrics.listener(&name, "tcp"),
@@ -349,8 +403,22 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         shared,
         workers: threads,
         admin,
+        resilience: Some(resilience),
         discovery,
     })
+}
+
+/// The inbound side forwards to the local application: no retries and no breaker there
+/// (the callers' sidecars retry and eject; doing it twice would multiply load on the one
+/// endpoint there is).
+fn inbound_upstream(forward_to: &str) -> UpstreamConfig {
+    let mut config = UpstreamConfig::new("inbound", vec![forward_to.to_string()]);
+    let mut policy = Policy::default();
+    policy.retries.enabled = false;
+    policy.outlier.enabled = false;
+    policy.failover.enabled = false;
+    config.policy = Some(policy);
+    config
 }
 
 fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {

@@ -1,27 +1,78 @@
-//! An upstream: a named service, its live endpoints, its balancer and its policies.
+//! An upstream: a named service, its live endpoints, its balancer and its resilience
+//! policy in force (see [`crate::resilience`]).
+//!
+//! Two endpoint lists are kept, both swapped whole and read lock-free: every known
+//! endpoint, and the *available* ones the balancer picks from, grouped into locality
+//! levels with their traffic shares. The second is rebuilt only when something changes:
+//! the endpoint set, a breaker opening or closing, or the policy.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{SocketAddr, ToSocketAddrs},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
 };
+
+use arc_swap::{ArcSwap, Guard};
+use malla_core::{
+    policy::{Outcome, Policy},
+    Labels,
+};
+use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     balance::Balancer,
     config::UpstreamConfig,
-    endpoint::{Endpoint, EndpointSet},
+    endpoint::{Endpoint, EndpointSet, InFlight},
     error::ProxyError,
     metrics::{SharedMetrics, UpstreamMetrics},
+    resilience::{
+        budget::RetryBudget,
+        events::{Event, EventKind, EventLog, Throttle},
+        limits::{self, Limit},
+        locality,
+        outlier::{self, Admission, State, Verdict},
+        PolicySource, Resilience,
+    },
 };
+
+/// What the balancer picks from.
+#[derive(Debug, Default)]
+struct Available {
+    /// Endpoints that may take traffic, by locality level (best first, empty levels out).
+    levels: Vec<Vec<Arc<Endpoint>>>,
+    /// Cumulative traffic share of each level (the last is 1).
+    cumulative: Vec<f64>,
+    /// Too few endpoints available: every endpoint is in, ejected or not.
+    panic: bool,
+}
 
 pub struct Upstream {
     pub config: UpstreamConfig,
     endpoints: EndpointSet,
+    available: ArcSwap<Available>,
+    /// Labels of discovered endpoints (for locality levels).
+    labels: Mutex<HashMap<SocketAddr, Labels>>,
+    /// This sidecar's own labels (its locality).
+    local: Labels,
     balancer: Balancer,
+    resilience: ArcSwap<Resilience>,
+    budget: RetryBudget,
+    pub(crate) limits: Arc<limits::Counters>,
+    events: Arc<EventLog>,
+    limit_throttle: Throttle,
+    budget_throttle: Throttle,
+    rate_throttle: Throttle,
+    /// Wakes the maintenance task (an ejection to time, a policy to follow).
+    maintenance: Notify,
     metrics: SharedMetrics,
     pub(crate) upstream_metrics: UpstreamMetrics,
-    /// Serialises updates; readers never take it.
+    /// Serialises updates and breaker transitions; readers never take it.
     update_lock: Mutex<()>,
+    panic: AtomicBool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -34,15 +85,32 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// Builds an upstream, resolving its configured endpoints once.
-    pub(crate) fn new(config: UpstreamConfig, metrics: SharedMetrics) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        config: UpstreamConfig,
+        metrics: SharedMetrics,
+        local: Labels,
+        events: Arc<EventLog>,
+    ) -> anyhow::Result<Self> {
         let addrs = resolve_all(&config.endpoints)?;
         let upstream = Upstream {
             balancer: Balancer::new(config.balancer),
             endpoints: EndpointSet::new(Vec::new()),
+            available: ArcSwap::from_pointee(Available::default()),
+            labels: Mutex::new(HashMap::new()),
+            local,
+            resilience: ArcSwap::new(Resilience::initial(&config)),
+            budget: RetryBudget::default(),
+            limits: Arc::new(limits::Counters::default()),
+            events,
+            limit_throttle: Throttle::default(),
+            budget_throttle: Throttle::default(),
+            rate_throttle: Throttle::default(),
+            maintenance: Notify::new(),
             upstream_metrics: metrics.upstream(&config.name),
             metrics,
             config,
             update_lock: Mutex::new(()),
+            panic: AtomicBool::new(false),
         };
         upstream.set_endpoints(&addrs);
         Ok(upstream)
@@ -52,15 +120,54 @@ impl Upstream {
         &self.config.name
     }
 
+    /// The policy in force, for one request.
+    pub(crate) fn resilience(&self) -> Guard<Arc<Resilience>> {
+        self.resilience.load()
+    }
+
+    /// The policy in force, held for a whole exchange.
+    pub(crate) fn resilience_full(&self) -> Arc<Resilience> {
+        self.resilience.load_full()
+    }
+
+    /// Puts a control-plane policy in force (`version`: its store revision), or with
+    /// `None` returns to the local `[upstream.policy]` / defaults. Connections, ejections,
+    /// budgets and limits carry over.
+    pub fn set_policy(&self, policy: Option<(Policy, u64)>) {
+        let next = match policy {
+            Some((policy, version)) => {
+                Resilience::compile(policy, PolicySource::ControlPlane { version }, &self.config)
+            }
+            None => Resilience::initial(&self.config),
+        };
+        tracing::info!(upstream = self.name(), source = ?next.source, "resilience policy in force");
+        self.resilience.store(next);
+        let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.resilience().policy.outlier.enabled {
+            for e in self.endpoints.snapshot().iter() {
+                e.breaker.close();
+            }
+        }
+        self.rebuild();
+        self.maintenance.notify_one();
+    }
+
+    /// Replaces the endpoint set (static endpoints: no labels).
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        let labeled: Vec<_> = addrs.iter().map(|a| (*a, Labels::new())).collect();
+        self.set_labeled_endpoints(&labeled);
+    }
+
     /// Replaces the endpoint set. Endpoints present before and after keep their state
-    /// (load estimate, pooled connections); removed ones finish the requests they carry.
+    /// (load estimate, pooled connections, breaker); removed ones finish the requests they
+    /// carry.
     ///
     /// A newcomer's latency estimate starts at the average of the endpoints already there,
     /// not at the 30 ms default: next to endpoints that answer in a millisecond, the default
     /// would keep it out of P2C's choices until their estimates had decayed (tens of
     /// seconds), and a new instance must take traffic within a second of registering. A
     /// slow newcomer gives itself away on its first answer (a peak replaces the estimate).
-    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+    pub fn set_labeled_endpoints(&self, endpoints: &[(SocketAddr, Labels)]) {
         let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.endpoints.snapshot();
         let seed = (!current.is_empty()).then(|| {
@@ -68,9 +175,10 @@ impl Upstream {
         });
         let mut existing: HashMap<SocketAddr, &Arc<Endpoint>> =
             current.iter().map(|e| (e.addr, e)).collect();
-        let mut next = Vec::with_capacity(addrs.len());
-        for addr in addrs {
-            if next.iter().any(|e: &Arc<Endpoint>| e.addr == *addr) {
+        let mut next = Vec::with_capacity(endpoints.len());
+        let mut labels = HashMap::with_capacity(endpoints.len());
+        for (addr, l) in endpoints {
+            if labels.insert(*addr, l.clone()).is_some() {
                 continue; // a duplicate in the input
             }
             let endpoint = match existing.remove(addr) {
@@ -94,22 +202,422 @@ impl Upstream {
                 .forget_endpoint(&self.config.name, &gone.to_string());
         }
         self.upstream_metrics.endpoints.set(next.len() as i64);
+        *self.labels.lock().unwrap_or_else(|e| e.into_inner()) = labels;
         self.endpoints.store(next);
+        self.rebuild();
     }
 
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints.snapshot()
     }
 
-    /// Chooses the endpoint for one request.
-    pub(crate) fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
-        let snapshot = self.endpoints.load();
-        self.balancer
-            .pick(&snapshot)
-            .cloned()
-            .ok_or_else(|| ProxyError::NoEndpoints {
-                upstream: self.config.name.clone(),
-            })
+    /// Rebuilds the available set from the endpoints, their breakers and labels, and the
+    /// policy. Called with `update_lock` held.
+    fn rebuild(&self) {
+        let all = self.endpoints.snapshot();
+        let resilience = self.resilience();
+        let policy = &resilience.policy;
+        let open = |e: &Endpoint| e.breaker.state() != State::Ejected;
+        let available = all.iter().filter(|e| open(e)).count();
+        let panic = policy.outlier.enabled
+            && !all.is_empty()
+            && (available as f64) < policy.outlier.panic_threshold.fraction() * all.len() as f64;
+        if panic != self.panic.swap(panic, Ordering::Relaxed) {
+            let (kind, detail) = if panic {
+                (
+                    EventKind::PanicEntered,
+                    format!(
+                        "{available} of {} endpoints available, below the panic threshold of {}%: balancing over all",
+                        all.len(),
+                        policy.outlier.panic_threshold.value()
+                    ),
+                )
+            } else {
+                (
+                    EventKind::PanicLeft,
+                    format!("{available} of {} endpoints available", all.len()),
+                )
+            };
+            self.event(Event::new(self.name(), kind, detail));
+        }
+        let labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+        let empty = Labels::new();
+        // Level -> (all endpoints of the level, those available).
+        let mut levels: BTreeMap<usize, (usize, Vec<Arc<Endpoint>>)> = BTreeMap::new();
+        for e in all.iter() {
+            let l = labels.get(&e.addr).unwrap_or(&empty);
+            let level = locality::level(&self.local, l, &policy.failover);
+            let entry = levels.entry(level).or_default();
+            entry.0 += 1;
+            if panic || open(e) {
+                entry.1.push(e.clone());
+            }
+        }
+        let totals: Vec<usize> = levels.values().map(|(n, _)| *n).collect();
+        let counts: Vec<usize> = levels.values().map(|(_, a)| a.len()).collect();
+        let shares = locality::shares(&counts, &totals, policy.failover.overprovisioning_factor);
+        let mut next = Available {
+            panic,
+            ..Available::default()
+        };
+        let mut cumulative = 0.0;
+        for ((_, (_, endpoints)), share) in levels.into_iter().zip(shares) {
+            if share > 0.0 && !endpoints.is_empty() {
+                cumulative += share;
+                next.levels.push(endpoints);
+                next.cumulative.push(cumulative);
+            }
+        }
+        if let Some(last) = next.cumulative.last_mut() {
+            *last = 1.0; // no rounding gap at the top
+        }
+        self.available.store(Arc::new(next));
+    }
+
+    /// Chooses the endpoint for one attempt, avoiding `exclude` (the endpoint that just
+    /// failed, on a retry) when there is another. Half-open endpoints take one probe at a
+    /// time; ejected ones none, unless the upstream is in panic.
+    pub(crate) fn pick(&self, exclude: Option<&Endpoint>) -> Result<InFlight, ProxyError> {
+        let available = self.available.load();
+        let level = match available.levels.len() {
+            0 => {
+                return Err(ProxyError::NoEndpoints {
+                    upstream: self.config.name.clone(),
+                })
+            }
+            1 => 0,
+            _ => {
+                let draw = fastrand::f64();
+                available
+                    .cumulative
+                    .iter()
+                    .position(|c| draw < *c)
+                    .unwrap_or(0)
+            }
+        };
+        let candidates = &available.levels[level];
+        let excluded = |e: &Endpoint| exclude.is_some_and(|x| std::ptr::eq(x, e));
+        for _ in 0..4 {
+            let Some(e) = self.balancer.pick(candidates) else {
+                break;
+            };
+            if excluded(e) && candidates.len() > 1 {
+                continue;
+            }
+            if let Some(claim) = self.admit(e, available.panic) {
+                return Ok(claim);
+            }
+        }
+        // Unlucky draws (a busy probe, the excluded endpoint): scan every level in order.
+        let all = available.levels.iter().flatten();
+        for pass_excluded in [false, true] {
+            for e in all.clone() {
+                if excluded(e) != pass_excluded {
+                    continue;
+                }
+                if let Some(claim) = self.admit(e, available.panic) {
+                    return Ok(claim);
+                }
+            }
+        }
+        Err(ProxyError::NoEndpoints {
+            upstream: self.config.name.clone(),
+        })
+    }
+
+    fn admit(&self, e: &Arc<Endpoint>, panic: bool) -> Option<InFlight> {
+        match e.breaker.admit() {
+            Admission::Yes => Some(e.start(false)),
+            Admission::Probe => Some(e.start(true)),
+            Admission::No if panic => Some(e.start(false)),
+            Admission::No => None,
+        }
+    }
+
+    /// Feeds the outlier detector with one attempt's outcome. A `relayed` failure (the
+    /// endpoint relayed an error from further upstream, `malla-relayed-failure`) is not
+    /// the endpoint's doing and counts neither way.
+    pub(crate) fn record(&self, in_flight: &InFlight, outcome: Outcome, relayed: bool) {
+        if relayed {
+            return;
+        }
+        let resilience = self.resilience();
+        let policy = &resilience.policy.outlier;
+        if !policy.enabled {
+            return;
+        }
+        let endpoint = in_flight.endpoint();
+        match endpoint
+            .breaker
+            .record(outcome, policy, in_flight.elapsed())
+        {
+            Verdict::Nothing => {}
+            Verdict::Eject { failures } => self.eject(
+                endpoint,
+                &format!(
+                    "{failures} consecutive failures (last: {})",
+                    describe(outcome)
+                ),
+            ),
+            Verdict::Reopen => self.eject(
+                endpoint,
+                &format!("half-open probe failed ({})", describe(outcome)),
+            ),
+            Verdict::Close => {
+                let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
+                if endpoint.breaker.state() == State::HalfOpen {
+                    endpoint.breaker.close();
+                    self.upstream_metrics.breaker(EventKind::Closed);
+                    self.event(
+                        Event::new(self.name(), EventKind::Closed, "half-open probe succeeded")
+                            .endpoint(endpoint.addr),
+                    );
+                    self.rebuild();
+                }
+            }
+        }
+    }
+
+    /// Opens an endpoint's breaker, unless the max-ejection share forbids it; in audit
+    /// mode only reports it.
+    fn eject(&self, endpoint: &Arc<Endpoint>, reason: &str) {
+        let resilience = self.resilience();
+        let policy = &resilience.policy.outlier;
+        let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if endpoint.breaker.state() == State::Ejected {
+            return;
+        }
+        if !policy.mode.enforces() {
+            endpoint.breaker.forget_failures();
+            self.upstream_metrics.breaker_audit();
+            self.event(
+                Event::new(
+                    self.name(),
+                    EventKind::Ejected,
+                    format!("would eject: {reason}"),
+                )
+                .endpoint(endpoint.addr)
+                .audit(true),
+            );
+            return;
+        }
+        let all = self.endpoints.snapshot();
+        let ejected = all
+            .iter()
+            .filter(|e| e.breaker.state() == State::Ejected)
+            .count();
+        let max = outlier::max_ejected(all.len(), policy);
+        if ejected >= max {
+            endpoint.breaker.forget_failures();
+            self.upstream_metrics.breaker(EventKind::EjectionSkipped);
+            self.event(
+                Event::new(
+                    self.name(),
+                    EventKind::EjectionSkipped,
+                    format!(
+                        "{reason}; {ejected} of {} endpoints already ejected (max_ejection_percent {}%)",
+                        all.len(),
+                        policy.max_ejection_percent.value()
+                    ),
+                )
+                .endpoint(endpoint.addr),
+            );
+            return;
+        }
+        let time = endpoint.breaker.eject(policy, outlier::now_ms());
+        self.upstream_metrics.breaker(EventKind::Ejected);
+        self.event(
+            Event::new(
+                self.name(),
+                EventKind::Ejected,
+                format!("{reason}; ejected for {}", humantime::format_duration(time)),
+            )
+            .endpoint(endpoint.addr),
+        );
+        self.rebuild();
+        self.maintenance.notify_one();
+    }
+
+    /// Runs the timed side of outlier detection until the proxy stops: ends ejections
+    /// (half-open), and every `interval` compares success rates and latencies.
+    pub(crate) async fn maintain(self: Arc<Self>) {
+        let mut next_interval = Instant::now() + self.resilience().policy.outlier.interval;
+        loop {
+            let now_ms = outlier::now_ms();
+            let next_expiry = self
+                .endpoints
+                .snapshot()
+                .iter()
+                .filter_map(|e| e.breaker.ejected_until())
+                .min()
+                .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms)));
+            let wake = next_expiry.map_or(next_interval, |e| e.min(next_interval));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.maintenance.notified() => continue,
+            }
+            self.end_ejections();
+            if Instant::now() >= next_interval {
+                self.compare_endpoints();
+                next_interval = Instant::now() + self.resilience().policy.outlier.interval;
+            }
+        }
+    }
+
+    /// Ejections whose time is up become half-open.
+    fn end_ejections(&self) {
+        let now_ms = outlier::now_ms();
+        let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        for e in self.endpoints.snapshot().iter() {
+            if e.breaker
+                .ejected_until()
+                .is_some_and(|until| until <= now_ms)
+            {
+                e.breaker.half_open();
+                changed = true;
+                self.upstream_metrics.breaker(EventKind::HalfOpen);
+                self.event(
+                    Event::new(
+                        self.name(),
+                        EventKind::HalfOpen,
+                        "ejection time over: next request is a probe",
+                    )
+                    .endpoint(e.addr),
+                );
+            }
+        }
+        if changed {
+            self.rebuild();
+        }
+    }
+
+    /// The success-rate and latency detectors, over the interval that just ended.
+    fn compare_endpoints(&self) {
+        let resilience = self.resilience();
+        let policy = &resilience.policy.outlier;
+        let endpoints = self.endpoints.snapshot();
+        let stats: Vec<_> = endpoints
+            .iter()
+            .map(|e| e.breaker.take_interval())
+            .collect();
+        if !policy.enabled {
+            return;
+        }
+        let outliers = outlier::success_rate_outliers(&stats, policy)
+            .into_iter()
+            .chain(outlier::latency_outliers(&stats, policy));
+        for (i, reason) in outliers {
+            if endpoints[i].breaker.state() == State::Closed {
+                self.eject(&endpoints[i], &reason);
+            }
+        }
+    }
+
+    /// Counts one original request against the retry budget.
+    pub(crate) fn deposit(&self, now_ms: u64) {
+        self.budget
+            .deposit(now_ms, self.resilience().policy.retries.budget_window);
+    }
+
+    /// Takes a retry from the budget; reports when it is spent.
+    pub(crate) fn withdraw_retry(&self, resilience: &Resilience) -> bool {
+        let policy = &resilience.policy.retries;
+        if self.budget.try_withdraw(outlier::now_ms(), policy) {
+            self.upstream_metrics.retry();
+            return true;
+        }
+        self.upstream_metrics.retry_budget_exhausted();
+        if let Some(count) = self.budget_throttle.admit() {
+            let mut event = Event::new(
+                self.name(),
+                EventKind::RetryBudgetExhausted,
+                format!(
+                    "retries are at {}% of requests plus {}/s",
+                    policy.budget_ratio * 100.0,
+                    policy.budget_min_per_second
+                ),
+            );
+            event.count = count;
+            self.event(event);
+        }
+        false
+    }
+
+    /// Takes a unit of a service limit; `Err` when the limit rejects the call.
+    pub(crate) fn acquire(
+        &self,
+        limit: Limit,
+        resilience: &Resilience,
+    ) -> Result<Option<limits::Slot>, ProxyError> {
+        let policy = &resilience.policy.limits;
+        let (slot, hit) = self.limits.acquire(limit, policy);
+        if let Some(hit) = hit {
+            let audit = !policy.mode.enforces();
+            self.upstream_metrics.limit_hit(limit.as_str(), audit);
+            if let Some(count) = self.limit_throttle.admit() {
+                let mut event = Event::new(
+                    self.name(),
+                    EventKind::LimitHit,
+                    format!("{} {} reached", hit.limit.as_str(), hit.max),
+                )
+                .audit(audit);
+                event.count = count;
+                self.event(event);
+            }
+            if !audit {
+                return Err(ProxyError::LimitReached {
+                    upstream: self.config.name.clone(),
+                    limit: hit.limit.as_str(),
+                    max: hit.max,
+                });
+            }
+        }
+        Ok(slot)
+    }
+
+    /// The local rate limits; `Err` (429) when one rejects the request.
+    pub(crate) fn rate_limit(
+        &self,
+        resilience: &Resilience,
+        path: &[u8],
+    ) -> Result<(), ProxyError> {
+        let now = Instant::now();
+        for limiter in resilience.rate_limits.iter().filter(|l| l.applies_to(path)) {
+            if let Err(wait) = limiter.try_acquire(now) {
+                let audit = !limiter.mode.enforces();
+                self.upstream_metrics.rate_limited(audit);
+                if let Some(count) = self.rate_throttle.admit() {
+                    let mut event = Event::new(
+                        self.name(),
+                        EventKind::RateLimited,
+                        format!(
+                            "over {} requests per second{}",
+                            limiter.rate(),
+                            limiter
+                                .path_prefix
+                                .as_deref()
+                                .map(|p| format!(" on {p}"))
+                                .unwrap_or_default()
+                        ),
+                    )
+                    .audit(audit);
+                    event.count = count;
+                    self.event(event);
+                }
+                if !audit {
+                    return Err(ProxyError::RateLimited {
+                        upstream: self.config.name.clone(),
+                        retry_after: wait,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn event(&self, event: Event) {
+        self.events.record(event);
     }
 
     /// Counts a response the proxy made itself.
@@ -119,12 +627,19 @@ impl Upstream {
 
     /// The live state, for `/config`.
     pub fn state(&self) -> serde_json::Value {
+        let available = self.available.load();
         let endpoints: Vec<_> = self
             .endpoints()
             .iter()
             .map(|e| {
+                let level = available
+                    .levels
+                    .iter()
+                    .position(|l| l.iter().any(|x| Arc::ptr_eq(x, e)));
                 serde_json::json!({
                     "address": e.addr.to_string(),
+                    "breaker": e.breaker.state().as_str(),
+                    "level": level,
                     "in_flight": e.in_flight(),
                     "requests": e.requests(),
                     "latency_estimate_ms": e.rtt_estimate_ns() / 1e6,
@@ -132,12 +647,33 @@ impl Upstream {
                 })
             })
             .collect();
+        let resilience = self.resilience();
         serde_json::json!({
             "name": self.config.name,
             "balancer": self.balancer.kind().to_string(),
             "config": self.config,
+            "policy": {
+                "source": resilience.source,
+                "spec": resilience.policy,
+            },
+            "panic": available.panic,
+            "level_shares": available.cumulative,
+            "limits_held": self.limits.snapshot(),
             "endpoints": endpoints,
         })
+    }
+}
+
+fn describe(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::ConnectFailure => "connect failure".into(),
+        Outcome::Reset => "reset".into(),
+        Outcome::Timeout => "timeout".into(),
+        Outcome::Status(s) => format!("status {s}"),
+        Outcome::Grpc(code) => format!(
+            "grpc-status {code} {}",
+            malla_core::policy::condition::grpc_code_name(code)
+        ),
     }
 }
 
@@ -158,16 +694,24 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
+    fn upstream(addrs: &[SocketAddr]) -> Upstream {
+        Upstream::new(
+            UpstreamConfig::new("u", addrs.iter().map(|a| a.to_string()).collect()),
+            Arc::new(Metrics::new()),
+            Labels::new(),
+            Arc::new(EventLog::default()),
+        )
+        .unwrap()
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     #[test]
     fn newcomers_start_at_the_average_estimate_of_the_others() {
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
-        let upstream = Upstream::new(
-            UpstreamConfig::new("u", vec![a.to_string(), b.to_string()]),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let (a, b, c) = (addr(1), addr(2), addr(3));
+        let upstream = upstream(&[a, b]);
         // The first endpoints have nothing to go by: the default.
         let default = upstream.endpoints()[0].rtt_estimate_ns();
         assert!(default > 20e6, "{default}");
@@ -180,5 +724,93 @@ mod tests {
         assert!(estimate > 1.9e6 && estimate <= 2e6, "{estimate}");
         // Endpoints that stay keep their own estimate.
         assert!(endpoints[0].rtt_estimate_ns() <= 1e6);
+    }
+
+    #[test]
+    fn failures_eject_within_the_max_share_and_picks_avoid_the_ejected() {
+        let u = upstream(&[addr(1), addr(2), addr(3)]);
+        let bad = u.endpoints()[0].clone();
+        for _ in 0..5 {
+            let f = bad.start(false);
+            u.record(&f, Outcome::Status(500), false);
+        }
+        assert_eq!(bad.breaker.state(), State::Ejected);
+        for _ in 0..100 {
+            assert_ne!(u.pick(None).unwrap().endpoint().addr, bad.addr);
+        }
+        // 50% of 3 is 1: a second endpoint cannot be ejected.
+        let second = u.endpoints()[1].clone();
+        for _ in 0..10 {
+            u.record(&second.start(false), Outcome::ConnectFailure, false);
+        }
+        assert_eq!(second.breaker.state(), State::Closed);
+        // Relayed failures count for nothing.
+        let third = u.endpoints()[2].clone();
+        for _ in 0..10 {
+            u.record(&third.start(false), Outcome::Status(503), true);
+        }
+        assert_eq!(third.breaker.state(), State::Closed);
+    }
+
+    #[test]
+    fn retries_avoid_the_endpoint_that_failed() {
+        let u = upstream(&[addr(1), addr(2)]);
+        let first = u.endpoints()[0].clone();
+        for _ in 0..50 {
+            assert_ne!(u.pick(Some(&first)).unwrap().endpoint().addr, first.addr);
+        }
+        // A single endpoint is retried on itself.
+        let solo = upstream(&[addr(1)]);
+        let only = solo.endpoints()[0].clone();
+        assert_eq!(solo.pick(Some(&only)).unwrap().endpoint().addr, only.addr);
+    }
+
+    #[test]
+    fn panic_balances_over_every_endpoint() {
+        let u = upstream(&[addr(1)]);
+        let only = u.endpoints()[0].clone();
+        for _ in 0..5 {
+            u.record(&only.start(false), Outcome::Reset, false);
+        }
+        assert_eq!(only.breaker.state(), State::Ejected);
+        assert!(u.available.load().panic);
+        assert_eq!(u.pick(None).unwrap().endpoint().addr, only.addr);
+    }
+
+    #[test]
+    fn locality_levels_keep_traffic_local_until_it_degrades() {
+        let mut local = Labels::new();
+        local.insert("zone", "a").unwrap();
+        let u = Upstream::new(
+            UpstreamConfig::new("u", vec![]),
+            Arc::new(Metrics::new()),
+            local,
+            Arc::new(EventLog::default()),
+        )
+        .unwrap();
+        let zone = |z: &str| {
+            let mut l = Labels::new();
+            l.insert("zone", z).unwrap();
+            l
+        };
+        u.set_labeled_endpoints(&[
+            (addr(1), zone("a")),
+            (addr(2), zone("a")),
+            (addr(3), zone("b")),
+            (addr(4), zone("b")),
+        ]);
+        let remote = |u: &Upstream| {
+            (0..1000)
+                .filter(|_| u.pick(None).unwrap().endpoint().addr.port() >= 3)
+                .count()
+        };
+        assert_eq!(remote(&u), 0);
+        // Half of zone a ejected: 50% × 1.4 = 70% stays, ~30% spills to zone b.
+        let a1 = u.endpoints()[0].clone();
+        for _ in 0..5 {
+            u.record(&a1.start(false), Outcome::ConnectFailure, false);
+        }
+        let spilled = remote(&u);
+        assert!((200..400).contains(&spilled), "{spilled}");
     }
 }

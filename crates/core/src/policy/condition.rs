@@ -60,7 +60,10 @@ const GRPC_CODES: [&str; 17] = [
 ];
 
 pub fn grpc_code_name(code: u8) -> &'static str {
-    GRPC_CODES.get(usize::from(code)).copied().unwrap_or("unknown")
+    GRPC_CODES
+        .get(usize::from(code))
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// A set of [`Outcome`] conditions.

@@ -112,7 +112,11 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
         }
     }
     if problems.is_empty() {
-        Ok(document.policy.into_iter().map(|p| p.into_inner()).collect())
+        Ok(document
+            .policy
+            .into_iter()
+            .map(|p| p.into_inner())
+            .collect())
     } else {
         Err(fail(problems))
     }
@@ -147,7 +151,10 @@ fn locate(text: &str, span: Range<usize>, field: &str) -> (usize, usize) {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |n| before.len() - n - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |n| before.len() - n - 1)
+        + 1;
     (line, column)
 }
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use malla_api::{pb, ConversionError, RegistryClient, WatchEvent};
-use malla_core::Instance;
+use malla_core::{Instance, Labels};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
@@ -38,7 +38,8 @@ const WATCH_START_TIMEOUT: Duration = Duration::from_secs(5);
 struct Known {
     instances: BTreeMap<String, Instance>,
     /// The addresses last given to the upstream, sorted.
-    applied: Vec<SocketAddr>,
+    /// The endpoints (with their labels, for locality) last given to the upstream.
+    applied: Vec<(SocketAddr, Labels)>,
 }
 
 impl Known {
@@ -60,14 +61,14 @@ impl Known {
                 }
             }
         }
-        let mut addrs: Vec<SocketAddr> = self
+        let mut addrs: Vec<(SocketAddr, Labels)> = self
             .instances
             .values()
             .filter(|i| i.health.serving())
-            .map(Instance::socket_addr)
+            .map(|i| (i.socket_addr(), i.labels.clone()))
             .collect();
-        addrs.sort_unstable();
-        addrs.dedup();
+        addrs.sort_unstable_by_key(|(addr, _)| *addr);
+        addrs.dedup_by_key(|(addr, _)| *addr);
         status
             .instances
             .store(self.instances.len(), Ordering::Relaxed);
@@ -79,7 +80,7 @@ impl Known {
         status.metrics.last_update.touch();
         status.synced.store(true, Ordering::Release);
         if addrs != self.applied {
-            upstream.set_endpoints(&addrs);
+            upstream.set_labeled_endpoints(&addrs);
             info!(upstream = %upstream.name(), revision, instances = self.instances.len(), serving = addrs.len(), "endpoints updated from the control plane");
             self.applied = addrs;
         }
@@ -203,8 +204,13 @@ mod tests {
     #[test]
     fn snapshots_replace_updates_patch_and_unhealthy_instances_stay_out() {
         let metrics = std::sync::Arc::new(Metrics::new());
-        let upstream =
-            Upstream::new(UpstreamConfig::new("svc", Vec::new()), metrics.clone()).unwrap();
+        let upstream = Upstream::new(
+            UpstreamConfig::new("svc", Vec::new()),
+            metrics.clone(),
+            malla_core::Labels::new(),
+            Default::default(),
+        )
+        .unwrap();
         let status = WatchStatus {
             target: malla_api::WatchTarget {
                 service: ServiceName::new("svc").unwrap(),

@@ -12,11 +12,14 @@
 //! - `Content-Length` that is not digits, or several differing values → 400.
 //! - HTTP/1.1 without exactly one `Host` → 400.
 
-use std::{mem::MaybeUninit, net::IpAddr};
+use std::{mem::MaybeUninit, net::IpAddr, time::Duration};
+
+use malla_core::policy::{RELAYED_FAILURE_HEADER, TIMEOUT_HEADER};
 
 use crate::{
     error::ProxyError,
     forwarding::{self, has_token, is_hop_by_hop},
+    resilience::deadline,
 };
 
 /// Hard cap on header fields per head; `limits.max_headers` may only lower it.
@@ -53,6 +56,11 @@ pub struct RequestInfo {
     pub expect_continue: bool,
     /// Where the `Host` value sits in the input buffer.
     pub host: Option<(usize, usize)>,
+    /// Where the request target sits in the input buffer.
+    pub path: (usize, usize),
+    /// The caller's remaining time budget (`malla-timeout-ms`), removed from the head:
+    /// the proxy sends what is left of it when it forwards the request.
+    pub timeout: Option<Duration>,
 }
 
 /// Parses one request head from `buf`. When complete, the head to send upstream has been
@@ -135,6 +143,7 @@ pub fn parse_request(
             || name.eq_ignore_ascii_case(b"x-forwarded-for")
             || name.eq_ignore_ascii_case(b"via")
             || name.eq_ignore_ascii_case(b"forwarded")
+            || name.eq_ignore_ascii_case(TIMEOUT_HEADER.as_bytes())
         {
             continue;
         }
@@ -177,6 +186,11 @@ pub fn parse_request(
         upgrade,
         expect_continue: f.expect_continue,
         host,
+        path: {
+            let start = path.as_ptr() as usize - buf.as_ptr() as usize;
+            (start, start + path.len())
+        },
+        timeout: f.timeout_ms.and_then(deadline::parse_timeout_ms),
     }))
 }
 
@@ -188,6 +202,8 @@ pub struct ResponseInfo {
     pub body: BodyKind,
     /// The upstream connection may carry another request after this response.
     pub reusable: bool,
+    /// Marked `malla-relayed-failure`: not the answering endpoint's own failure.
+    pub relayed: bool,
 }
 
 /// Parses one response head from `buf`. When complete, the head to send to the client has
@@ -276,6 +292,7 @@ pub fn parse_response(
         status,
         body,
         reusable: persistent && body != BodyKind::UntilClose,
+        relayed: f.relayed,
     }))
 }
 
@@ -346,6 +363,10 @@ struct Fields<'a> {
     x_forwarded_for: Option<Vec<u8>>,
     via: Option<Vec<u8>>,
     forwarded: Option<Vec<u8>>,
+    /// `malla-timeout-ms`: the caller's remaining budget.
+    timeout_ms: Option<&'a [u8]>,
+    /// `malla-relayed-failure`: the response is an upstream's failure, relayed.
+    relayed: bool,
 }
 
 impl<'a> Fields<'a> {
@@ -417,6 +438,10 @@ impl<'a> Fields<'a> {
                 join_into(&mut f.via, value);
             } else if name.eq_ignore_ascii_case(b"forwarded") {
                 join_into(&mut f.forwarded, value);
+            } else if name.eq_ignore_ascii_case(TIMEOUT_HEADER.as_bytes()) {
+                f.timeout_ms = Some(value);
+            } else if name.eq_ignore_ascii_case(RELAYED_FAILURE_HEADER.as_bytes()) {
+                f.relayed = true;
             }
         }
         Ok(f)
