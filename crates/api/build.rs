@@ -1,10 +1,15 @@
-//! Generates the registry API's messages and stubs from `proto/`. The proto is parsed by
-//! `protox` (pure Rust), so the build needs no `protoc`.
+//! Generates the API's messages and stubs from `proto/`. The protos are parsed by `protox`
+//! (pure Rust), so the build needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/malla/registry/v1/registry.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let protos = [
+        "proto/malla/registry/v1/registry.proto",
+        "proto/malla/policy/v1/policy.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

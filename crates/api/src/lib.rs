@@ -1,9 +1,13 @@
 //! # malla-api
 //!
-//! The gRPC API between sidecars and the control plane, `malla.registry.v1.Registry`
-//! (`proto/malla/registry/v1/registry.proto`): a sidecar registers its instance under a
-//! lease, heartbeats it, deregisters it on drain, and watches the instances of the services
-//! it calls.
+//! The gRPC API between sidecars and the control plane:
+//!
+//! - `malla.registry.v1.Registry` (`proto/malla/registry/v1/registry.proto`): a sidecar
+//!   registers its instance under a lease, heartbeats it, deregisters it on drain, and
+//!   watches the instances of the services it calls.
+//! - `malla.policy.v1.Policies` (`proto/malla/policy/v1/policy.proto`): a sidecar watches
+//!   the resilience policy of each service it calls ([`policy`]) and reports the
+//!   resilience events it observes.
 //!
 //! This crate sits between the domain model and the two processes that speak the API:
 //!
@@ -18,6 +22,7 @@
 //! tonic's server, the sidecar tonic's channel.
 
 pub mod convert;
+pub mod policy;
 
 /// The generated messages and stubs of `malla.registry.v1`.
 pub mod pb {
@@ -25,6 +30,15 @@ pub mod pb {
     tonic::include_proto!("malla.registry.v1");
 }
 
+/// The generated messages and stubs of `malla.policy.v1`.
+pub mod policy_pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("malla.policy.v1");
+}
+
 pub use convert::{ConversionError, Registration, WatchEvent, WatchTarget};
 pub use pb::registry_client::RegistryClient;
 pub use pb::registry_server::{Registry as RegistryService, RegistryServer};
+pub use policy::{InvalidPolicy, PolicyState};
+pub use policy_pb::policies_client::PoliciesClient;
+pub use policy_pb::policies_server::{Policies as PoliciesService, PoliciesServer};
