@@ -1,4 +1,27 @@
-//! The control plane's APIs. Each is a projection of the [`crate::registry::Registry`].
+//! The control plane's APIs. Each is a projection of the [`crate::registry::Registry`],
+//! the [`crate::policies::Policies`] and the [`crate::events::EventRing`].
 
 pub mod grpc;
 pub mod http;
+
+use std::sync::Arc;
+
+use crate::{events::EventRing, policies::Policies, registry::Registry};
+
+/// What every API serves.
+pub struct Backend<S> {
+    pub registry: Arc<Registry<S>>,
+    pub policies: Arc<Policies<S>>,
+    pub events: Arc<EventRing>,
+}
+
+// By hand: a derive would ask for `S: Clone`, and only the `Arc`s are cloned.
+impl<S> Clone for Backend<S> {
+    fn clone(&self) -> Self {
+        Backend {
+            registry: self.registry.clone(),
+            policies: self.policies.clone(),
+            events: self.events.clone(),
+        }
+    }
+}

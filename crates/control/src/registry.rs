@@ -13,6 +13,8 @@
 //! /malla/services/{service}            ServiceSpec (JSON)
 //! /malla/instances/{service}/{id}      Instance (JSON), attached to the instance's lease
 //! ```
+//!
+//! (`/malla/policies/` belongs to [`crate::policies`].)
 
 pub mod view;
 
@@ -99,7 +101,7 @@ impl<S: Store + Clone> Registry<S> {
     pub async fn open(store: S) -> Result<Self> {
         let (kvs, revision) = store.range("/malla/").await?;
         let mut view = View::new(revision);
-        for kv in &kvs {
+        for kv in kvs.iter().filter(|kv| is_registry_key(&kv.key)) {
             if let Err(e) = view.apply_put(&kv.key, &kv.value) {
                 warn!(key = %kv.key, error = %e, "ignoring an unreadable registry key");
             }
@@ -357,6 +359,7 @@ async fn follow(
         let mut next = (**view_tx.borrow()).clone();
         let revision = event.kv.mod_revision;
         let change = match event.kind {
+            _ if !is_registry_key(&event.kv.key) => Ok(None),
             EventKind::Put => next.apply_put(&event.kv.key, &event.kv.value),
             EventKind::Delete => Ok(next.apply_delete(&event.kv.key)),
         };
@@ -376,6 +379,13 @@ async fn follow(
             }
         }
     }
+}
+
+/// Whether the registry owns `key`. It follows all of `/malla/`, so that its view's
+/// revision is the store's (a write answers once the view includes it, whatever it
+/// wrote), but keys that other parts own (`/malla/policies/`) are theirs to read.
+fn is_registry_key(key: &str) -> bool {
+    key.starts_with(SERVICES_PREFIX) || key.starts_with(INSTANCES_PREFIX)
 }
 
 pub fn service_key(name: &ServiceName) -> String {

@@ -9,9 +9,11 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::info;
 
 use crate::{
-    api,
+    api::{self, Backend},
     dns::{Catalog, DnsConfig, DnsServer},
+    events::EventRing,
     health::HealthChecker,
+    policies::Policies,
     registry::Registry,
     store::{embedded::EmbeddedStore, Store},
 };
@@ -52,6 +54,10 @@ impl Default for DnsSettings {
 /// A running control plane.
 pub struct Control {
     pub registry: Arc<Registry<EmbeddedStore>>,
+    /// Resilience policies, one per service.
+    pub policies: Arc<Policies<EmbeddedStore>>,
+    /// The resilience events sidecars reported (in memory).
+    pub events: Arc<EventRing>,
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
@@ -77,12 +83,24 @@ impl Control {
                     config.data_dir.display()
                 )
             })?;
-        let registry = Arc::new(Registry::open(store).await?);
-        let started = Self::serve(&config, registry.clone(), listener).await;
+        let opened = async {
+            let registry = Arc::new(Registry::open(store.clone()).await?);
+            let policies = Arc::new(Policies::open(store.clone()).await?);
+            anyhow::Ok(Backend {
+                registry,
+                policies,
+                events: Arc::new(EventRing::default()),
+            })
+        }
+        .await;
+        let started = match opened {
+            Ok(backend) => Self::serve(&config, backend.clone(), listener).await,
+            Err(e) => Err(e),
+        };
         if started.is_err() {
-            // Release the store at once, not when the last handle happens to drop.
-            registry.stop_following();
-            if let Err(e) = registry.store().close().await {
+            // Release the store at once, not when the last handle happens to drop (the
+            // registry and policies hold handles until their updaters stop).
+            if let Err(e) = store.close().await {
                 tracing::warn!(error = %e, "closing the store");
             }
         }
@@ -93,12 +111,13 @@ impl Control {
     /// failure leaves nothing running.
     async fn serve(
         config: &ControlConfig,
-        registry: Arc<Registry<EmbeddedStore>>,
+        backend: Backend<EmbeddedStore>,
         listener: TcpListener,
     ) -> anyhow::Result<Control> {
+        let registry = backend.registry.clone();
         let (stop, mut stopped) = watch::channel(false);
         let (grpc_addr, grpc) =
-            api::grpc::bind(config.grpc_addr, registry.clone(), stop.subscribe())
+            api::grpc::bind(config.grpc_addr, backend.clone(), stop.subscribe())
                 .await
                 .with_context(|| format!("cannot listen on {} (--grpc-addr)", config.grpc_addr))?;
         info!(addr = %grpc_addr, "gRPC API listening");
@@ -131,7 +150,7 @@ impl Control {
         };
 
         let http_addr = listener.local_addr()?;
-        let app = api::http::router(registry.clone());
+        let app = api::http::router(backend.clone());
         let http = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -149,6 +168,8 @@ impl Control {
         Ok(Control {
             dns_addr: dns.as_ref().map(|d| d.local_addr()),
             registry,
+            policies: backend.policies,
+            events: backend.events,
             http_addr,
             grpc_addr,
             health: Some(health),
@@ -176,6 +197,7 @@ impl Control {
             }
         }
         self.registry.stop_following();
+        self.policies.stop_following();
         if let Err(e) = self.registry.store().close().await {
             tracing::warn!(error = %e, "closing the store");
         }

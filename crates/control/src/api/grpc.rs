@@ -1,4 +1,5 @@
-//! The gRPC API for sidecars: `malla.registry.v1.Registry` (`crates/api`).
+//! The gRPC API for sidecars: `malla.registry.v1.Registry` (`crates/api`), here, and
+//! `malla.policy.v1.Policies` ([`policies`]), on the same port.
 //!
 //! Register, Heartbeat and Deregister are thin: convert the request to domain types
 //! (`malla-api` rejects bad fields with a precise message), call the [`Registry`], map its
@@ -26,12 +27,13 @@
 //! (to this process when it comes back, or to another replica) and resynchronise from a
 //! snapshot.
 
+pub mod policies;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{collections::BTreeMap, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use malla_api::{pb, ConversionError, Registration, RegistryServer, WatchTarget};
+use malla_api::{pb, ConversionError, PoliciesServer, Registration, RegistryServer, WatchTarget};
 use malla_core::{service::valid_instance_id, Instance, ServiceName};
 use tokio::{
     net::TcpListener,
@@ -44,11 +46,12 @@ use tonic::{codegen::tokio_stream::Stream, Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::{
+    api::Backend,
     registry::{self, Change, Registry, RegistryError, View},
     store::{Store, StoreError},
 };
 
-/// Messages a watch stream buffers for a slow client before its task waits.
+/// Messages a watch stream (registry or policy) buffers for a slow client before its task waits.
 pub const STREAM_BUFFER: usize = 64;
 /// Most queued changes coalesced into one update.
 const MAX_BATCH: usize = 1024;
@@ -72,7 +75,7 @@ impl<S: Store + Clone> RegistryGrpc<S> {
 /// Serves the API on `listener` until `stop` turns `true`.
 pub async fn serve<S: Store + Clone>(
     listener: TcpListener,
-    registry: Arc<Registry<S>>,
+    backend: Backend<S>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -83,7 +86,13 @@ pub async fn serve<S: Store + Clone>(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(RegistryServer::new(RegistryGrpc::new(registry, stop)))
+        .add_service(RegistryServer::new(RegistryGrpc::new(
+            backend.registry.clone(),
+            stop.clone(),
+        )))
+        .add_service(PoliciesServer::new(policies::PoliciesGrpc::new(
+            backend, stop,
+        )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
@@ -91,13 +100,13 @@ pub async fn serve<S: Store + Clone>(
 /// Binds `addr` and serves the API there; returns the bound address.
 pub async fn bind<S: Store + Clone>(
     addr: SocketAddr,
-    registry: Arc<Registry<S>>,
+    backend: Backend<S>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        if let Err(e) = serve(listener, registry, stop).await {
+        if let Err(e) = serve(listener, backend, stop).await {
             warn!(error = %e, "gRPC API stopped");
         }
     });

@@ -3,13 +3,15 @@
 //! Every answer is JSON. Errors are `{"error": {"code": "...", "message": "..."}}` with a
 //! 4xx/5xx status; the message names the bad value and says what to do. Request bodies are
 //! limited to [`MAX_BODY`] and must not carry unknown fields. The routes are listed in
-//! `docs/control.md`.
+//! `docs/control.md`; the policy and event routes are in [`policies`].
+
+mod policies;
 
 use std::sync::Arc;
 
 use axum::{
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, Query, State},
+    extract::{DefaultBodyLimit, FromRef, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, put},
@@ -20,6 +22,7 @@ use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::json;
 
 use crate::{
+    api::Backend,
     registry::{Registration, Registry, RegistryError, ServiceSpec},
     store::{Store, StoreError},
 };
@@ -27,7 +30,14 @@ use crate::{
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
-pub fn router<S: Store + Clone>(registry: Arc<Registry<S>>) -> Router {
+/// The registry routes take only the registry.
+impl<S> FromRef<Backend<S>> for Arc<Registry<S>> {
+    fn from_ref(backend: &Backend<S>) -> Self {
+        backend.registry.clone()
+    }
+}
+
+pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(|| async { "ready\n" }))
@@ -45,6 +55,14 @@ pub fn router<S: Store + Clone>(registry: Arc<Registry<S>>) -> Router {
             put(register::<S>).delete(deregister::<S>),
         )
         .route("/v1/leases/{lease}/keepalive", put(keep_alive::<S>))
+        .route("/v1/policies", get(policies::list::<S>))
+        .route(
+            "/v1/policies/{service}",
+            get(policies::get::<S>)
+                .put(policies::put::<S>)
+                .delete(policies::delete::<S>),
+        )
+        .route("/v1/events", get(policies::events::<S>))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -54,7 +72,7 @@ pub fn router<S: Store + Clone>(registry: Arc<Registry<S>>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(json_errors))
-        .with_state(registry)
+        .with_state(backend)
 }
 
 /// Gives the error answers that axum makes itself (a method the route does not take, a body
@@ -108,6 +126,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Every bad field, when there can be several (`[{field, message}]`).
+    fields: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -116,6 +136,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            fields: None,
         }
     }
 
@@ -126,11 +147,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(fields) = self.fields {
+            error["fields"] = fields;
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
     }
 }
 

@@ -19,10 +19,10 @@ use crate::{
 };
 
 /// A directory under the system temp dir, unique to this process and test, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> TempDir {
+    pub(crate) fn new(name: &str) -> TempDir {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "malla-grpc-{}-{name}-{}",
@@ -40,7 +40,7 @@ impl Drop for TempDir {
     }
 }
 
-async fn control(dir: &TempDir) -> Control {
+pub(crate) async fn control(dir: &TempDir) -> Control {
     let any = "127.0.0.1:0".parse().unwrap();
     Control::start(ControlConfig {
         data_dir: dir.0.clone(),
