@@ -60,6 +60,11 @@ impl TestProxyBuilder {
         self
     }
 
+    /// Changes the resilience policy of the upstream added last (`[upstream.policy]`).
+    pub fn policy(self, change: impl FnOnce(&mut malla_core::Policy)) -> Self {
+        self.upstream_config(|u| change(u.policy.get_or_insert_with(Default::default)))
+    }
+
     pub fn balancer(self, kind: BalancerKind) -> Self {
         self.upstream_config(|u| u.balancer = kind)
     }
@@ -231,6 +236,14 @@ impl TestProxy {
     /// Replaces an upstream's endpoints, live.
     pub fn set_endpoints(&self, upstream: &str, endpoints: &[SocketAddr]) {
         self.upstream(upstream).set_endpoints(endpoints);
+    }
+
+    /// Resilience events recorded and not yet sent to a control plane.
+    pub fn events(&self) -> Vec<malla_proxy::resilience::events::Event> {
+        let log = self.handle().events();
+        let events = log.drain(usize::MAX);
+        log.requeue(events.clone());
+        events
     }
 
     /// The proxy's metrics in Prometheus text form, without the admin listener.

@@ -23,6 +23,8 @@ pub enum ProxyError {
     NoRoute { host: String },
     #[error("upstream {upstream} has no endpoints")]
     NoEndpoints { upstream: String },
+    #[error("all {endpoints} endpoints of upstream {upstream} are ejected by their circuit breakers; they are probed again when their ejection time ends")]
+    AllEjected { upstream: String, endpoints: usize },
     #[error("connection to {addr} refused")]
     ConnectRefused { addr: SocketAddr },
     #[error("connecting to {addr} timed out after {timeout:?}")]
@@ -68,6 +70,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => "no-route",
             ProxyError::NoEndpoints { .. } => "no-endpoints",
+            ProxyError::AllEjected { .. } => "no-healthy-endpoints",
             ProxyError::ConnectRefused { .. } => "connect-refused",
             ProxyError::ConnectTimeout { .. } => "connect-timeout",
             ProxyError::Connect { .. } => "connect-error",
@@ -91,6 +94,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoints { .. }
+            | ProxyError::AllEjected { .. }
             | ProxyError::Draining
             | ProxyError::LimitReached { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -143,6 +147,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::NoEndpoints { .. }
+                | ProxyError::AllEjected { .. }
                 | ProxyError::ConnectRefused { .. }
                 | ProxyError::ConnectTimeout { .. }
                 | ProxyError::Connect { .. }

@@ -48,6 +48,9 @@ struct Available {
     cumulative: Vec<f64>,
     /// Too few endpoints available: every endpoint is in, ejected or not.
     panic: bool,
+    /// Half-open endpoints: the next request goes to one of them as its probe, so that
+    /// an ejection ends promptly whatever the balancer thinks of the endpoint's latency.
+    probes: Vec<Arc<Endpoint>>,
 }
 
 pub struct Upstream {
@@ -242,11 +245,15 @@ impl Upstream {
         }
         let labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
         let empty = Labels::new();
+        let mut next_probes = Vec::new();
         // Level -> (all endpoints of the level, those available).
         let mut levels: BTreeMap<usize, (usize, Vec<Arc<Endpoint>>)> = BTreeMap::new();
         for e in all.iter() {
             let l = labels.get(&e.addr).unwrap_or(&empty);
             let level = locality::level(&self.local, l, &policy.failover);
+            if e.breaker.state() == State::HalfOpen {
+                next_probes.push(e.clone());
+            }
             let entry = levels.entry(level).or_default();
             entry.0 += 1;
             if panic || open(e) {
@@ -258,6 +265,7 @@ impl Upstream {
         let shares = locality::shares(&counts, &totals, policy.failover.overprovisioning_factor);
         let mut next = Available {
             panic,
+            probes: next_probes,
             ..Available::default()
         };
         let mut cumulative = 0.0;
@@ -281,9 +289,17 @@ impl Upstream {
         let available = self.available.load();
         let level = match available.levels.len() {
             0 => {
-                return Err(ProxyError::NoEndpoints {
-                    upstream: self.config.name.clone(),
-                })
+                let endpoints = self.endpoints.snapshot().len();
+                return Err(if endpoints == 0 {
+                    ProxyError::NoEndpoints {
+                        upstream: self.config.name.clone(),
+                    }
+                } else {
+                    ProxyError::AllEjected {
+                        upstream: self.config.name.clone(),
+                        endpoints,
+                    }
+                });
             }
             1 => 0,
             _ => {
@@ -295,8 +311,13 @@ impl Upstream {
                     .unwrap_or(0)
             }
         };
-        let candidates = &available.levels[level];
         let excluded = |e: &Endpoint| exclude.is_some_and(|x| std::ptr::eq(x, e));
+        for e in &available.probes {
+            if !excluded(e) && e.breaker.admit() == Admission::Probe {
+                return Ok(e.start(true));
+            }
+        }
+        let candidates = &available.levels[level];
         for _ in 0..4 {
             let Some(e) = self.balancer.pick(candidates) else {
                 break;

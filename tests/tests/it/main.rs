@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `harness` | the harness itself: peers, clients, macros, parsers, proxy start/stop |
 //! | `requests` | a request goes through, by listener and by `Host` (cross-version) |
+//! | `resilience` | breakers, half-open probes, retries and budgets, deadlines, limits, rate limits, faults, relayed failures |
 //! | `errors` | the causes the proxy answers itself (cross-version) |
 //! | `balancing` | P2C-EWMA, round robin, live endpoint changes (cross-version) |
 //! | `drain` | in-flight work completes, new connections are refused (cross-version) |
@@ -59,5 +60,6 @@ mod http1;
 mod http2;
 mod memory;
 mod requests;
+mod resilience;
 mod tcp;
 mod websocket;
