@@ -14,6 +14,11 @@
 //!   snapshot or update becomes [`Upstream::set_endpoints`] with the addresses of the
 //!   instances that may serve (not `unhealthy`). Endpoints that leave finish the requests
 //!   they carry.
+//! - **Policies** ([`policy`]): every upstream, discovered or static, follows the
+//!   resilience policy of its service (`WatchPolicy`); each valid version becomes
+//!   [`Upstream::set_policy`], an invalid one is refused and the version in force stays.
+//! - **Events** ([`events`]): the resilience events the upstreams record (ejections,
+//!   panic mode, limits hit...) are sent in batches with `ReportEvents`.
 //!
 //! # Failure
 //!
@@ -29,10 +34,13 @@
 //! listener: control-plane work never runs on, or waits behind, a data-plane worker. The
 //! workers only see the result, through the upstreams' lock-free endpoint snapshots.
 //!
-//! The state (connected, revision, last update, lease) is in [`DiscoveryStatus`]: metrics
-//! `malla_proxy_control_*` and the `control` / `upstreams[].discovery` parts of `/config`.
+//! The state (connected, revision, last update, lease, policy version) is in
+//! [`DiscoveryStatus`]: metrics `malla_proxy_control_*` and the `control` /
+//! `upstreams[].discovery` parts of `/config`.
 
 mod backoff;
+mod events;
+mod policy;
 mod registration;
 mod watch;
 
@@ -48,7 +56,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use malla_api::{Registration, RegistryClient, WatchTarget};
+use malla_api::{PoliciesClient, Registration, RegistryClient, WatchTarget};
 use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -79,6 +87,8 @@ pub struct DiscoveryStatus {
     url: String,
     registration: Option<Arc<RegistrationStatus>>,
     watches: BTreeMap<String, Arc<WatchStatus>>,
+    /// Every upstream's policy watch, by upstream name.
+    policies: BTreeMap<String, Arc<policy::PolicyStatus>>,
 }
 
 /// The registration of this proxy's instance.
@@ -140,6 +150,11 @@ impl DiscoveryStatus {
             None => None,
         };
         let mut watches = BTreeMap::new();
+        let mut policies = BTreeMap::new();
+        for u in &config.upstreams {
+            let service = ServiceName::new(u.discovery_service())?;
+            policies.insert(u.name.clone(), Arc::new(policy::PolicyStatus::new(service)));
+        }
         for u in config.upstreams.iter().filter(|u| u.is_discovered(true)) {
             let selector = match &u.selector {
                 Some(s) => Selector::parse(s)?,
@@ -165,6 +180,7 @@ impl DiscoveryStatus {
             url: control.url.clone(),
             registration,
             watches,
+            policies,
         }))
     }
 
@@ -200,16 +216,36 @@ impl DiscoveryStatus {
             .keys()
             .filter_map(|name| Some((name.clone(), self.upstream_json(name)?)))
             .collect();
+        let policies: BTreeMap<_, _> = self
+            .policies
+            .iter()
+            .map(|(name, p)| (name.clone(), p.to_json()))
+            .collect();
         json!({
             "url": self.url,
             "registration": registration,
             "watches": watches,
+            "policies": policies,
         })
     }
 
-    /// The `discovery` part of a discovered upstream in `/config`.
+    /// The control-plane policy version in force for an upstream, if any.
+    pub fn policy_version(&self, upstream: &str) -> Option<u64> {
+        self.policies.get(upstream)?.version()
+    }
+
+    /// The `discovery` part of an upstream in `/config`: its endpoint watch (discovered
+    /// upstreams only) and its policy watch (every upstream).
     pub fn upstream_json(&self, upstream: &str) -> Option<serde_json::Value> {
-        let w = self.watches.get(upstream)?;
+        let policy = self.policies.get(upstream);
+        let Some(w) = self.watches.get(upstream) else {
+            return policy.map(|p| {
+                json!({
+                    "policy_version": p.version(),
+                    "policy_watch": p.to_json(),
+                })
+            });
+        };
         let m = &w.metrics;
         Some(json!({
             "service": w.target.service,
@@ -222,6 +258,8 @@ impl DiscoveryStatus {
             "serving": w.serving.load(Ordering::Relaxed),
             "reconnects": m.reconnects.get(),
             "last_error": get_error(&w.last_error),
+            "policy_version": policy.and_then(|p| p.version()),
+            "policy_watch": policy.map(|p| p.to_json()),
         }))
     }
 }
@@ -344,9 +382,33 @@ async fn run(
     deregister: mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>,
 ) {
     // One HTTP/2 connection, made lazily and remade after it breaks, carries every call.
-    let client = RegistryClient::new(endpoint.connect_lazy());
-    info!(url = %control.url, upstreams = status.watches.len(), registers = registration.is_some(), "following the control plane");
+    let channel = endpoint.connect_lazy();
+    let client = RegistryClient::new(channel.clone());
+    let policies = PoliciesClient::new(channel);
+    info!(url = %control.url, upstreams = status.watches.len(), policies = status.policies.len(), registers = registration.is_some(), "following the control plane");
     let mut tasks = tokio::task::JoinSet::new();
+    let reporter = events::Reporter {
+        service: status
+            .registration
+            .as_ref()
+            .map(|r| r.service.to_string())
+            .unwrap_or_default(),
+        instance_id: status
+            .registration
+            .as_ref()
+            .map(|r| r.instance_id.clone())
+            .unwrap_or_default(),
+        services: status
+            .policies
+            .iter()
+            .map(|(name, p)| (name.clone(), p.service.to_string()))
+            .collect(),
+    };
+    tasks.spawn(events::run(
+        policies.clone(),
+        shared.events.clone(),
+        reporter,
+    ));
     if let (Some(registration), Some(reg_status)) = (registration, status.registration.clone()) {
         tasks.spawn(registration::run(
             client.clone(),
@@ -360,6 +422,16 @@ async fn run(
             continue;
         };
         tasks.spawn(watch::run(client.clone(), upstream, watch_status.clone()));
+    }
+    for (name, policy_status) in &status.policies {
+        let Some(upstream) = shared.upstreams.get(name).cloned() else {
+            continue;
+        };
+        tasks.spawn(policy::run(
+            policies.clone(),
+            upstream,
+            policy_status.clone(),
+        ));
     }
     let mut stopped = shared.stopped_signal();
     let _ = stopped.wait_for(|s| *s).await;
