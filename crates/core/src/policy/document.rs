@@ -67,7 +67,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
         fail(vec![Problem {
             line,
             column,
-            field: None,
+            field: e.span().and_then(|s| field_at(text, s.start)),
             message: e.message().trim_end().to_string(),
         }])
     })?;
@@ -147,6 +147,99 @@ fn locate(text: &str, span: Range<usize>, field: &str) -> (usize, usize) {
     line_col(text, found.unwrap_or(span.start))
 }
 
+/// The dotted field path (`policy[1].outlier.max_ejection_percent`) of the key or value
+/// at `offset`, read from the text around it: the `[[policy]]` it is in, the table header
+/// above it, the key on its line. The TOML reader's errors (a value of the wrong type or
+/// out of range, an unknown field) carry a place but no path. `None` when the place is not
+/// a plain `key = value` or header inside a `[[policy]]` (deeper inline tables, say):
+/// no path is better than a wrong one.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let mut policy: Option<usize> = None;
+    // The current table, relative to its policy (`outlier`, `rate_limit[1]`).
+    let mut table: Option<String> = None;
+    let mut arrays: Vec<(String, usize)> = Vec::new();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        let here = (start..end).contains(&offset) || (end == text.len() && offset == end);
+        let trimmed = line.trim();
+        if let Some(name) = trimmed
+            .strip_prefix("[[")
+            .and_then(|t| t.split_once("]]"))
+            .map(|(name, _)| name.trim())
+        {
+            if name == "policy" {
+                policy = Some(policy.map_or(0, |i| i + 1));
+                table = None;
+                arrays.clear();
+            } else {
+                table = name.strip_prefix("policy.").map(|rest| {
+                    let n = match arrays.iter_mut().find(|(a, _)| a == rest) {
+                        Some((_, n)) => {
+                            *n += 1;
+                            *n
+                        }
+                        None => {
+                            arrays.push((rest.to_string(), 0));
+                            0
+                        }
+                    };
+                    format!("{rest}[{n}]")
+                });
+            }
+        } else if let Some(name) = trimmed
+            .strip_prefix('[')
+            .and_then(|t| t.split_once(']'))
+            .map(|(name, _)| name.trim())
+        {
+            table = name.strip_prefix("policy.").map(str::to_string);
+            if here {
+                // An error on a header: the table it names.
+                let policy = policy?;
+                return table.map(|t| format!("policy[{policy}].{t}"));
+            }
+        } else if here {
+            let key = key_at(&line[..offset - start], line)?;
+            let mut path = format!("policy[{}]", policy?);
+            if let Some(t) = &table {
+                path = format!("{path}.{t}");
+            }
+            return Some(format!("{path}.{key}"));
+        }
+        if here {
+            return None;
+        }
+        start = end;
+    }
+    None
+}
+
+/// The key a line assigns, seen from a place in it (`before`: the line up to there):
+/// `max_attempts` for `max_attempts = "x"`, `retries.max_attempts` inside
+/// `retries = { max_attempts = "x" }`.
+fn key_at(before: &str, line: &str) -> Option<String> {
+    let is_key = |k: &str| {
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    let first = line.split_once('=')?.0.trim();
+    if !is_key(first) {
+        return None;
+    }
+    match (before.matches('{').count(), before.contains('}')) {
+        (0, false) => Some(first.to_string()),
+        (1, false) => {
+            // The last `key =` before the place, inside the one inline table.
+            let inner = before.rsplit_once('{')?.1;
+            let segment = inner.rsplit(',').next()?;
+            let last = segment.split_once('=')?.0.trim();
+            is_key(last).then(|| format!("{first}.{last}"))
+        }
+        _ => None,
+    }
+}
+
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -185,18 +278,43 @@ service = "billing"
     #[test]
     fn errors_name_file_line_and_field() {
         let cases = [
-            // A bad value: the TOML reader points at it.
+            // A bad value: the TOML reader points at it; the path is read around it.
             (
                 "[[policy]]\nservice = \"a\"\n[policy.outlier]\nmax_ejection_percent = 120\n",
-                "mesh.toml:4:24: ",
+                "mesh.toml:4:24: policy[0].outlier.max_ejection_percent: ",
                 "not a percentage",
             ),
             // An unknown field.
             (
                 "[[policy]]\nservice = \"a\"\n[policy.retries]\nmax_attemps = 2\n",
-                "mesh.toml:4:1: ",
+                "mesh.toml:4:1: policy[0].retries.max_attemps: ",
                 "unknown field `max_attemps`",
             ),
+            // An unknown table.
+            (
+                "[[policy]]\nservice = \"a\"\n[policy.retrie]\nmax_attempts = 2\n",
+                "mesh.toml:3:9: policy[0].retrie: ",
+                "unknown field `retrie`",
+            ),
+            // The second of an array of tables, in the second policy.
+            (
+                "[[policy]]\nservice = \"a\"\n[[policy]]\nservice = \"b\"\n[[policy.rate_limit]]\nrequests_per_second = 1\n[[policy.rate_limit]]\nrequests_per_second = \"x\"\n",
+                "mesh.toml:8:23: policy[1].rate_limit[1].requests_per_second: ",
+                "expected f64",
+            ),
+            // Dotted keys and an inline table.
+            (
+                "[[policy]]\nservice = \"a\"\nretries.max_attempts = \"x\"\n",
+                "mesh.toml:3:24: policy[0].retries.max_attempts: ",
+                "expected u32",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nretries = { enabled = true, max_attempts = \"x\" }\n",
+                "mesh.toml:3:44: policy[0].retries.max_attempts: ",
+                "expected u32",
+            ),
+            // Outside any policy: no path.
+            ("polcy = 1\n", "mesh.toml:1:1: unknown field `polcy`", ""),
             // A cross-field check, located on the field's own line.
             (
                 "[[policy]]\nservice = \"a\"\n[policy.retries]\nbackoff_base = \"2s\"\nbackoff_max = \"1s\"\n",
