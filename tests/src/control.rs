@@ -27,6 +27,8 @@ use std::{
 };
 
 use malla_control::{
+    events::EventRing,
+    policies::Policies,
     registry::Registry,
     server::{Control, ControlConfig, DnsSettings},
     store::embedded::EmbeddedStore,
@@ -217,6 +219,24 @@ impl TestControl {
             .as_ref()
             .expect("the control plane is stopped")
             .registry
+    }
+
+    /// The running control plane's resilience policies (in-process reads and writes).
+    pub fn policies(&self) -> &Arc<Policies<EmbeddedStore>> {
+        &self
+            .control
+            .as_ref()
+            .expect("the control plane is stopped")
+            .policies
+    }
+
+    /// The resilience events sidecars reported to the running control plane.
+    pub fn events(&self) -> &Arc<EventRing> {
+        &self
+            .control
+            .as_ref()
+            .expect("the control plane is stopped")
+            .events
     }
 
     pub fn data_dir(&self) -> &Path {

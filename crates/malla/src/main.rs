@@ -1,5 +1,6 @@
-//! `malla`: one binary for the whole mesh. Today: `malla proxy`, the sidecar, and
-//! `malla demo`, which shows it at work.
+//! `malla`: one binary for the whole mesh: `malla proxy`, the sidecar; `malla control`,
+//! the control plane, and the verbs that talk to it (registry, policies, events);
+//! `malla demo`, which shows them at work.
 
 // The binary is where malla talks to people: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -7,6 +8,7 @@
 mod client;
 mod control_cmd;
 mod demo;
+mod policy_cmd;
 mod proxy_cmd;
 mod registry_cmd;
 
@@ -40,6 +42,14 @@ enum Command {
     Register(registry_cmd::RegisterArgs),
     /// Remove an instance from the registry at once.
     Deregister(registry_cmd::DeregisterArgs),
+    /// Apply resilience policies from TOML files (all checked before any is applied).
+    Apply(policy_cmd::ApplyArgs),
+    /// Show resilience policies: `get policies`, `get policy NAME`.
+    Get(policy_cmd::GetArgs),
+    /// Delete a resilience policy: `delete policy NAME`.
+    Delete(policy_cmd::DeleteArgs),
+    /// Show the resilience events sidecars reported (ejections, limits hit...), newest last.
+    Events(policy_cmd::EventsArgs),
     /// Start demo services behind a sidecar, send traffic, and show where it went.
     Demo(demo::DemoArgs),
 }
@@ -59,6 +69,10 @@ fn main() -> ExitCode {
         Command::Instances(args) => registry_cmd::instances(args),
         Command::Register(args) => registry_cmd::register(args),
         Command::Deregister(args) => registry_cmd::deregister(args),
+        Command::Apply(args) => policy_cmd::apply(args),
+        Command::Get(args) => policy_cmd::get(args),
+        Command::Delete(args) => policy_cmd::delete(args),
+        Command::Events(args) => policy_cmd::events(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

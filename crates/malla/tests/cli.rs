@@ -1,29 +1,48 @@
-//! The registry verbs of the real `malla` binary (`services`, `instances`, `register`,
-//! `deregister`) against a control plane started in-process on `127.0.0.1:0`.
+//! The verbs of the real `malla` binary that talk to the control plane (`services`,
+//! `instances`, `register`, `deregister`; `apply`, `get`, `delete`, `events`) against a
+//! control plane started in-process on `127.0.0.1:0`.
 
 // Test code: an `unwrap` here is an assertion.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
+use std::{
+    io::Write as _,
+    process::{Command, Output, Stdio},
+};
 
-use malla_tests::control::TestControl;
+use malla_tests::control::{TempDir, TestControl};
 use serde_json::{json, Value};
 
 /// Runs `malla ARGS...` (with `--control URL` appended when given); waits for it off the
 /// runtime's threads.
 async fn malla(args: &[&str], control: Option<&str>) -> Output {
+    malla_with_stdin(args, control, "").await
+}
+
+/// The same, with `input` on its standard input.
+async fn malla_with_stdin(args: &[&str], control: Option<&str>, input: &str) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_malla"));
     cmd.args(args)
         .env_remove("MALLA_CONTROL")
         .env_remove("MALLA_LOG")
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(url) = control {
         cmd.args(["--control", url]);
     }
-    tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("run the malla binary")
+    let input = input.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        child.wait_with_output()
+    })
+    .await
+    .unwrap()
+    .expect("run the malla binary")
 }
 
 fn stdout(out: &Output) -> String {
@@ -373,4 +392,351 @@ async fn errors_say_what_to_do() {
 
     // The control plane did not mind.
     assert_eq!(control.api().instance_ids("orders", "").await.len(), 3);
+}
+
+/// Writes `text` to `dir/name`; returns the path.
+fn file(dir: &TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+const GOOD: &str = r#"
+[[policy]]
+service = "shipping-quote"
+[policy.retries]
+max_attempts = 2
+[policy.timeouts]
+request = "2s"
+
+[[policy]]
+service = "billing"
+[policy.outlier]
+consecutive_failures = 3
+mode = "audit"
+[[policy.rate_limit]]
+path_prefix = "/quotes"
+requests_per_second = 100
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_checks_every_file_first_and_applies_nothing_on_a_problem() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let dir = TempDir::new("cli-apply-bad");
+    let good = file(&dir, "good.toml", GOOD);
+    let bad = file(
+        &dir,
+        "bad.toml",
+        "[[policy]]\nservice = \"orders\"\n[policy.retries]\nmax_attempts = 0\n\n[[policy]]\n[policy.outlier]\nbase_ejection_time = \"10m\"\nmax_ejection_time = \"1m\"\n",
+    );
+    let broken = file(&dir, "broken.toml", "[[policy]\n");
+    let out = malla(
+        &["apply", "-f", &good, "-f", &bad, "-f", &broken],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    // Every problem, located, then the verdict.
+    assert_eq!(lines.len(), 5, "{err}");
+    assert_eq!(
+        lines[0],
+        format!("{bad}:4:1: policy[0].retries.max_attempts: 0 is not between 1 and 10")
+    );
+    assert!(
+        lines[1].starts_with(&format!("{bad}:6:1: policy[1].service: missing")),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!(
+            "{bad}:8:1: policy[1].outlier.base_ejection_time: "
+        )),
+        "{err}"
+    );
+    assert!(lines[3].starts_with(&format!("{broken}:1:")), "{err}");
+    assert_eq!(lines[4], "error: 4 problems found; nothing was applied");
+    assert!(stdout(&out).is_empty());
+    // Nothing was applied, not even the good file.
+    assert_eq!(
+        control.api().get("/v1/policies").await.ok()["policies"],
+        json!([])
+    );
+
+    // The same service twice across files is a problem too; a missing file as well.
+    let again = file(&dir, "again.toml", "[[policy]]\nservice = \"billing\"\n");
+    let missing = dir.path().join("missing.toml");
+    let out = malla(
+        &[
+            "apply",
+            "-f",
+            &good,
+            "-f",
+            &again,
+            "-f",
+            &missing.to_string_lossy(),
+        ],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{again}:2:1: policy[0].service: \"billing\" has a policy in {good} too"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("missing.toml: cannot read"), "{err}");
+    assert_eq!(
+        control.api().get("/v1/policies").await.ok()["policies"],
+        json!([])
+    );
+
+    // Usage: -f is required.
+    let out = malla(&["apply"], Some(&url)).await;
+    assert_exit(&out, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_get_round_trip_and_delete() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let dir = TempDir::new("cli-apply");
+    let good = file(&dir, "mesh.toml", GOOD);
+
+    let out = malla(&["apply", "-f", &good], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let version = |line: &str| -> u64 {
+        line.rsplit_once("(version ")
+            .and_then(|(_, v)| v.trim_end_matches(')').parse().ok())
+            .unwrap_or_else(|| panic!("no version in {line:?}"))
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("policy/shipping-quote created (version "),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("policy/billing created (version "),
+        "{text}"
+    );
+    let v1 = version(lines[0]);
+
+    // Again: unchanged, same version. Changed: configured, a higher version.
+    let out = malla(&["apply", "-f", &good], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert_eq!(
+        stdout(&out).lines().next().unwrap(),
+        format!("policy/shipping-quote unchanged (version {v1})")
+    );
+    let changed = file(
+        &dir,
+        "changed.toml",
+        "[[policy]]\nservice = \"shipping-quote\"\n[policy.retries]\nmax_attempts = 4\n",
+    );
+    let out = malla(&["apply", "-f", &changed], Some(&url)).await;
+    assert_exit(&out, 0);
+    let line = stdout(&out);
+    assert!(
+        line.starts_with("policy/shipping-quote configured (version "),
+        "{line}"
+    );
+    let v2 = version(line.trim());
+    assert!(v2 > v1, "{v2} > {v1}");
+
+    // The table.
+    let out = malla(&["get", "policies"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "SERVICE",
+            "VERSION",
+            "RETRIES",
+            "TIMEOUT",
+            "OUTLIER",
+            "LIMITS",
+            "RATE-LIMITS",
+            "FAULTS"
+        ],
+        "{text}"
+    );
+    assert_eq!(rows[1][0], "billing", "{text}");
+    assert_eq!(
+        &rows[1][2..],
+        ["3", "attempts", "-", "3", "failures", "(audit)", "4096", "requests", "1", "0"],
+        "{text}"
+    );
+    assert_eq!(rows[2][0], "shipping-quote", "{text}");
+    assert_eq!(rows[2][1], v2.to_string(), "{text}");
+
+    // JSON: the API's answer.
+    let out = malla(&["get", "policy", "billing", "-o", "json"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["policy"]["rate_limit"][0]["path_prefix"], "/quotes");
+
+    // TOML goes back in as it came out: unchanged, through a file and through stdin.
+    let out = malla(&["get", "policies", "-o", "toml"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let toml_text = stdout(&out);
+    assert!(
+        toml_text.starts_with("# policy/billing version "),
+        "{toml_text}"
+    );
+    let exported = file(&dir, "exported.toml", &toml_text);
+    let out = malla(&["apply", "-f", &exported], Some(&url)).await;
+    assert_exit(&out, 0);
+    let billing = control.api().get("/v1/policies/billing").await.ok()["version"].clone();
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "policy/billing unchanged (version {billing})\npolicy/shipping-quote unchanged (version {v2})\n"
+        )
+    );
+    let out = malla(
+        &["get", "policy", "shipping-quote", "-o", "toml"],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    let one = stdout(&out);
+    assert!(
+        one.contains("[[policy]]") && one.contains("max_attempts = 4"),
+        "{one}"
+    );
+    let out = malla_with_stdin(&["apply", "-f", "-"], Some(&url), &one).await;
+    assert_exit(&out, 0);
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("policy/shipping-quote unchanged (version {v2})")
+    );
+    // A problem on stdin is reported as <stdin>.
+    let out = malla_with_stdin(
+        &["apply", "-f", "-"],
+        Some(&url),
+        "[[policy]]\nservice = \"x\"\n[policy.retries]\nmax_attempts = 11\n",
+    )
+    .await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).starts_with("<stdin>:4:1: policy[0].retries.max_attempts: "),
+        "{}",
+        stderr(&out)
+    );
+
+    // Delete; then it is not found.
+    let out = malla(&["delete", "policy", "shipping-quote"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out).trim(), "policy/shipping-quote deleted");
+    for args in [
+        &["get", "policy", "shipping-quote"][..],
+        &["delete", "policy", "shipping-quote"],
+    ] {
+        let out = malla(args, Some(&url)).await;
+        assert_exit(&out, 1);
+        assert!(
+            stderr(&out).contains("no policy for service shipping-quote (HTTP 404)"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = malla(&["get", "policies", "-o", "json"], Some(&url)).await;
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["policies"].as_array().unwrap().len(), 1);
+
+    // Usage errors: exit 2.
+    for args in [
+        &["get", "policy"][..],
+        &["get", "policies", "-o", "yaml"],
+        &["delete", "policies"],
+        &["get"],
+    ] {
+        let out = malla(args, Some(&url)).await;
+        assert_exit(&out, 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_as_table_and_json() {
+    use malla_control::events::{ReportedEvent, Reporter};
+
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let event = |service: &str, kind: &str, at_ms: u64| ReportedEvent {
+        seq: 0,
+        at_ms,
+        received_at_ms: at_ms,
+        reporter: Reporter {
+            service: Some("frontend".into()),
+            instance_id: Some("frontend-1".into()),
+        },
+        service: Some(service.into()),
+        upstream: service.into(),
+        endpoint: Some("127.0.0.1:9".parse().unwrap()),
+        kind: kind.into(),
+        audit: kind == "limit-hit",
+        count: 1,
+        detail: "5 consecutive failures".into(),
+    };
+    control.events().push(vec![
+        event("shipping-quote", "ejected", 1_700_000_000_000),
+        event("billing", "limit-hit", 1_700_000_001_000),
+        event("shipping-quote", "half-open", 1_700_000_002_000),
+    ]);
+
+    let out = malla(&["events"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["TIME", "SERVICE", "UPSTREAM", "ENDPOINT", "KIND", "COUNT", "REPORTER", "DETAIL"]
+    );
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[1].starts_with("2023-11-14T22:13:20.000Z  shipping-quote"),
+        "{text}"
+    );
+    assert!(lines[2].contains("limit-hit (audit)"), "{text}");
+    assert!(
+        lines[3].contains("half-open") && lines[3].contains("frontend-1"),
+        "{text}"
+    );
+
+    let out = malla(
+        &[
+            "events",
+            "--service",
+            "shipping-quote",
+            "--limit",
+            "1",
+            "-o",
+            "json",
+        ],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["kind"], "half-open");
+
+    let out = malla(&["events", "--limit", "0"], Some(&url)).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("limit 0 is out of range"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -1,0 +1,442 @@
+//! The policy verbs: `malla apply -f`, `malla get policies` / `get policy NAME`,
+//! `malla delete policy NAME`, and `malla events`.
+//!
+//! `apply` checks every file completely before it writes anything: a document with a
+//! problem anywhere applies nothing, and every problem is printed at once, located the
+//! way a compiler does (`FILE:LINE:COL: field: message`), so one run shows everything to
+//! fix. The control plane checks again (the same checks) when each policy arrives.
+
+use std::{
+    io::Read as _,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use malla_core::policy::{document, Policy};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    client::{Client, ControlArg},
+    registry_cmd::{encode, print_json, print_table, rows, text},
+};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    malla apply -f mesh.toml\n  \
+    malla apply -f shipping.toml -f billing.toml\n  \
+    malla get policy shipping-quote -o toml | malla apply -f -\n\n\
+    A file holds [[policy]] tables, each naming its `service`:\n\n  \
+    [[policy]]\n  \
+    service = \"shipping-quote\"\n  \
+    [policy.retries]\n  \
+    max_attempts = 2\n\n\
+    Every file is checked before anything is applied; problems are printed as\n\
+    FILE:LINE:COL: field: message and nothing is applied. See docs/resilience.md.")]
+pub struct ApplyArgs {
+    /// A TOML file of [[policy]] tables; `-` reads standard input. Repeat for several.
+    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true)]
+    files: Vec<String>,
+    #[command(flatten)]
+    control: ControlArg,
+}
+
+/// How `get` prints.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum PolicyOutput {
+    /// A summary, for people.
+    #[default]
+    Table,
+    /// The API's answer, for scripts.
+    Json,
+    /// A document `malla apply -f` takes back.
+    Toml,
+}
+
+#[derive(clap::Args)]
+pub struct GetArgs {
+    #[command(subcommand)]
+    what: GetWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum GetWhat {
+    /// Every policy, with its version.
+    Policies {
+        /// How to print.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: PolicyOutput,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// The policy of one service.
+    #[command(after_help = "Example:\n  malla get policy shipping-quote -o toml > shipping.toml")]
+    Policy {
+        /// The service.
+        name: String,
+        /// How to print.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: PolicyOutput,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct DeleteArgs {
+    #[command(subcommand)]
+    what: DeleteWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum DeleteWhat {
+    /// Delete the policy of a service: its callers go back to their local policy or the
+    /// defaults.
+    Policy {
+        /// The service.
+        name: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum EventsOutput {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    malla events\n  \
+    malla events --service shipping-quote --kind ejected --limit 20\n\n\
+    Kinds: ejected, half-open, closed, ejection-skipped, panic-entered, panic-left,\n\
+    limit-hit, retry-budget-exhausted, rate-limited.")]
+pub struct EventsArgs {
+    /// Only events about calls to this service, or reported by its sidecars.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only events of this kind.
+    #[arg(long)]
+    kind: Option<String>,
+    /// At most this many (the newest), 1-10000.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// `table` for people, `json` (the API's answer) for scripts.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: EventsOutput,
+    #[command(flatten)]
+    control: ControlArg,
+}
+
+/// One file's text, with the name its problems are reported under.
+struct Source {
+    name: String,
+    text: String,
+}
+
+fn read_sources(files: &[String]) -> Vec<Result<Source, String>> {
+    let mut stdin_read = false;
+    files
+        .iter()
+        .map(|file| {
+            if file == "-" {
+                if stdin_read {
+                    return Err("-: standard input can be read only once".to_string());
+                }
+                stdin_read = true;
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .map_err(|e| format!("-: cannot read standard input: {e}"))?;
+                return Ok(Source {
+                    name: "<stdin>".into(),
+                    text,
+                });
+            }
+            std::fs::read_to_string(file)
+                .map(|text| Source {
+                    name: file.clone(),
+                    text,
+                })
+                .map_err(|e| format!("{file}: cannot read: {e}"))
+        })
+        .collect()
+}
+
+/// Where `service = "NAME"` is written in `text` (1-based line and column).
+fn locate_service(text: &str, service: &str) -> (usize, usize) {
+    let quoted = format!("\"{service}\"");
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("service") && trimmed.contains(&quoted) {
+            return (i + 1, line.len() - trimmed.len() + 1);
+        }
+    }
+    (0, 0)
+}
+
+pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
+    // Everything is read and checked before anything is written.
+    let mut problems = Vec::new();
+    let mut policies: Vec<(String, Policy)> = Vec::new();
+    for source in read_sources(&args.files) {
+        let source = match source {
+            Ok(s) => s,
+            Err(problem) => {
+                problems.push(problem);
+                continue;
+            }
+        };
+        match document::parse(&source.text, &source.name) {
+            Ok(parsed) => {
+                for (i, policy) in parsed.into_iter().enumerate() {
+                    let service = policy.service.clone().unwrap_or_default();
+                    if let Some((earlier, _)) = policies
+                        .iter()
+                        .find(|(_, p)| p.service.as_deref() == Some(service.as_str()))
+                    {
+                        let (line, column) = locate_service(&source.text, &service);
+                        problems.push(format!(
+                            "{}:{line}:{column}: policy[{i}].service: {service:?} has a policy in {earlier} too; one per service",
+                            source.name
+                        ));
+                        continue;
+                    }
+                    policies.push((source.name.clone(), policy));
+                }
+            }
+            Err(e) => problems.extend(e.to_string().lines().map(str::to_string)),
+        }
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        let n = problems.len();
+        bail!(
+            "{n} problem{} found; nothing was applied",
+            if n == 1 { "" } else { "s" }
+        );
+    }
+
+    let client = Client::new(&args.control)?;
+    let mut failed = 0;
+    for (_, policy) in &policies {
+        let service = policy.service.clone().unwrap_or_default();
+        let body = serde_json::to_value(policy)?;
+        match client.put(&format!("/v1/policies/{}", encode(&service)), &body) {
+            Ok(v) => {
+                let what = if v["created"] == true {
+                    "created"
+                } else if v["unchanged"] == true {
+                    "unchanged"
+                } else {
+                    "configured"
+                };
+                println!("policy/{service} {what} (version {})", text(&v["version"]));
+            }
+            Err(e) => {
+                // Not reachable at all: the others will not fare better.
+                if e.to_string().contains("cannot reach the control plane") {
+                    return Err(e);
+                }
+                eprintln!("policy/{service}: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} policies not applied (the others were)",
+            policies.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn get(args: GetArgs) -> anyhow::Result<()> {
+    match args.what {
+        GetWhat::Policies { output, control } => {
+            let client = Client::new(&control)?;
+            let v = client.get("/v1/policies")?;
+            let list = v["policies"].as_array().cloned().unwrap_or_default();
+            print_policies(&v, &list, output)
+        }
+        GetWhat::Policy {
+            name,
+            output,
+            control,
+        } => {
+            let client = Client::new(&control)?;
+            let v = client.get(&format!("/v1/policies/{}", encode(&name)))?;
+            print_policies(&v, std::slice::from_ref(&v), output)
+        }
+    }
+}
+
+/// Prints `list` (`[{service, version, policy}]`); `answer` is what the API said.
+fn print_policies(answer: &Value, list: &[Value], output: PolicyOutput) -> anyhow::Result<()> {
+    match output {
+        PolicyOutput::Json => print_json(answer),
+        PolicyOutput::Toml => print!("{}", to_toml(list)?),
+        PolicyOutput::Table => {
+            let rows = rows(&Value::Array(list.to_vec()), summary);
+            print_table(
+                &[
+                    "SERVICE",
+                    "VERSION",
+                    "RETRIES",
+                    "TIMEOUT",
+                    "OUTLIER",
+                    "LIMITS",
+                    "RATE-LIMITS",
+                    "FAULTS",
+                ],
+                rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One table row: what a person wants to see first.
+fn summary(p: &Value) -> Vec<String> {
+    let spec = &p["policy"];
+    let retries = &spec["retries"];
+    let outlier = &spec["outlier"];
+    let count = |v: &Value| v.as_array().map_or(0, Vec::len).to_string();
+    vec![
+        text(&p["service"]),
+        text(&p["version"]),
+        if retries["enabled"] == false {
+            "off".into()
+        } else {
+            format!("{} attempts", text(&retries["max_attempts"]))
+        },
+        match spec["timeouts"]["request"].as_str() {
+            None | Some("0s") => "-".into(),
+            Some(t) => t.to_string(),
+        },
+        if outlier["enabled"] == false {
+            "off".into()
+        } else {
+            format!(
+                "{} failures{}",
+                text(&outlier["consecutive_failures"]),
+                if outlier["mode"] == "audit" {
+                    " (audit)"
+                } else {
+                    ""
+                }
+            )
+        },
+        format!(
+            "{} requests{}",
+            text(&spec["limits"]["max_requests"]),
+            if spec["limits"]["mode"] == "audit" {
+                " (audit)"
+            } else {
+                ""
+            }
+        ),
+        count(&spec["rate_limit"]),
+        count(&spec["fault"]),
+    ]
+}
+
+/// A document of `[[policy]]` tables that `malla apply -f` takes back, each preceded by
+/// a comment with its version.
+fn to_toml(list: &[Value]) -> anyhow::Result<String> {
+    #[derive(Serialize)]
+    struct Document<'a> {
+        policy: [&'a Policy; 1],
+    }
+    let mut out = String::new();
+    for (i, item) in list.iter().enumerate() {
+        let policy: Policy = serde_json::from_value(item["policy"].clone())
+            .context("the control plane answered a policy this CLI cannot read (is it newer?)")?;
+        let table = toml::to_string(&Document { policy: [&policy] })
+            .map_err(|e| anyhow!("cannot write the policy as TOML: {e}"))?;
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "# policy/{} version {}\n",
+            text(&item["service"]),
+            text(&item["version"])
+        ));
+        out.push_str(&table);
+    }
+    Ok(out)
+}
+
+pub fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    match args.what {
+        DeleteWhat::Policy { name, control } => {
+            let client = Client::new(&control)?;
+            client.delete(&format!("/v1/policies/{}", encode(&name)))?;
+            println!("policy/{name} deleted");
+        }
+    }
+    Ok(())
+}
+
+pub fn events(args: EventsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.control)?;
+    let mut query = vec![format!("limit={}", args.limit)];
+    if let Some(s) = &args.service {
+        query.push(format!("service={}", encode(s)));
+    }
+    if let Some(k) = &args.kind {
+        query.push(format!("kind={}", encode(k)));
+    }
+    let v = client.get(&format!("/v1/events?{}", query.join("&")))?;
+    match args.output {
+        EventsOutput::Json => print_json(&v),
+        EventsOutput::Table => {
+            let rows = rows(&v["events"], |e| {
+                let reporter = match (
+                    e["reporter"]["service"].as_str(),
+                    e["reporter"]["instance_id"].as_str(),
+                ) {
+                    (_, Some(id)) => id.to_string(),
+                    (Some(service), None) => service.to_string(),
+                    (None, None) => "-".to_string(),
+                };
+                vec![
+                    time(&e["at_ms"]),
+                    text(&e["service"]),
+                    text(&e["upstream"]),
+                    text(&e["endpoint"]),
+                    if e["audit"] == true {
+                        format!("{} (audit)", text(&e["kind"]))
+                    } else {
+                        text(&e["kind"])
+                    },
+                    text(&e["count"]),
+                    reporter,
+                    text(&e["detail"]),
+                ]
+            });
+            print_table(
+                &[
+                    "TIME", "SERVICE", "UPSTREAM", "ENDPOINT", "KIND", "COUNT", "REPORTER",
+                    "DETAIL",
+                ],
+                rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch as an RFC 3339 time (UTC, to the millisecond).
+fn time(ms: &Value) -> String {
+    ms.as_u64()
+        .map(|ms| {
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
