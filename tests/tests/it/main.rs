@@ -16,6 +16,7 @@
 //! | `bad_input` | malformed and hostile HTTP/1 input, misbehaving upstreams |
 //! | `admin` | `/live`, `/ready`, `/metrics`, `/config` |
 //! | `control` | the control plane's HTTP API, leases, health checks, restarts, bad input, DNS |
+//! | `policy` | policies applied through the control plane reach sidecars; events reach the control plane |
 //! | `memory` | a 1 GiB streamed upload keeps the proxy's memory flat |
 
 // All of this binary is test code: an `unwrap` here is an assertion (clippy.toml allows it
@@ -59,6 +60,7 @@ mod harness;
 mod http1;
 mod http2;
 mod memory;
+mod policy;
 mod requests;
 mod resilience;
 mod tcp;

@@ -1,0 +1,191 @@
+//! Policy resources end to end: a policy written through the control plane's HTTP API
+//! reaches a sidecar over gRPC and is in force (`/config` says which version), an invalid
+//! one changes nothing, a delete returns the sidecar to the defaults; and the resilience
+//! events a sidecar records reach the control plane (`GET /v1/events`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::Version;
+use malla_proxy::config::ControlPlaneConfig;
+use malla_tests::{
+    assert_eventually,
+    client::{self, within, Http1},
+    control::TestControl,
+    peers::{dead_addr, HttpPeer},
+    proxy::{admin, TestProxy},
+};
+use serde_json::{json, Value};
+
+/// A sidecar of `frontend` calling `quote` (a live peer) and `broken` (nothing listens),
+/// both with static endpoints, following the control plane for their policies.
+fn sidecar(control: &TestControl, quote: SocketAddr) -> TestProxy {
+    TestProxy::builder()
+        .upstream("quote", &[quote])
+        .outbound("quote")
+        .upstream("broken", &[dead_addr()])
+        .connect_timeout(Duration::from_millis(200))
+        .outbound("broken")
+        .admin()
+        .config(|c| {
+            let mut control = ControlPlaneConfig::new(format!("http://{}", control.grpc_addr()));
+            control.service = Some("frontend".into());
+            control.instance_id = Some("frontend-1".into());
+            control.register_address = Some("127.0.0.1:1".parse().unwrap());
+            c.control = Some(control);
+        })
+        .start()
+}
+
+/// The `/config` entry of one upstream.
+async fn upstream(proxy: &TestProxy, name: &str) -> Value {
+    let config = admin::config(proxy.admin()).await;
+    config["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no upstream {name} in /config: {config}"))
+}
+
+async fn source(proxy: &TestProxy, name: &str) -> Value {
+    upstream(proxy, name).await["policy"]["source"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_applied_through_the_control_plane_is_in_force_at_the_sidecar() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let peer = HttpPeer::http1("quote");
+    let proxy = sidecar(&control, peer.addr());
+
+    // Connected, no policy: the defaults.
+    assert_eventually!(
+        upstream(&proxy, "quote").await["discovery"]["policy_watch"]["connected"] == true,
+        "the policy watch never connected: {}",
+        upstream(&proxy, "quote").await
+    );
+    assert_eq!(source(&proxy, "quote").await, json!({"source": "defaults"}));
+
+    let applied = api
+        .put(
+            "/v1/policies/quote",
+            &json!({"retries": {"max_attempts": 2}, "timeouts": {"request": "3s"}}),
+        )
+        .await
+        .ok();
+    let version = applied["version"].as_u64().unwrap();
+    let expected = json!({"source": "control-plane", "version": version});
+    assert_eventually!(
+        source(&proxy, "quote").await == expected,
+        "the sidecar never put version {version} in force: {}",
+        upstream(&proxy, "quote").await
+    );
+    let state = upstream(&proxy, "quote").await;
+    assert_eq!(state["policy"]["spec"]["retries"]["max_attempts"], 2);
+    assert_eq!(state["policy"]["spec"]["timeouts"]["request"], "3s");
+    assert_eq!(state["discovery"]["policy_version"], version);
+    // Only `quote`'s callers follow it.
+    assert_eq!(
+        source(&proxy, "broken").await,
+        json!({"source": "defaults"})
+    );
+
+    // Traffic flows under it.
+    let mut conn = Http1::connect(proxy.outbound_at(0)).await.unwrap();
+    let response = within(
+        "request",
+        conn.send(client::get(Version::HTTP_11, "quote", "/")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client::collect(response).await.unwrap().status, 200);
+
+    // An invalid policy is refused by the control plane; the sidecar keeps the version.
+    let refused = api
+        .put(
+            "/v1/policies/quote",
+            &json!({"retries": {"max_attempts": 0}}),
+        )
+        .await;
+    assert!(
+        refused
+            .error(400, "invalid_argument")
+            .contains("retries.max_attempts"),
+        "{refused}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(source(&proxy, "quote").await, expected);
+
+    // A new version replaces it; a delete returns to the defaults.
+    let next = api
+        .put(
+            "/v1/policies/quote",
+            &json!({"retries": {"max_attempts": 4}}),
+        )
+        .await
+        .ok();
+    let next_version = next["version"].as_u64().unwrap();
+    assert!(next_version > version);
+    assert_eventually!(
+        source(&proxy, "quote").await
+            == json!({"source": "control-plane", "version": next_version})
+    );
+    api.delete("/v1/policies/quote").await.ok();
+    assert_eventually!(
+        source(&proxy, "quote").await == json!({"source": "defaults"}),
+        "the delete never reached the sidecar: {}",
+        upstream(&proxy, "quote").await
+    );
+    assert_eq!(
+        upstream(&proxy, "quote").await["discovery"]["policy_version"],
+        Value::Null
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resilience_events_reach_the_control_plane() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let peer = HttpPeer::http1("quote");
+    let proxy = sidecar(&control, peer.addr());
+    let broken = proxy.outbound_at(1);
+
+    // Nothing listens behind `broken`: every attempt is a connect failure, and after the
+    // default 5 in a row its endpoint is ejected.
+    assert_eventually!(
+        {
+            if let Ok(mut conn) = Http1::connect(broken).await {
+                let _ = within(
+                    "request",
+                    conn.send(client::get(Version::HTTP_11, "broken", "/")),
+                )
+                .await;
+            }
+            let events = api.get("/v1/events?kind=ejected").await.ok();
+            events["events"].as_array().is_some_and(|e| !e.is_empty())
+        },
+        "no ejection reached the control plane: {}",
+        api.get("/v1/events").await.ok()
+    );
+    let events = api.get("/v1/events?kind=ejected").await.ok();
+    let event = &events["events"][0];
+    assert_eq!(event["upstream"], "broken");
+    assert_eq!(event["service"], "broken");
+    assert_eq!(event["endpoint"], dead_addr_text(&proxy));
+    assert_eq!(
+        event["reporter"],
+        json!({"service": "frontend", "instance_id": "frontend-1"})
+    );
+    // The reporter's service finds it too.
+    let by_reporter = api
+        .get("/v1/events?service=frontend&kind=ejected")
+        .await
+        .ok();
+    assert!(!by_reporter["events"].as_array().unwrap().is_empty());
+}
+
+/// The address of `broken`'s endpoint, as `/config` shows it.
+fn dead_addr_text(proxy: &TestProxy) -> Value {
+    proxy.upstream("broken").state()["endpoints"][0]["address"].clone()
+}
