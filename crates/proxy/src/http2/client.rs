@@ -19,6 +19,10 @@
 //! a semaphore of `h2_max_concurrent_streams` permits per endpoint (on top of the peer's own
 //! `SETTINGS_MAX_CONCURRENT_STREAMS`, which h2 honours by queueing): a request takes a
 //! permit before it opens its stream and gives it back when its response body ends.
+//!
+//! Service limits: the connection holds one `max_connections` slot of its upstream for its
+//! lifetime (a connect over the limit fails fast and is not shared with the requests that
+//! waited for it: each tries for itself).
 
 use std::{
     sync::{
@@ -39,6 +43,8 @@ use crate::{
     connect,
     endpoint::{Endpoint, InFlight},
     error::ProxyError,
+    resilience::{limits::Limit, Resilience},
+    upstream::Upstream,
 };
 
 /// Flow-control windows on the upstream connection. The connection window is larger than
@@ -46,10 +52,14 @@ use crate::{
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// What a connection to one endpoint is built with (from the upstream's configuration).
-pub(crate) struct Settings {
+/// What a connection to one endpoint is built with (from the upstream's configuration and
+/// policy).
+pub(crate) struct Settings<'a> {
     pub connect_timeout: Duration,
     pub max_header_list_size: u32,
+    /// Whose `max_connections` limit the connection counts against.
+    pub upstream: &'a Upstream,
+    pub resilience: &'a Resilience,
 }
 
 /// The one shared HTTP/2 connection to an endpoint.
@@ -66,24 +76,12 @@ pub(crate) struct EndpointClient {
 }
 
 impl EndpointClient {
-    /// A sender on the live connection, connecting first if there is none.
-    pub async fn sender(
+    /// The cold path, when there is no [`Self::live`] connection: connect, or wait for the
+    /// attempt already under way.
+    pub async fn reconnect(
         &self,
         endpoint: &Endpoint,
-        settings: &Settings,
-    ) -> Result<SendRequest<RequestBody>, ProxyError> {
-        if let Some(live) = self.live() {
-            return Ok(live);
-        }
-        // Boxed so that every request's future does not carry the connect path inline.
-        Box::pin(self.reconnect(endpoint, settings)).await
-    }
-
-    /// The cold path: connect, or wait for the attempt already under way.
-    async fn reconnect(
-        &self,
-        endpoint: &Endpoint,
-        settings: &Settings,
+        settings: &Settings<'_>,
     ) -> Result<SendRequest<RequestBody>, ProxyError> {
         let seen = self.attempts.load(Ordering::Acquire);
         let mut last_error = self.connecting.lock().await;
@@ -102,13 +100,16 @@ impl EndpointClient {
                 self.current.store(Some(std::sync::Arc::new(send.clone())));
                 *last_error = None;
             }
+            // The limit may have room again for the next one: not an endpoint's failure.
+            Err(ProxyError::LimitReached { .. }) => *last_error = None,
             Err(e) => *last_error = Some(replay(e, endpoint.addr)),
         }
         self.attempts.fetch_add(1, Ordering::Release);
         result
     }
 
-    fn live(&self) -> Option<SendRequest<RequestBody>> {
+    /// A sender on the live connection, if there is one (the hot path: lock-free).
+    pub fn live(&self) -> Option<SendRequest<RequestBody>> {
         let current = self.current.load();
         match current.as_deref() {
             Some(send) if !send.is_closed() => Some(send.clone()),
@@ -126,9 +127,12 @@ impl EndpointClient {
 
 async fn connect(
     endpoint: &Endpoint,
-    settings: &Settings,
+    settings: &Settings<'_>,
 ) -> Result<SendRequest<RequestBody>, ProxyError> {
     let addr = endpoint.addr;
+    let slot = settings
+        .upstream
+        .acquire(Limit::Connections, settings.resilience)?;
     let tcp = connect::connect(addr, settings.connect_timeout).await?;
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -163,6 +167,7 @@ async fn connect(
             Err(e) => debug!(%addr, error = %e, "upstream h2 connection failed"),
         }
         open.dec();
+        drop(slot);
     });
     debug!(%addr, "upstream h2 connection open");
     Ok(send)
