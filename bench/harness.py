@@ -681,6 +681,38 @@ def machine_info():
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def exit_on_signals():
+    """SIGTERM / SIGINT / SIGHUP raise SystemExit, so that `finally` blocks stop everything."""
+    def on_signal(sig, _frame):
+        raise SystemExit(f"interrupted by signal {sig}")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+
+def run_rounds(b, rounds, plan, results):
+    """Measures `plan`, a list of (test, [target, ...]), `rounds` times: the tests in turn
+    within a round, the targets of each test in an order rotated every round. Appends each
+    record to results["runs"] and each failed measurement to results["failures"]."""
+    for rnd in range(rounds):
+        for test, names in plan:
+            k = rnd % len(names) if names else 0
+            order = names[k:] + names[:k]  # rotate so no target is always first/last
+            for name in order:
+                if b.upstream.poll() is not None:
+                    raise SystemExit("upstream nginx died; see its log under " + b.run_dir)
+                log(f"round {rnd + 1}/{rounds} test {test:<3} target {name:<7} ...")
+                try:
+                    rec = b.measure(rnd, test, name)
+                except (RuntimeError, subprocess.TimeoutExpired, KeyError) as e:
+                    msg = f"round {rnd + 1} {test} {name}: {e}"
+                    log("FAILED " + msg)
+                    results["failures"].append(msg)
+                    continue
+                results["runs"].append(rec)
+                log("    " + report.one_line(rec))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(ALL_TARGETS))
@@ -726,12 +758,7 @@ def main():
             raise SystemExit(f"unknown test {t!r}; choose from {ALL_TESTS}")
 
     b = Bench(a)
-
-    def on_signal(sig, _frame):
-        raise SystemExit(f"interrupted by signal {sig}")
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     results = {
         "schema": 1,
@@ -753,24 +780,8 @@ def main():
     t_start = time.monotonic()
     try:
         b.start_upstream()
-        for rnd in range(a.rounds):
-            for test in tests:
-                names = [t for t in targets if not (test == "h2" and t in H2_UNSUPPORTED)]
-                k = rnd % len(names) if names else 0
-                order = names[k:] + names[:k]  # rotate so no target is always first/last
-                for name in order:
-                    if b.upstream.poll() is not None:
-                        raise SystemExit("upstream nginx died; see its log under " + a.run_dir)
-                    log(f"round {rnd + 1}/{a.rounds} test {test:<3} target {name:<7} ...")
-                    try:
-                        rec = b.measure(rnd, test, name)
-                    except (RuntimeError, subprocess.TimeoutExpired, KeyError) as e:
-                        msg = f"round {rnd + 1} {test} {name}: {e}"
-                        log("FAILED " + msg)
-                        results["failures"].append(msg)
-                        continue
-                    results["runs"].append(rec)
-                    log("    " + report.one_line(rec))
+        plan = [(test, [t for t in targets if not (test == "h2" and t in H2_UNSUPPORTED)]) for test in tests]
+        run_rounds(b, a.rounds, plan, results)
     finally:
         b.procs.stop_all()
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)

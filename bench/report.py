@@ -315,15 +315,17 @@ sessions).
 """
 
 
-def update_docs(path, section):
+def update_docs(path, section, start=START, end=END):
+    """Replaces the text between the `start` and `end` markers of `path` with `section`
+    (which carries both markers), or appends `section` when the markers are absent."""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
     else:
         text = INTRO
-    i, j = text.find(START), text.find(END)
+    i, j = text.find(start), text.find(end)
     if i != -1 and j != -1 and j > i:
-        text = text[:i] + section.rstrip("\n") + text[j + len(END):]
+        text = text[:i] + section.rstrip("\n") + text[j + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     if not text.endswith("\n"):
