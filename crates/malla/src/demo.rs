@@ -5,14 +5,17 @@
 //! discovers them through the control plane's watch API. It sends traffic through the
 //! sidecar over HTTP/1.1 and HTTP/2 and prints where it went (P2C over peak-EWMA steers
 //! away from the slow instance without being told), then deregisters the slow instance and
-//! registers a new one, and shows the traffic follow. Then it keeps the mesh running for
-//! `curl`, the CLI and `dig` until Ctrl-C (or exits at once with `--exit`).
+//! registers a new one, and shows the traffic follow. Then resilience: a policy applied to
+//! the control plane reaches the sidecar, one instance starts answering 500 to everything,
+//! and the clients see no error (retries within the budget) while its circuit breaker
+//! ejects it; when it heals, a half-open probe brings it back. Then it keeps the mesh
+//! running for `curl`, the CLI and `dig` until Ctrl-C (or exits at once with `--exit`).
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU16, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -68,6 +71,8 @@ struct Instance {
     name: &'static str,
     addr: SocketAddr,
     served: Arc<AtomicU64>,
+    /// The status it answers with (200 unless the demo breaks it).
+    status: Arc<AtomicU16>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -203,6 +208,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("HTTP/1.1: {ok} ok, {failed} failed");
     report(&instances, &before, ok);
 
+    resilience(&control, &proxy, &instances, sidecar, args.requests).await?;
+
     if args.exit {
         proxy.shutdown().await;
         control.stop().await;
@@ -225,6 +232,78 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("\ndraining...");
     proxy.shutdown().await;
     control.stop().await;
+    Ok(())
+}
+
+/// A policy through the control plane, then one instance failing and healing.
+async fn resilience(
+    control: &Control,
+    proxy: &malla_proxy::ProxyHandle,
+    instances: &[Instance],
+    sidecar: SocketAddr,
+    requests: u64,
+) -> anyhow::Result<()> {
+    let upstream = proxy
+        .upstream("shipping-quote")
+        .context("the demo upstream")?;
+    let policy: malla_core::Policy = toml::from_str(
+        r#"
+        service = "shipping-quote"
+        [outlier]
+        consecutive_failures = 3
+        base_ejection_time = "1s"
+        "#,
+    )?;
+    let applied = control.policies.put(&service_name()?, policy).await?;
+    wait_for(|| upstream.state()["policy"]["source"]["source"] == "control-plane").await?;
+    println!(
+        "Applied a policy for shipping-quote (version {}): the sidecar runs on it (see /config).",
+        applied.version
+    );
+
+    let broken = &instances[1];
+    broken.status.store(500, Ordering::Relaxed);
+    let before: Vec<u64> = instances
+        .iter()
+        .map(|i| i.served.load(Ordering::Relaxed))
+        .collect();
+    let (ok, failed) = send_traffic(sidecar, requests, false).await;
+    println!(
+        "{} now answers 500 to everything. HTTP/1.1: {ok} ok, {failed} failed: its failures were retried on the others,",
+        broken.name
+    );
+    println!("and its circuit breaker opened after 3 in a row:");
+    report(instances, &before, ok);
+
+    broken.status.store(200, Ordering::Relaxed);
+    let healed = Instant::now();
+    let addr = broken.addr;
+    let mut closed = false;
+    for _ in 0..100 {
+        send_traffic(sidecar, 20, false).await;
+        let state = upstream.state();
+        closed = state["endpoints"].as_array().is_some_and(|eps| {
+            eps.iter()
+                .any(|e| e["address"] == addr.to_string() && e["breaker"] == "closed")
+        });
+        if closed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if closed {
+        println!(
+            "{} healed: a half-open probe closed its breaker {:.1} s later. The sidecar's events:",
+            broken.name,
+            healed.elapsed().as_secs_f64()
+        );
+    }
+    let events = proxy.events().drain(usize::MAX);
+    for e in events.iter().filter(|e| e.endpoint == Some(addr)) {
+        println!("  {:<17} {}", e.kind.as_str(), e.detail);
+    }
+    proxy.events().requeue(events);
+    println!();
     Ok(())
 }
 
@@ -293,16 +372,20 @@ async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<I
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let served = Arc::new(AtomicU64::new(0));
+    let status = Arc::new(AtomicU16::new(200));
     let counter = served.clone();
+    let answer = status.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let counter = counter.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
                     let counter = counter.clone();
+                    let status = answer.load(Ordering::Relaxed);
                     async move {
                         if !delay.is_zero() {
                             tokio::time::sleep(delay).await;
@@ -314,6 +397,7 @@ async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<I
                         );
                         Ok::<_, Infallible>(
                             Response::builder()
+                                .status(status)
                                 .header("content-type", "application/json")
                                 .header("x-instance", name)
                                 .body(Full::new(Bytes::from(body)))
@@ -327,7 +411,12 @@ async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<I
             });
         }
     });
-    Ok(Instance { name, addr, served })
+    Ok(Instance {
+        name,
+        addr,
+        served,
+        status,
+    })
 }
 
 /// Sends `total` GETs through the sidecar over 16 connections (HTTP/1.1) or 16 streams

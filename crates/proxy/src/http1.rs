@@ -57,7 +57,7 @@ use crate::{
     error::ProxyError,
     metrics::ConnectionTracker,
     resilience::{
-        budget, deadline, fault,
+        budget, deadline,
         limits::{self, Limit},
         outlier, Resilience,
     },
@@ -258,14 +258,21 @@ impl Session<'_> {
     ) -> Next {
         let res = upstream.resilience_full();
         let deadline = deadline::deadline(Instant::now(), res.policy.timeouts.request, req.timeout);
-        let gate = if res.faults.is_empty() && res.rate_limits.is_empty() {
-            Ok(())
-        } else {
-            let path = buf[req.path.0..req.path.1].to_vec();
-            self.gate(upstream, &res, &path, deadline).await
-        };
+        let admitted = upstream.admit(&res, &buf[req.path.0..req.path.1]);
         buf.advance(req.head_len);
-        if let Err(err) = gate {
+        let delayed = match admitted {
+            Ok(Some(delay)) => {
+                let budget = res
+                    .policy
+                    .timeouts
+                    .request
+                    .max(req.timeout.unwrap_or_default());
+                deadline::wait(delay, deadline, budget).await
+            }
+            Ok(None) => Ok(()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = delayed {
             return self.fail(client, req, upstream, None, err).await;
         }
         let _request = match upstream.acquire(Limit::Requests, &res) {
@@ -310,34 +317,6 @@ impl Session<'_> {
             .await
     }
 
-    /// Fault injection and rate limits, before any endpoint is involved.
-    async fn gate(
-        &mut self,
-        upstream: &Upstream,
-        res: &Resilience,
-        path: &[u8],
-        deadline: Option<Instant>,
-    ) -> Result<(), ProxyError> {
-        let injected = fault::draw(&res.faults, path);
-        if let Some(delay) = injected.delay {
-            upstream.upstream_metrics.fault("delay");
-            match deadline {
-                Some(d) if Instant::now() + delay >= d => {
-                    tokio::time::sleep_until(d).await;
-                    return Err(ProxyError::DeadlineExceeded {
-                        budget: res.policy.timeouts.request,
-                    });
-                }
-                _ => tokio::time::sleep(delay).await,
-            }
-        }
-        if let Some(status) = injected.abort {
-            upstream.upstream_metrics.fault("abort");
-            return Err(ProxyError::FaultAbort { status });
-        }
-        upstream.rate_limit(res, path)
-    }
-
     /// Reads the rest of a `Content-Length` body into `buf` (at most the head timeout);
     /// `None` when the client went away or was too slow.
     async fn read_body(
@@ -375,16 +354,18 @@ impl Session<'_> {
         } else {
             1
         };
-        let mut previous: Option<Arc<Endpoint>> = None;
+        // Endpoints tried so far (allocated only when a retry happens).
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut timeout_field = TimeoutField::new(head_end);
         let mut _retry_slot = None;
         let mut attempt = 0;
         let (in_flight, up, resp) = loop {
             attempt += 1;
-            let in_flight = match upstream.pick(previous.as_deref()) {
-                Ok(f) => f,
-                Err(err) => return self.fail(client, req, upstream, None, err).await,
-            };
+            let in_flight =
+                match upstream.pick_avoiding(|e| tried.iter().any(|t| std::ptr::eq(&**t, e))) {
+                    Ok(f) => f,
+                    Err(err) => return self.fail(client, req, upstream, None, err).await,
+                };
             let (timeout, deadline_bound) = match deadline {
                 None => (res.per_try_timeout, false),
                 Some(d) => {
@@ -412,7 +393,7 @@ impl Session<'_> {
                     let outcome = Outcome::Status(resp.status);
                     upstream.record(&in_flight, outcome, resp.relayed);
                     in_flight.answered(resp.status);
-                    if resp.status < 500
+                    if resp.status == 101
                         || attempt >= max_attempts
                         || !retryable(retries, req, outcome)
                     {
@@ -422,7 +403,7 @@ impl Session<'_> {
                         Some(slot) => {
                             _retry_slot = slot;
                             self.discard(up, &resp);
-                            previous = Some(in_flight.endpoint().clone());
+                            tried.push(in_flight.endpoint().clone());
                             continue;
                         }
                         None => break (in_flight, up, resp),
@@ -446,7 +427,7 @@ impl Session<'_> {
                     if let Some(slot) = self.retry_permit(upstream, res, attempt, deadline).await {
                         in_flight.failed(err.status().as_u16());
                         _retry_slot = slot;
-                        previous = Some(in_flight.endpoint().clone());
+                        tried.push(in_flight.endpoint().clone());
                         continue;
                     }
                 }
@@ -594,15 +575,16 @@ impl Session<'_> {
         } else {
             1
         };
-        let mut previous: Option<Arc<Endpoint>> = None;
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut _retry_slot = None;
         let mut attempt = 0;
         let (in_flight, mut up) = loop {
             attempt += 1;
-            let in_flight = match upstream.pick(previous.as_deref()) {
-                Ok(f) => f,
-                Err(err) => return self.fail(client, req, upstream, None, err).await,
-            };
+            let in_flight =
+                match upstream.pick_avoiding(|e| tried.iter().any(|t| std::ptr::eq(&**t, e))) {
+                    Ok(f) => f,
+                    Err(err) => return self.fail(client, req, upstream, None, err).await,
+                };
             match self.connection(in_flight.endpoint(), upstream, res).await {
                 Ok((up, _)) => break (in_flight, up),
                 Err(err) => {
@@ -615,7 +597,7 @@ impl Session<'_> {
                             {
                                 in_flight.failed(502);
                                 _retry_slot = slot;
-                                previous = Some(in_flight.endpoint().clone());
+                                tried.push(in_flight.endpoint().clone());
                                 continue;
                             }
                         }
@@ -975,13 +957,19 @@ impl TimeoutField {
     }
 
     fn set(&mut self, head: &mut Vec<u8>, left: Duration) {
-        let field = format!(
+        use std::io::Write as _;
+        // Formatted on the stack: this runs for every request that has a deadline.
+        let mut field = [0u8; 64];
+        let mut w = &mut field[..];
+        let _ = write!(
+            w,
             "{}: {}\r\n",
             malla_core::policy::TIMEOUT_HEADER,
             left.as_millis().max(1)
         );
-        head.splice(self.at..self.at + self.len, field.bytes());
-        self.len = field.len();
+        let n = 64 - w.len();
+        head.splice(self.at..self.at + self.len, field[..n].iter().copied());
+        self.len = n;
     }
 }
 

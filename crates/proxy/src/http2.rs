@@ -88,7 +88,7 @@ use crate::{
     error::ProxyError,
     forwarding,
     resilience::{
-        budget, deadline, fault,
+        budget, deadline,
         limits::{Limit, Slot},
         outlier, Resilience,
     },
@@ -280,9 +280,9 @@ impl<'a> Call<'a> {
         again: &Again,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (upstream, res) = (self.upstream, self.res);
-        if !res.faults.is_empty() || !res.rate_limits.is_empty() {
-            let path = req.as_ref().map_or("/", |r| r.uri().path());
-            Box::pin(self.gate(path.as_bytes())).await?;
+        let path = req.as_ref().map_or("/", |r| r.uri().path());
+        if let Some(delay) = upstream.admit(res, path.as_bytes())? {
+            Box::pin(self.delay(delay)).await?;
         }
         let request = upstream.acquire(Limit::Requests, res)?;
         upstream.deposit(outlier::now_ms());
@@ -326,6 +326,8 @@ impl<'a> Call<'a> {
         again: &Again,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let mut attempt = 1;
+        // Endpoints tried so far: a retry avoids them all while there are others.
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         loop {
             let Some((slot, wait)) = self.permit(attempt) else {
                 return self.conclude(last, guard, request, again);
@@ -338,7 +340,7 @@ impl<'a> Call<'a> {
                     return self.conclude(last, guard, request, again);
                 }
             }
-            let previous = guard.in_flight().endpoint().clone();
+            tried.push(guard.in_flight().endpoint().clone());
             // The failed attempt's stream and endpoint are let go before the backoff.
             drop(last);
             drop(guard);
@@ -351,7 +353,8 @@ impl<'a> Call<'a> {
                 self.stamp(req.headers_mut())?;
             }
             guard = StreamGuard::new(
-                self.upstream.pick(Some(&previous))?,
+                self.upstream
+                    .pick_avoiding(|e| tried.iter().any(|t| std::ptr::eq(&**t, e)))?,
                 self.upstream.config.h2_max_concurrent_streams,
             );
             timer.restart();
@@ -591,25 +594,11 @@ impl<'a> Call<'a> {
         Response::from_parts(head, ResponseBody::upstream(body, hold))
     }
 
-    /// Fault injection and rate limits, before any endpoint is involved.
-    async fn gate(&self, path: &[u8]) -> Result<(), ProxyError> {
-        let (upstream, res) = (self.upstream, self.res);
-        let injected = fault::draw(&res.faults, path);
-        if let Some(delay) = injected.delay {
-            upstream.upstream_metrics.fault("delay");
-            match self.deadline {
-                Some(d) if Instant::now() + delay >= d => {
-                    tokio::time::sleep_until(d).await;
-                    return Err(self.deadline_exceeded());
-                }
-                _ => tokio::time::sleep(delay).await,
-            }
-        }
-        if let Some(status) = injected.abort {
-            upstream.upstream_metrics.fault("abort");
-            return Err(ProxyError::FaultAbort { status });
-        }
-        upstream.rate_limit(res, path)
+    /// Waits an injected delay, within the deadline.
+    async fn delay(&self, delay: Duration) -> Result<(), ProxyError> {
+        deadline::wait(delay, self.deadline, Duration::ZERO)
+            .await
+            .map_err(|_| self.deadline_exceeded())
     }
 
     /// Before an attempt: fails once the deadline has passed (the request is not sent),

@@ -269,23 +269,39 @@ impl Upstream {
             ..Available::default()
         };
         let mut cumulative = 0.0;
+        // Levels without a share stay listed (never drawn: their cumulative share equals
+        // the level's before them) so that a retry that tried every endpoint of the local
+        // level can still fall over to them.
         for ((_, (_, endpoints)), share) in levels.into_iter().zip(shares) {
-            if share > 0.0 && !endpoints.is_empty() {
+            if !endpoints.is_empty() {
                 cumulative += share;
                 next.levels.push(endpoints);
                 next.cumulative.push(cumulative);
             }
         }
-        if let Some(last) = next.cumulative.last_mut() {
-            *last = 1.0; // no rounding gap at the top
+        // No rounding gap at the top: the first level that completes the sum ends at 1.
+        for c in &mut next.cumulative {
+            if *c >= cumulative - 1e-9 {
+                *c = 1.0;
+            }
         }
         self.available.store(Arc::new(next));
     }
 
     /// Chooses the endpoint for one attempt, avoiding `exclude` (the endpoint that just
-    /// failed, on a retry) when there is another. Half-open endpoints take one probe at a
-    /// time; ejected ones none, unless the upstream is in panic.
+    /// failed) when there is another. See [`Self::pick_avoiding`].
     pub(crate) fn pick(&self, exclude: Option<&Endpoint>) -> Result<InFlight, ProxyError> {
+        self.pick_avoiding(|e| exclude.is_some_and(|x| std::ptr::eq(x, e)))
+    }
+
+    /// Chooses the endpoint for one attempt, avoiding the `excluded` ones (those a retried
+    /// request already tried) when there is another. Half-open endpoints take one probe
+    /// at a time, and the next request goes to one; ejected endpoints take none, unless
+    /// the upstream is in panic.
+    pub(crate) fn pick_avoiding(
+        &self,
+        excluded: impl Fn(&Endpoint) -> bool,
+    ) -> Result<InFlight, ProxyError> {
         let available = self.available.load();
         let level = match available.levels.len() {
             0 => {
@@ -311,7 +327,6 @@ impl Upstream {
                     .unwrap_or(0)
             }
         };
-        let excluded = |e: &Endpoint| exclude.is_some_and(|x| std::ptr::eq(x, e));
         for e in &available.probes {
             if !excluded(e) && e.breaker.admit() == Admission::Probe {
                 return Ok(e.start(true));
@@ -325,7 +340,7 @@ impl Upstream {
             if excluded(e) && candidates.len() > 1 {
                 continue;
             }
-            if let Some(claim) = self.admit(e, available.panic) {
+            if let Some(claim) = self.claim(e, available.panic) {
                 return Ok(claim);
             }
         }
@@ -336,7 +351,7 @@ impl Upstream {
                 if excluded(e) != pass_excluded {
                     continue;
                 }
-                if let Some(claim) = self.admit(e, available.panic) {
+                if let Some(claim) = self.claim(e, available.panic) {
                     return Ok(claim);
                 }
             }
@@ -346,7 +361,7 @@ impl Upstream {
         })
     }
 
-    fn admit(&self, e: &Arc<Endpoint>, panic: bool) -> Option<InFlight> {
+    fn claim(&self, e: &Arc<Endpoint>, panic: bool) -> Option<InFlight> {
         match e.breaker.admit() {
             Admission::Yes => Some(e.start(false)),
             Admission::Probe => Some(e.start(true)),
@@ -595,6 +610,30 @@ impl Upstream {
             }
         }
         Ok(slot)
+    }
+
+    /// The checks before any endpoint is involved, for a request to `path`: fault
+    /// injection (an abort is an `Err`; a delay comes back for the caller to wait, against
+    /// the request's deadline, see [`deadline::wait`](crate::resilience::deadline::wait))
+    /// and the rate limits. Free when the policy has neither.
+    pub(crate) fn admit(
+        &self,
+        resilience: &Resilience,
+        path: &[u8],
+    ) -> Result<Option<Duration>, ProxyError> {
+        if resilience.faults.is_empty() && resilience.rate_limits.is_empty() {
+            return Ok(None);
+        }
+        let injected = crate::resilience::fault::draw(&resilience.faults, path);
+        if let Some(status) = injected.abort {
+            self.upstream_metrics.fault("abort");
+            return Err(ProxyError::FaultAbort { status });
+        }
+        self.rate_limit(resilience, path)?;
+        if injected.delay.is_some() {
+            self.upstream_metrics.fault("delay");
+        }
+        Ok(injected.delay)
     }
 
     /// The local rate limits; `Err` (429) when one rejects the request.

@@ -34,13 +34,13 @@ use malla_tests::{
     BoxError,
 };
 
-fn any_port() -> SocketAddr {
+pub(crate) fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 /// A control plane over `dir` with its gRPC API on `grpc_addr` (port 0: any). Binding an
 /// address that a stopped control plane just released is retried briefly.
-async fn start_control(dir: &Path, grpc_addr: SocketAddr) -> Control {
+pub(crate) async fn start_control(dir: &Path, grpc_addr: SocketAddr) -> Control {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -67,7 +67,7 @@ fn service(name: &str) -> ServiceName {
 }
 
 /// Registers `peer` as instance `id` of `service` (30 s lease: it outlives every test).
-async fn register(
+pub(crate) async fn register(
     control: &Control,
     name: &str,
     id: &str,
@@ -101,7 +101,7 @@ async fn register(
 /// The upstream balances round robin, so which peers a test's sequential requests reach
 /// depends on the discovered membership alone (P2C-EWMA sends a sequential client's every
 /// request to the fastest peer).
-fn discovering_proxy(
+pub(crate) fn discovering_proxy(
     grpc_addr: SocketAddr,
     change: impl FnOnce(&mut malla_proxy::ProxyConfig),
 ) -> TestProxy {

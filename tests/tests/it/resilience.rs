@@ -536,3 +536,85 @@ fn invalid_local_policies_are_rejected_with_the_field() {
     let conditions = Conditions::parse(&["5xx"]).unwrap();
     assert!(conditions.matches(malla_core::policy::Outcome::Status(503)));
 }
+
+/// Failover between zones: a sidecar in zone `a` keeps its traffic in `a` while `a` is
+/// healthy; when both instances of `a` fail they are ejected and the traffic moves to
+/// zone `b` (the retries hide the failures from the client); when `a` heals, its half-open
+/// probes close the breakers and the traffic comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_moves_traffic_to_the_other_zone_and_back() {
+    use crate::discovery::{discovering_proxy, register, start_control};
+    let dir = malla_tests::control::TempDir::new("failover");
+    let control = start_control(dir.path(), crate::discovery::any_port()).await;
+    let local = [HttpPeer::http1("a1"), HttpPeer::http1("a2")];
+    let remote = [HttpPeer::http1("b1"), HttpPeer::http1("b2")];
+    for (i, p) in local.iter().enumerate() {
+        register(&control, "echo", &format!("a{i}"), p, &[("zone", "a")]).await;
+    }
+    for (i, p) in remote.iter().enumerate() {
+        register(&control, "echo", &format!("b{i}"), p, &[("zone", "b")]).await;
+    }
+    let me = HttpPeer::http1("me");
+    let proxy = discovering_proxy(control.grpc_addr, |c| {
+        let control = c.control.as_mut().unwrap();
+        control.service = Some("client".into());
+        control.register_address = Some(me.addr());
+        control.labels.insert("zone".into(), "a".into());
+        let policy = c.upstreams[0].policy.get_or_insert_with(Default::default);
+        policy.outlier.consecutive_failures = 2;
+        policy.outlier.base_ejection_time = Duration::from_millis(500);
+        policy.outlier.max_ejection_percent = Percent::new(50.0).unwrap();
+    });
+    assert_eventually!(
+        proxy.upstream("echo").endpoints().len() == 4,
+        "all four discovered"
+    );
+    let peer_of = |c: &Collected| c.header("x-peer").unwrap_or_default().to_string();
+    for _ in 0..20 {
+        let c = get(proxy.outbound(), &[]).await.unwrap();
+        assert!(peer_of(&c).starts_with('a'), "local first: {}", peer_of(&c));
+    }
+    assert_eq!(remote[0].requests() + remote[1].requests(), 0);
+
+    // Zone a degrades: its instances are ejected and zone b takes over, invisibly.
+    for p in &local {
+        p.set_status(503);
+    }
+    for i in 0..20 {
+        let c = get(proxy.outbound(), &[]).await.unwrap();
+        assert_eq!(
+            c.status,
+            200,
+            "request {i}: {} from {}",
+            c.text(),
+            peer_of(&c)
+        );
+        assert!(peer_of(&c).starts_with('b'), "failed over: {}", peer_of(&c));
+    }
+    let state = proxy.upstream("echo").state();
+    let ejected = state["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["breaker"] == "ejected")
+        .count();
+    assert_eq!(ejected, 2, "{state:#}");
+
+    // Zone a heals: probes close its breakers and the traffic comes home.
+    for p in &local {
+        p.set_status(0);
+    }
+    assert_eventually!(
+        {
+            let c = get(proxy.outbound(), &[]).await.unwrap();
+            let b_before = remote[0].requests() + remote[1].requests();
+            let mut all_local = c.status == 200;
+            for _ in 0..10 {
+                let c = get(proxy.outbound(), &[]).await.unwrap();
+                all_local &= c.status == 200 && peer_of(&c).starts_with('a');
+            }
+            all_local && remote[0].requests() + remote[1].requests() == b_before
+        },
+        "traffic returns to zone a"
+    );
+}

@@ -86,6 +86,25 @@ pub fn deadline(
     out
 }
 
+/// Waits an injected delay; `Err` (`deadline-exceeded`, naming `budget`) when the
+/// deadline comes first, at the deadline.
+pub async fn wait(
+    delay: Duration,
+    deadline: Option<Instant>,
+    budget: Duration,
+) -> Result<(), crate::error::ProxyError> {
+    match deadline {
+        Some(d) if Instant::now() + delay >= d => {
+            tokio::time::sleep_until(d).await;
+            Err(crate::error::ProxyError::DeadlineExceeded { budget })
+        }
+        _ => {
+            tokio::time::sleep(delay).await;
+            Ok(())
+        }
+    }
+}
+
 /// What is left of a deadline now (zero once it has passed).
 pub fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
