@@ -293,16 +293,34 @@ async fn resilience(
     }
     if closed {
         println!(
-            "{} healed: a half-open probe closed its breaker {:.1} s later. The sidecar's events:",
+            "{} healed: a half-open probe closed its breaker {:.1} s later.",
             broken.name,
             healed.elapsed().as_secs_f64()
         );
     }
-    let events = proxy.events().drain(usize::MAX);
-    for e in events.iter().filter(|e| e.endpoint == Some(addr)) {
-        println!("  {:<17} {}", e.kind.as_str(), e.detail);
+    // The sidecar reports its breakers' transitions to the control plane (`malla events`).
+    let filter = malla_control::events::EventFilter::default();
+    let about = |e: &malla_control::events::ReportedEvent| e.endpoint == Some(addr);
+    for _ in 0..100 {
+        if control
+            .events
+            .query(&filter, 100)
+            .iter()
+            .any(|e| about(e) && e.kind == "closed")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    proxy.events().requeue(events);
+    println!("The events the control plane received from the sidecar (malla events):");
+    for e in control
+        .events
+        .query(&filter, 100)
+        .iter()
+        .filter(|e| about(e))
+    {
+        println!("  {:<10} {}", e.kind, e.detail);
+    }
     println!();
     Ok(())
 }
