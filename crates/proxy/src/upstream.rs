@@ -385,7 +385,7 @@ impl Upstream {
         let endpoint = in_flight.endpoint();
         match endpoint
             .breaker
-            .record(outcome, policy, in_flight.elapsed())
+            .record(outcome, policy, || in_flight.elapsed())
         {
             Verdict::Nothing => {}
             Verdict::Eject { failures } => self.eject(
@@ -810,6 +810,30 @@ mod tests {
             u.record(&third.start(false), Outcome::Status(503), true);
         }
         assert_eq!(third.breaker.state(), State::Closed);
+    }
+
+    #[test]
+    fn audit_mode_reports_the_ejection_it_does_not_make() {
+        let u = upstream(&[addr(1), addr(2), addr(3)]);
+        let mut policy = Policy::default();
+        policy.outlier.mode = malla_core::policy::Mode::Audit;
+        u.set_policy(Some((policy, 7)));
+        let bad = u.endpoints()[0].clone();
+        for _ in 0..5 {
+            u.record(&bad.start(false), Outcome::Status(503), false);
+        }
+        assert_eq!(bad.breaker.state(), State::Closed);
+        let events = u.events.drain(100);
+        let audit: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Ejected)
+            .collect();
+        assert_eq!(audit.len(), 1);
+        assert!(audit[0].audit && audit[0].detail.starts_with("would eject"));
+        assert_eq!(
+            u.state()["policy"]["source"],
+            serde_json::json!({"source": "control-plane", "version": 7})
+        );
     }
 
     #[test]

@@ -618,3 +618,81 @@ async fn failover_moves_traffic_to_the_other_zone_and_back() {
         "traffic returns to zone a"
     );
 }
+
+/// An endpoint much slower than its peers is ejected by the latency detector (opt-in),
+/// which P2C-EWMA alone would only send less to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_outlier_is_ejected_when_the_detector_is_on() {
+    let peers = [
+        HttpPeer::http1("a"),
+        HttpPeer::http1("b"),
+        HttpPeer::http1("slow"),
+    ];
+    peers[2].set_delay(Duration::from_millis(40));
+    let addrs: Vec<_> = peers.iter().map(|p| p.addr()).collect();
+    let proxy = TestProxy::builder()
+        .upstream("echo", &addrs)
+        .balancer(malla_proxy::config::BalancerKind::RoundRobin)
+        .policy(|p| {
+            p.outlier.interval = Duration::from_millis(600);
+            p.outlier.latency.enabled = true;
+            p.outlier.latency.min_requests = 3;
+            p.outlier.success_rate.enabled = false;
+        })
+        .outbound("echo")
+        .start();
+    assert_eventually!(
+        {
+            assert_eq!(status(proxy.outbound()).await, 200);
+            breaker_of(&proxy, "echo", addrs[2]) == "ejected"
+        },
+        "the slow endpoint is ejected: {:#} {:?}",
+        proxy.upstream("echo").state(),
+        proxy.events()
+    );
+    let event = proxy
+        .events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::Ejected)
+        .unwrap();
+    assert!(event.detail.contains("mean latency"), "{}", event.detail);
+    assert_eq!(event.endpoint, Some(addrs[2]));
+}
+
+/// A new policy takes effect on the next request of a connection that stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_policy_applies_live_without_dropping_connections() {
+    let peer = HttpPeer::http1("echo");
+    let proxy = TestProxy::builder()
+        .upstream("echo", &[peer.addr()])
+        .outbound("echo")
+        .start();
+    let mut conn = Http1::connect(proxy.outbound()).await.unwrap();
+    let get = || client::get(Version::HTTP_11, "echo", "/");
+    let first = client::collect(conn.send(get()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    let mut policy = malla_core::Policy::default();
+    policy.faults.push(malla_core::policy::Fault {
+        path_prefix: None,
+        delay_percent: Percent::default(),
+        delay: Duration::ZERO,
+        abort_percent: Percent::new(100.0).unwrap(),
+        abort_status: 503,
+    });
+    proxy.upstream("echo").set_policy(Some((policy, 1)));
+    let second = client::collect(conn.send(get()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(second.cause(), Some("fault-injected"));
+    proxy.upstream("echo").set_policy(None);
+    let third = client::collect(conn.send(get()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(third.status, 200);
+    assert!(
+        !conn.is_closed(),
+        "the client connection stayed open throughout"
+    );
+}

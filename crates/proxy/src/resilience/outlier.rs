@@ -76,9 +76,10 @@ pub struct Breaker {
     /// Ejections since the endpoint last closed: the backoff exponent.
     streak: AtomicU32,
     ejected_until_ms: AtomicU64,
-    /// This interval's statistics, for the success-rate and latency detectors.
-    requests: AtomicU64,
-    successes: AtomicU64,
+    /// This interval's requests (low 32 bits) and successes (high 32 bits), packed so
+    /// that counting a response is one atomic add, for the success-rate detector.
+    outcomes: AtomicU64,
+    /// This interval's summed latency, for the latency detector (only while it is on).
     latency_us: AtomicU64,
 }
 
@@ -126,14 +127,20 @@ impl Breaker {
         self.probing.store(false, Ordering::Release);
     }
 
-    /// Records one outcome (hot path).
-    pub fn record(&self, outcome: Outcome, policy: &Outlier, latency: Duration) -> Verdict {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if outcome.is_success() {
-            self.successes.fetch_add(1, Ordering::Relaxed);
+    /// Records one outcome (hot path); `latency` is asked for only when the latency
+    /// detector is on.
+    pub fn record(
+        &self,
+        outcome: Outcome,
+        policy: &Outlier,
+        latency: impl FnOnce() -> Duration,
+    ) -> Verdict {
+        let success = u64::from(outcome.is_success()) << 32;
+        self.outcomes.fetch_add(success | 1, Ordering::Relaxed);
+        if policy.latency.enabled {
+            self.latency_us
+                .fetch_add(latency().as_micros() as u64, Ordering::Relaxed);
         }
-        self.latency_us
-            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
         let half_open = self.state.load(Ordering::Acquire) == HALF_OPEN;
         if policy.failure_on.matches(outcome) {
             let failures = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
@@ -191,8 +198,8 @@ impl Breaker {
 
     /// Takes the interval's statistics and starts a new interval.
     pub fn take_interval(&self) -> IntervalStats {
-        let requests = self.requests.swap(0, Ordering::Relaxed);
-        let successes = self.successes.swap(0, Ordering::Relaxed);
+        let outcomes = self.outcomes.swap(0, Ordering::Relaxed);
+        let (requests, successes) = (outcomes & u64::from(u32::MAX), outcomes >> 32);
         let latency = self.latency_us.swap(0, Ordering::Relaxed);
         IntervalStats {
             requests,
@@ -306,7 +313,7 @@ mod tests {
     fn consecutive_failures_eject_and_a_success_resets_the_count() {
         let b = Breaker::default();
         let p = policy();
-        let d = Duration::from_millis(1);
+        let d = || Duration::from_millis(1);
         assert_eq!(b.record(Outcome::Status(500), &p, d), Verdict::Nothing);
         assert_eq!(b.record(Outcome::Status(200), &p, d), Verdict::Nothing);
         assert_eq!(b.record(Outcome::Status(503), &p, d), Verdict::Nothing);
@@ -327,7 +334,7 @@ mod tests {
         b.half_open();
         assert_eq!(b.admit(), Admission::Probe);
         assert_eq!(b.admit(), Admission::No, "one probe at a time");
-        let d = Duration::from_millis(1);
+        let d = || Duration::from_millis(1);
         assert_eq!(b.record(Outcome::Status(500), &p, d), Verdict::Reopen);
         assert_eq!(b.eject(&p, 0), Duration::from_secs(2));
         b.half_open();
