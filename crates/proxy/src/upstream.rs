@@ -564,19 +564,18 @@ impl Upstream {
             return true;
         }
         self.upstream_metrics.retry_budget_exhausted();
-        if let Some(count) = self.budget_throttle.admit() {
-            let mut event = Event::new(
-                self.name(),
-                EventKind::RetryBudgetExhausted,
+        self.throttled_event(
+            &self.budget_throttle,
+            EventKind::RetryBudgetExhausted,
+            false,
+            || {
                 format!(
                     "retries are at {}% of requests plus {}/s",
                     policy.budget_ratio * 100.0,
                     policy.budget_min_per_second
-                ),
-            );
-            event.count = count;
-            self.event(event);
-        }
+                )
+            },
+        );
         false
     }
 
@@ -591,16 +590,9 @@ impl Upstream {
         if let Some(hit) = hit {
             let audit = !policy.mode.enforces();
             self.upstream_metrics.limit_hit(limit.as_str(), audit);
-            if let Some(count) = self.limit_throttle.admit() {
-                let mut event = Event::new(
-                    self.name(),
-                    EventKind::LimitHit,
-                    format!("{} {} reached", hit.limit.as_str(), hit.max),
-                )
-                .audit(audit);
-                event.count = count;
-                self.event(event);
-            }
+            self.throttled_event(&self.limit_throttle, EventKind::LimitHit, audit, || {
+                format!("{} {} reached", hit.limit.as_str(), hit.max)
+            });
             if !audit {
                 return Err(ProxyError::LimitReached {
                     upstream: self.config.name.clone(),
@@ -637,34 +629,23 @@ impl Upstream {
     }
 
     /// The local rate limits; `Err` (429) when one rejects the request.
-    pub(crate) fn rate_limit(
-        &self,
-        resilience: &Resilience,
-        path: &[u8],
-    ) -> Result<(), ProxyError> {
+    fn rate_limit(&self, resilience: &Resilience, path: &[u8]) -> Result<(), ProxyError> {
         let now = Instant::now();
         for limiter in resilience.rate_limits.iter().filter(|l| l.applies_to(path)) {
             if let Err(wait) = limiter.try_acquire(now) {
                 let audit = !limiter.mode.enforces();
                 self.upstream_metrics.rate_limited(audit);
-                if let Some(count) = self.rate_throttle.admit() {
-                    let mut event = Event::new(
-                        self.name(),
-                        EventKind::RateLimited,
-                        format!(
-                            "over {} requests per second{}",
-                            limiter.rate(),
-                            limiter
-                                .path_prefix
-                                .as_deref()
-                                .map(|p| format!(" on {p}"))
-                                .unwrap_or_default()
-                        ),
+                self.throttled_event(&self.rate_throttle, EventKind::RateLimited, audit, || {
+                    format!(
+                        "over {} requests per second{}",
+                        limiter.rate(),
+                        limiter
+                            .path_prefix
+                            .as_deref()
+                            .map(|p| format!(" on {p}"))
+                            .unwrap_or_default()
                     )
-                    .audit(audit);
-                    event.count = count;
-                    self.event(event);
-                }
+                });
                 if !audit {
                     return Err(ProxyError::RateLimited {
                         upstream: self.config.name.clone(),
@@ -678,6 +659,22 @@ impl Upstream {
 
     fn event(&self, event: Event) {
         self.events.record(event);
+    }
+
+    /// An event of a kind that can fire on every request: at most one per second, standing
+    /// for the occurrences held back (`detail` is only written when one goes out).
+    fn throttled_event(
+        &self,
+        throttle: &Throttle,
+        kind: EventKind,
+        audit: bool,
+        detail: impl FnOnce() -> String,
+    ) {
+        if let Some(count) = throttle.admit() {
+            let mut event = Event::new(self.name(), kind, detail()).audit(audit);
+            event.count = count;
+            self.event(event);
+        }
     }
 
     /// Counts a response the proxy made itself.
