@@ -449,11 +449,12 @@ impl Session<'_> {
         if resp.status == 101 {
             return self.switch_protocols(client, up).await;
         }
-        drop(in_flight);
         let close =
             !req.keep_alive || self.ctx.shared.is_draining() || resp.body == BodyKind::UntilClose;
         head::finish_response(&mut self.resp_head, close, req.minor == 0 && !close);
         let relayed = relay_response(&mut up, client, &mut self.resp_head, &resp).await;
+        // In flight until the body is relayed, as P2C's load counts it.
+        drop(in_flight);
         self.finish(up, &resp, relayed, true, close)
     }
 
