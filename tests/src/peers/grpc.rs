@@ -141,6 +141,13 @@ pub fn failure(req: &FailRequest) -> Status {
 impl Echo for EchoService {
     async fn unary(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.arrive("Unary").await;
+        // A peer told to answer a server error (`PeerState::set_status`) is UNAVAILABLE.
+        if self.state.status().is_some_and(|s| s >= 500) {
+            return Err(Status::unavailable(format!(
+                "{} is failing",
+                self.state.name()
+            )));
+        }
         let headers = seen_headers(req.metadata());
         let reply = self.reply(req.into_inner().message, 0, headers);
         Ok(self.response(reply))

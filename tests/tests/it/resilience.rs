@@ -14,6 +14,7 @@ use malla_proxy::{config::ListenerProtocol, resilience::events::EventKind};
 use malla_tests::{
     assert_eventually,
     client::{self, within, Collected, Http1},
+    cross_version::Flavor,
     peers::{dead_addr, HttpPeer},
     proxy::{admin, TestProxy},
     BoxError,
@@ -100,6 +101,39 @@ async fn one_failing_instance_of_three_is_invisible_with_the_defaults() {
         5.0,
         "each failure was retried once, on a healthy endpoint"
     );
+}
+
+cross_version!(one_failing_instance_is_invisible_in_every_protocol);
+
+/// The same over HTTP/1, HTTP/2 and gRPC (a real tonic client and server): one of three
+/// instances failing every call (500, or UNAVAILABLE for gRPC) is retried around and
+/// ejected. The cross-version calls are POSTs, so the HTTP flavors opt in to retrying
+/// non-idempotent requests; gRPC calls are retried on UNAVAILABLE by default.
+async fn one_failing_instance_is_invisible_in_every_protocol(flavor: Flavor) {
+    let peers = [flavor.peer("a"), flavor.peer("b"), flavor.peer("bad")];
+    peers[2].state().set_status(500);
+    let addrs: Vec<_> = peers.iter().map(|p| p.addr()).collect();
+    let proxy = TestProxy::builder()
+        .upstream("echo", &addrs)
+        .balancer(malla_proxy::config::BalancerKind::RoundRobin)
+        .policy(|p| p.retries.non_idempotent = flavor != Flavor::Grpc)
+        .outbound("echo")
+        .start();
+    let mut client = flavor.client(proxy.outbound(), "echo");
+    for i in 0..30 {
+        let served_by = client
+            .call(&format!("call {i}"))
+            .await
+            .assert_ok()
+            .to_string();
+        assert_ne!(served_by, "bad", "call {i}");
+    }
+    assert_eq!(
+        peers[2].requests(),
+        5,
+        "ejected after 5 consecutive failures"
+    );
+    assert_eq!(breaker_of(&proxy, "echo", addrs[2]), "ejected");
 }
 
 /// An instance that hangs is cut by the per-try timeout, the request is retried on a
