@@ -80,6 +80,8 @@ pub struct Metrics {
     breaker: Family<ActionLabels, Counter>,
     limits: Family<ActionLabels, Counter>,
     faults: Family<ActionLabels, Counter>,
+    policy_version: Family<UpstreamLabels, Gauge>,
+    policy_rejected: Family<UpstreamLabels, Counter>,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_accepted: Family<ListenerLabels, Counter>,
     /// Registered on first use: a proxy without a control plane does not show them.
@@ -203,6 +205,18 @@ impl Metrics {
             "Faults injected by policy (action = delay or abort)",
             faults.clone(),
         );
+        let policy_version = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "policy_version",
+            "Version (control-plane store revision) of the resilience policy in force; 0: the local policy or the defaults",
+            policy_version.clone(),
+        );
+        let policy_rejected = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "policy_rejected",
+            "Control-plane policies this sidecar refused as invalid (the one in force stayed)",
+            policy_rejected.clone(),
+        );
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -227,6 +241,8 @@ impl Metrics {
             breaker,
             limits,
             faults,
+            policy_version,
+            policy_rejected,
             listener_connections,
             listener_accepted,
             control: ControlFamilies::default(),
@@ -321,6 +337,8 @@ impl Metrics {
             endpoints: self.endpoints.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
             retry_budget_exhausted: self.retry_budget_exhausted.get_or_create(&labels).clone(),
+            policy_version: self.policy_version.get_or_create(&labels).clone(),
+            policy_rejected: self.policy_rejected.get_or_create(&labels).clone(),
             errors: self.errors.clone(),
             breaker: self.breaker.clone(),
             limits: self.limits.clone(),
@@ -368,6 +386,8 @@ pub(crate) struct UpstreamMetrics {
     pub endpoints: Gauge,
     retries: Counter,
     retry_budget_exhausted: Counter,
+    pub policy_version: Gauge,
+    pub policy_rejected: Counter,
     errors: Family<ErrorLabels, Counter>,
     breaker: Family<ActionLabels, Counter>,
     limits: Family<ActionLabels, Counter>,

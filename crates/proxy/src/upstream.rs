@@ -137,6 +137,10 @@ impl Upstream {
     /// `None` returns to the local `[upstream.policy]` / defaults. Connections, ejections,
     /// budgets and limits carry over.
     pub fn set_policy(&self, policy: Option<(Policy, u64)>) {
+        let version = policy.as_ref().map_or(0, |(_, v)| *v);
+        self.upstream_metrics
+            .policy_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         let next = match policy {
             Some((policy, version)) => {
                 Resilience::compile(policy, PolicySource::ControlPlane { version }, &self.config)

@@ -85,6 +85,12 @@ async fn a_policy_applied_through_the_control_plane_is_in_force_at_the_sidecar()
     assert_eq!(state["policy"]["spec"]["retries"]["max_attempts"], 2);
     assert_eq!(state["policy"]["spec"]["timeouts"]["request"], "3s");
     assert_eq!(state["discovery"]["policy_version"], version);
+    let metric = admin::metric(
+        &proxy.metrics_text(),
+        "malla_proxy_policy_version",
+        &[("upstream", "quote")],
+    );
+    assert_eq!(metric, Some(version as f64));
     // Only `quote`'s callers follow it.
     assert_eq!(
         source(&proxy, "broken").await,

@@ -152,6 +152,7 @@ fn apply(message: &pb::PolicyUpdate, upstream: &Upstream, status: &PolicyStatus)
         Ok(state) => state,
         Err(e) => {
             status.rejected.fetch_add(1, Ordering::Relaxed);
+            upstream.upstream_metrics.policy_rejected.inc();
             let error = format!("policy version {} refused: {e}", message.version);
             warn!(upstream = %upstream.name(), service = %status.service, version = message.version, in_force = status.version(), error = %e, "refusing a policy this sidecar cannot use; keeping the one in force");
             set_error(&status.last_error, Some(error));
