@@ -78,6 +78,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a draining proxy waits for its deregistration before it closes its listeners
 /// anyway (the lease then expires by itself).
 pub(crate) const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a stopping proxy spends sending the resilience events still queued.
+const EVENTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 pings to the control plane, so a vanished one is noticed without traffic.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -407,7 +409,7 @@ async fn run(
     tasks.spawn(events::run(
         policies.clone(),
         shared.events.clone(),
-        reporter,
+        reporter.clone(),
     ));
     if let (Some(registration), Some(reg_status)) = (registration, status.registration.clone()) {
         tasks.spawn(registration::run(
@@ -436,4 +438,5 @@ async fn run(
     let mut stopped = shared.stopped_signal();
     let _ = stopped.wait_for(|s| *s).await;
     tasks.shutdown().await;
+    events::flush(policies, &shared.events, &reporter, EVENTS_FLUSH_TIMEOUT).await;
 }

@@ -23,6 +23,7 @@ pub(super) const BATCH: usize = 256;
 const GATHER: Duration = Duration::from_millis(50);
 
 /// Who reports, and which service each upstream calls.
+#[derive(Clone)]
 pub(super) struct Reporter {
     /// This sidecar's service and instance id, when it registers (else empty).
     pub service: String,
@@ -97,6 +98,32 @@ pub(super) async fn run(
         }
         failing = true;
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Sends what is still queued when the proxy stops, for at most `within`: the last
+/// events before a shutdown (an instance ejecting its upstreams as it goes down) are
+/// often the ones worth having.
+pub(super) async fn flush(
+    mut client: PoliciesClient<Channel>,
+    log: &EventLog,
+    reporter: &Reporter,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let batch = log.drain(BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        let sent = client.report_events(reporter.request(&batch));
+        if !matches!(tokio::time::timeout_at(deadline, sent).await, Ok(Ok(_))) {
+            debug!(
+                events = batch.len() + log.drain(usize::MAX).len(),
+                "stopping with resilience events not reported"
+            );
+            return;
+        }
     }
 }
 
