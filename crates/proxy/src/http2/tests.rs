@@ -613,6 +613,20 @@ fn breaker(proxy: &ProxyHandle, addr: SocketAddr) -> State {
 }
 
 /// Counts the requests an upstream receives.
+/// An upstream that counts every request in `hits`, then answers with `handler`.
+async fn counting<F, Fut>(hits: &Arc<AtomicUsize>, handler: F) -> TestUpstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let hits = hits.clone();
+    upstream(move |req| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        handler(req)
+    })
+    .await
+}
+
 fn counter() -> Arc<AtomicUsize> {
     Arc::new(AtomicUsize::new(0))
 }
@@ -668,17 +682,11 @@ fn post_in_two_frames(path: &str) -> Request<TestBody> {
 #[tokio::test]
 async fn a_failing_endpoint_is_retried_around_then_ejected() {
     let bad_hits = counter();
-    let bad = upstream({
-        let hits = bad_hits.clone();
-        move |_req| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async {
-                Response::builder()
-                    .status(StatusCode::INTERNAL_SERVER_ERROR)
-                    .body(full("bad"))
-                    .unwrap()
-            }
-        }
+    let bad = counting(&bad_hits, move |_req| async {
+        Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(full("bad"))
+            .unwrap()
     })
     .await;
     let good = [
@@ -715,23 +723,10 @@ async fn a_failing_endpoint_is_retried_around_then_ejected() {
 async fn trailers_only_unavailable_is_retried_on_another_endpoint() {
     let (bad_hits, good_hits) = (counter(), counter());
     // Answers at once, without reading the request: the retry must still send it whole.
-    let unavailable = upstream({
-        let hits = bad_hits.clone();
-        move |_req| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async { grpc_trailers_only("14") }
-        }
-    })
-    .await;
-    let echo = upstream({
-        let hits = good_hits.clone();
-        move |req: Request<Incoming>| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let message = req.into_body().collect().await.unwrap().to_bytes();
-                grpc_reply(message, "0")
-            }
-        }
+    let unavailable = counting(&bad_hits, move |_req| async { grpc_trailers_only("14") }).await;
+    let echo = counting(&good_hits, move |req: Request<Incoming>| async move {
+        let message = req.into_body().collect().await.unwrap().to_bytes();
+        grpc_reply(message, "0")
     })
     .await;
     let (proxy, addr) = proxy_with(round_robin(&[unavailable.addr, echo.addr], None));
@@ -760,12 +755,8 @@ async fn trailers_only_unavailable_is_retried_on_another_endpoint() {
 #[tokio::test]
 async fn a_grpc_status_in_trailers_is_relayed_and_counted_against_the_endpoint() {
     let hits = counter();
-    let failing = upstream({
-        let hits = hits.clone();
-        move |_req| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async { grpc_reply(Bytes::from_static(b"\0\0\0\0\0"), "14") }
-        }
+    let failing = counting(&hits, move |_req| async {
+        grpc_reply(Bytes::from_static(b"\0\0\0\0\0"), "14")
     })
     .await;
     let fine = upstream(|_req| async { grpc_reply(Bytes::from_static(b"\0\0\0\0\0"), "0") }).await;
@@ -838,15 +829,9 @@ async fn the_deadline_travels_upstream_reduced() {
 #[tokio::test]
 async fn a_passed_deadline_is_deadline_exceeded_and_not_retried() {
     let hits = counter();
-    let up = upstream({
-        let hits = hits.clone();
-        move |_req| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async {
-                std::future::pending::<()>().await;
-                Response::new(empty())
-            }
-        }
+    let up = counting(&hits, move |_req| async {
+        std::future::pending::<()>().await;
+        Response::new(empty())
     })
     .await;
     let (proxy, addr) = proxy_to(up.addr);
@@ -876,31 +861,19 @@ async fn a_passed_deadline_is_deadline_exceeded_and_not_retried() {
 async fn a_post_body_is_replayed_intact_when_non_idempotent_retries_are_on() {
     let (bad_hits, good_hits) = (counter(), counter());
     // `/drain` reads the whole request before failing; other paths fail at once.
-    let busy = upstream({
-        let hits = bad_hits.clone();
-        move |req: Request<Incoming>| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if req.uri().path() == "/drain" {
-                    req.into_body().collect().await.unwrap();
-                }
-                Response::builder()
-                    .status(StatusCode::SERVICE_UNAVAILABLE)
-                    .body(full("busy"))
-                    .unwrap()
-            }
+    let busy = counting(&bad_hits, move |req: Request<Incoming>| async move {
+        if req.uri().path() == "/drain" {
+            req.into_body().collect().await.unwrap();
         }
+        Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(full("busy"))
+            .unwrap()
     })
     .await;
-    let echo = upstream({
-        let hits = good_hits.clone();
-        move |req: Request<Incoming>| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                Response::new(Full::new(body).map_err(|never| match never {}).boxed())
-            }
-        }
+    let echo = counting(&good_hits, move |req: Request<Incoming>| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(Full::new(body).map_err(|never| match never {}).boxed())
     })
     .await;
     let retry_posts = Policy {
@@ -1009,14 +982,7 @@ async fn the_retry_budget_bounds_retries() {
 #[tokio::test]
 async fn an_injected_abort_never_reaches_the_upstream() {
     let hits = counter();
-    let up = upstream({
-        let hits = hits.clone();
-        move |_req| {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async { Response::new(full("reached")) }
-        }
-    })
-    .await;
+    let up = counting(&hits, move |_req| async { Response::new(full("reached")) }).await;
     let mut config = UpstreamConfig::new("svc", vec![up.addr.to_string()]);
     config.policy = Some(Policy {
         faults: vec![Fault {
