@@ -289,16 +289,7 @@ def render(res):
           "during the measured run. Multi-process nginx counts master + worker (sum of both VmRSS; the "
           "shared pages are counted twice; the JSON also has the largest single process).")
         a("")
-    errs = [r for r in res.get("runs", []) if r.get("errors")]
-    if res.get("failures") or errs:
-        a("### Failures and errors")
-        a("")
-        for f_ in res.get("failures", []):
-            a(f"- FAILED: {f_.splitlines()[0]}")
-        for r in errs:
-            a(f"- round {r['round'] + 1} {r['test']} {r['target']}: {r['errors']} failed/non-2xx responses "
-              f"of {r.get('requests')}" + (f" ({r['error_kinds']})" if r.get("error_kinds") else ""))
-        a("")
+    failures_section(res, a)
     a("Command: `bench/run" + ("" if res.get("mode") == "full" else " --quick") + "`; see bench/README.md. "
       f"The whole run took {res.get('elapsed_s', 0) / 60:.1f} min.")
     a(END)
@@ -313,6 +304,20 @@ replaced by its harness; compare numbers from the same run only (machines differ
 sessions).
 
 """
+
+
+def failures_section(res, a):
+    """The "Failures and errors" section, when a run had any (shared with bench/resilience)."""
+    errs = [r for r in res.get("runs", []) if r.get("errors")]
+    if res.get("failures") or errs:
+        a("### Failures and errors")
+        a("")
+        for f_ in res.get("failures", []):
+            a(f"- FAILED: {f_.splitlines()[0]}")
+        for r in errs:
+            a(f"- round {r['round'] + 1} {r['test']} {r['target']}: {r['errors']} failed/non-2xx responses "
+              f"of {r.get('requests')}" + (f" ({r['error_kinds']})" if r.get("error_kinds") else ""))
+        a("")
 
 
 def update_docs(path, section, start=START, end=END):

@@ -339,16 +339,7 @@ def render(res):
       "÷ the requests completed; at full load (wrk, h2load) it is the most direct measure of the per-request "
       "work each variant adds.")
     a("")
-    errs = [r for r in res.get("runs", []) if r.get("errors")]
-    if res.get("failures") or errs:
-        a("### Failures and errors")
-        a("")
-        for f_ in res.get("failures", []):
-            a(f"- FAILED: {f_.splitlines()[0]}")
-        for r in errs:
-            a(f"- round {r['round'] + 1} {r['test']} {r['target']}: {r['errors']} failed/non-2xx responses "
-              f"of {r.get('requests')}")
-        a("")
+    report.failures_section(res, a)
     a("Reproduce: `bench/resilience/run" + ("" if res.get("mode") == "full" else " --quick")
       + "` (see bench/README.md). " f"The whole run took {res.get('elapsed_s', 0) / 60:.1f} min.")
     a(END)
