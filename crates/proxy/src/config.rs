@@ -250,7 +250,8 @@ pub struct Limits {
     /// A client that sent part of a request head must finish it within this time.
     #[serde(default = "defaults::head_timeout", with = "malla_core::duration")]
     pub head_timeout: Duration,
-    /// An idle keep-alive client connection is closed after this time.
+    /// An idle keep-alive client connection is closed after this time (HTTP/2: GOAWAY
+    /// once no stream has been at work for between one and two of it).
     #[serde(
         default = "defaults::client_idle_timeout",
         with = "malla_core::duration"

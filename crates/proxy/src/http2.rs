@@ -56,7 +56,10 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -121,6 +124,27 @@ struct Downstream {
     client: IpAddr,
     /// `X-Forwarded-For` for requests that carry none, built once per connection.
     xff: HeaderValue,
+    /// Streams opened so far, and those whose response is still being relayed: the idle
+    /// check compares the first between two ticks and leaves busy connections alone.
+    streams: AtomicU64,
+    relaying: AtomicU64,
+}
+
+/// A stream at work on a client connection: waiting for its response head, or relaying
+/// its response body (see [`IdleCheck`]).
+pub(crate) struct Relaying(Arc<Downstream>);
+
+impl Relaying {
+    fn new(down: &Arc<Downstream>) -> Self {
+        down.relaying.fetch_add(1, Ordering::Relaxed);
+        Relaying(down.clone())
+    }
+}
+
+impl Drop for Relaying {
+    fn drop(&mut self) {
+        self.0.relaying.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves one client connection that opened with the HTTP/2 preface; `prefix` holds the
@@ -137,7 +161,10 @@ pub(crate) async fn serve(
         client,
         xff: HeaderValue::try_from(client.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        streams: AtomicU64::new(0),
+        relaying: AtomicU64::new(0),
     });
+    let idle = IdleCheck::new(down.clone(), ctx.shared.config.limits.client_idle_timeout);
     let max_head = u32::try_from(ctx.shared.config.limits.max_head_bytes).unwrap_or(u32::MAX);
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -155,6 +182,7 @@ pub(crate) async fn serve(
     let finished = tokio::select! {
         result = conn.as_mut() => Some(result),
         _ = drain.wait_for(|draining| *draining) => None,
+        () = idle.wait() => None,
     };
     let result = match finished {
         Some(result) => result,
@@ -169,11 +197,45 @@ pub(crate) async fn serve(
     }
 }
 
+/// Closes client connections that have been idle for `client_idle_timeout`, like the
+/// HTTP/1 path does (hyper's HTTP/2 server has no idle timeout of its own): no new stream
+/// and no response being relayed. It looks once per timeout, so the hot path pays two
+/// uncontended atomic adds per stream and no timer: a connection idle for between one and
+/// two timeouts gets GOAWAY. A long-lived stream (a gRPC watch) keeps its connection.
+struct IdleCheck {
+    down: Arc<Downstream>,
+    timeout: Duration,
+}
+
+impl IdleCheck {
+    fn new(down: Arc<Downstream>, timeout: Duration) -> Self {
+        IdleCheck { down, timeout }
+    }
+
+    /// Completes once a whole timeout went by without a new stream.
+    async fn wait(&self) {
+        // A configured timeout of centuries must not overflow `Instant` arithmetic.
+        let period = self.timeout.min(Duration::from_secs(365 * 24 * 3600));
+        let mut seen = self.down.streams.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(period).await;
+            let now = self.down.streams.load(Ordering::Relaxed);
+            if now == seen && self.down.relaying.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            seen = now;
+        }
+    }
+}
+
 /// One client stream, start to response head. Never fails: errors become responses.
 async fn forward(
     down: Arc<Downstream>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    down.streams.fetch_add(1, Ordering::Relaxed);
+    // Busy until the response head; the response body holds its own while it streams.
+    let _busy = Relaying::new(&down);
     let arrived = Instant::now();
     let grpc = is_grpc(req.headers());
     let (head, body) = match upstream_head(&down, req) {
@@ -209,7 +271,7 @@ async fn forward(
 /// for a stream slot, resending, every attempt after the first), because this future is
 /// part of every stream's task and is moved into it on each spawn.
 struct Call<'a> {
-    down: &'a Downstream,
+    down: &'a Arc<Downstream>,
     upstream: &'a Arc<Upstream>,
     res: &'a Resilience,
     grpc: bool,
@@ -222,7 +284,7 @@ struct Call<'a> {
 
 impl<'a> Call<'a> {
     fn new(
-        down: &'a Downstream,
+        down: &'a Arc<Downstream>,
         upstream: &'a Arc<Upstream>,
         res: &'a Resilience,
         head: &Parts,
@@ -590,7 +652,7 @@ impl<'a> Call<'a> {
             upstream: self.upstream.clone(),
             relayed,
         });
-        let hold = Hold::new(guard, request, unrecorded);
+        let hold = Hold::new(guard, request, unrecorded, Relaying::new(self.down));
         Response::from_parts(head, ResponseBody::upstream(body, hold))
     }
 

@@ -135,3 +135,61 @@ async fn request_trailers_reach_the_upstream() {
     assert_eq!(got.header("x-body-bytes"), Some("100000"));
     assert_eq!(got.header("x-body-trailers"), Some("x-client-trailer=yes"));
 }
+
+/// A client connection with no stream for `client_idle_timeout` gets GOAWAY and closes,
+/// as an HTTP/1 one does; a stream still at work (here a request body still arriving)
+/// keeps it open and taking new streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed_but_not_while_a_stream_is_at_work() {
+    let peer = HttpPeer::http2("echo");
+    let proxy = TestProxy::builder()
+        .upstream("echo", &[peer.addr()])
+        .outbound("echo")
+        .limits(|l| l.client_idle_timeout = std::time::Duration::from_millis(200))
+        .start();
+    let conn = Http2::connect(proxy.outbound()).await.unwrap();
+    let response = within("request", conn.send(client::get(V, "echo", "/")))
+        .await
+        .unwrap();
+    assert_eq!(client::collect(response).await.unwrap().status, 200);
+    malla_tests::assert_eventually!(conn.is_closed(), "the idle connection was never closed");
+
+    // A request whose body is still arriving after the timeout: the connection stays.
+    use http_body_util::BodyExt as _;
+    let conn = Http2::connect(proxy.outbound()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, malla_tests::BoxError>,
+    >(4);
+    let frames =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let streaming = http_body_util::StreamBody::new(frames).boxed();
+    let req = client::request(V, Method::POST, "echo", "/count", streaming);
+    let pending = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.send(req).await }
+    });
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"first ",
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // No GOAWAY was sent: the connection still takes new streams.
+    let another = within("request", conn.send(client::get(V, "echo", "/"))).await;
+    assert_eq!(
+        client::collect(another.expect("a new stream on the busy connection"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"last",
+    ))))
+    .await
+    .unwrap();
+    drop(tx);
+    let response = within("request", pending).await.unwrap().unwrap();
+    let got = client::collect(response).await.unwrap();
+    assert_eq!(got.header("x-body-bytes"), Some("10"));
+}

@@ -432,6 +432,8 @@ pub(crate) struct Hold {
     /// A gRPC call whose status comes in the trailers: its outcome is recorded when the
     /// body ends.
     unrecorded: Option<Unrecorded>,
+    /// Keeps the client connection from being closed as idle while the body streams.
+    _relaying: super::Relaying,
 }
 
 /// The outlier detector's due for a gRPC call whose status is still to come.
@@ -442,11 +444,17 @@ pub(crate) struct Unrecorded {
 }
 
 impl Hold {
-    pub fn new(guard: StreamGuard, request: Option<Slot>, unrecorded: Option<Unrecorded>) -> Self {
+    pub fn new(
+        guard: StreamGuard,
+        request: Option<Slot>,
+        unrecorded: Option<Unrecorded>,
+        relaying: super::Relaying,
+    ) -> Self {
         Hold {
             guard,
             _request: request,
             unrecorded,
+            _relaying: relaying,
         }
     }
 
