@@ -104,9 +104,21 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
                 ))
                 .unwrap_or_default()
         }
+        "/events" => {
+            let doc = serde_json::json!({
+                "events": shared.events.recent(),
+                "dropped": shared.events.dropped(),
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+                ))
+                .unwrap_or_default()
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /metrics or /config\n",
+            "not found; try /live, /ready, /metrics, /config or /events\n",
         ),
     }
 }

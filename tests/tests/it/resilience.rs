@@ -81,6 +81,7 @@ async fn one_failing_instance_of_three_is_invisible_with_the_defaults() {
         .upstream("echo", &addrs)
         .balancer(malla_proxy::config::BalancerKind::RoundRobin)
         .outbound("echo")
+        .admin()
         .start();
     for i in 0..60 {
         let c = get(proxy.outbound(), &[]).await.unwrap();
@@ -96,6 +97,18 @@ async fn one_failing_instance_of_three_is_invisible_with_the_defaults() {
         .events()
         .iter()
         .any(|e| e.kind == EventKind::Ejected && e.endpoint == Some(addrs[2])));
+    // The admin listener shows the latest events.
+    let (status, body) = admin::get(proxy.admin(), "/events").await.unwrap();
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        doc["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "ejected" && e["endpoint"] == addrs[2].to_string()),
+        "{doc:#}"
+    );
     assert_eq!(
         metric(&proxy, "malla_proxy_retries_total", &[("upstream", "echo")]),
         5.0,

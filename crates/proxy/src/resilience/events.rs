@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 
 /// Events kept while nobody drains them.
 const CAPACITY: usize = 4096;
+/// The latest events kept for the admin listener's `/events`, sent or not.
+const RECENT: usize = 256;
 /// Throttled kinds emit at most once per this interval.
 const THROTTLE: Duration = Duration::from_secs(1);
 
@@ -115,6 +117,8 @@ pub struct EventLog {
     queue: Mutex<VecDeque<Event>>,
     ready: Notify,
     dropped: AtomicU64,
+    /// The last [`RECENT`] events, for `/events` (whether or not they were sent).
+    recent: Mutex<VecDeque<Event>>,
 }
 
 impl EventLog {
@@ -128,6 +132,13 @@ impl EventLog {
             detail = %event.detail,
             "resilience event"
         );
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() >= RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if queue.len() >= CAPACITY {
             queue.pop_front();
@@ -136,6 +147,12 @@ impl EventLog {
         queue.push_back(event);
         drop(queue);
         self.ready.notify_one();
+    }
+
+    /// The latest events, oldest first, sent to the control plane or not.
+    pub fn recent(&self) -> Vec<Event> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// Waits until at least one event is queued.
@@ -218,6 +235,10 @@ mod tests {
         assert_eq!(first[0].detail, "3");
         log.requeue(first);
         assert_eq!(log.drain(CAPACITY + 10).len(), CAPACITY);
+        // Draining does not touch what `/events` shows: the latest, whatever was sent.
+        let recent = log.recent();
+        assert_eq!(recent.len(), RECENT);
+        assert_eq!(recent[RECENT - 1].detail, (CAPACITY + 2).to_string());
     }
 
     #[test]
