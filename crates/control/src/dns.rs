@@ -71,9 +71,55 @@ pub use server::DnsServer;
 
 /// What DNS answers from: the registry's current view.
 pub trait Catalog: Send + Sync + 'static {
-    /// The instances of `service` matching `selector`, or None if the service is unknown.
-    /// Shared pointers: a service with 10,000 instances is answered without copying them.
-    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Arc<Instance>>>;
+    /// Some of the instances of `service` matching `selector` (see [`Pick`]), or None if
+    /// the service is unknown.
+    fn instances(
+        &self,
+        service: &ServiceName,
+        selector: &Selector,
+        pick: Pick,
+    ) -> Option<Vec<Arc<Instance>>>;
+}
+
+/// Which of the matching instances an answer needs: at most `max`, starting at the
+/// `rotation`-th (modulo their number) and wrapping around, so that successive queries
+/// get the instances in a rotated order. A name with 10,000 instances is answered by
+/// looking at each once or twice and copying only the few that fit in the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pick {
+    pub rotation: usize,
+    pub max: usize,
+    /// Only instances that may serve (health not `unhealthy`).
+    pub serving_only: bool,
+}
+
+impl Pick {
+    /// Every matching instance, serving or not, in order.
+    pub const ALL: Pick = Pick {
+        rotation: 0,
+        max: usize::MAX,
+        serving_only: false,
+    };
+
+    /// Applies the pick to the instances `instances()` iterates (it is called up to three
+    /// times: to count them, then for each side of the wrap; only the picked are copied).
+    pub fn from<'a, I>(self, instances: impl Fn() -> I) -> Vec<Arc<Instance>>
+    where
+        I: Iterator<Item = &'a Arc<Instance>>,
+    {
+        let wanted = || instances().filter(move |i| !self.serving_only || i.health.serving());
+        let n = wanted().count();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.rotation % n;
+        wanted()
+            .skip(start)
+            .chain(wanted().take(start))
+            .take(self.max)
+            .cloned()
+            .collect()
+    }
 }
 
 /// The domain when none is configured.
@@ -105,3 +151,42 @@ impl DnsConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod pick_tests {
+    use super::*;
+    use malla_core::{Health, InstanceProtocol, Labels};
+
+    fn instance(i: u8, health: Health) -> Arc<Instance> {
+        Arc::new(Instance {
+            id: format!("i{i}"),
+            service: ServiceName::new("s").unwrap(),
+            address: std::net::IpAddr::from([10, 0, 0, i]),
+            port: 80,
+            protocol: InstanceProtocol::Http,
+            labels: Labels::new(),
+            health,
+        })
+    }
+
+    #[test]
+    fn picks_rotate_wrap_and_keep_to_serving_instances() {
+        let all: Vec<_> = (0..5)
+            .map(|i| instance(i, if i == 1 { Health::Unhealthy } else { Health::Healthy }))
+            .collect();
+        let ids = |pick: Pick| -> Vec<String> {
+            pick.from(|| all.iter()).iter().map(|i| i.id.clone()).collect()
+        };
+        let serving = |rotation, max| Pick {
+            rotation,
+            max,
+            serving_only: true,
+        };
+        assert_eq!(ids(serving(0, 10)), ["i0", "i2", "i3", "i4"]);
+        assert_eq!(ids(serving(2, 3)), ["i3", "i4", "i0"]);
+        assert_eq!(ids(serving(6, 2)), ["i3", "i4"], "the rotation wraps modulo 4");
+        assert_eq!(ids(Pick::ALL).len(), 5, "ALL keeps the unhealthy one");
+        assert!(Pick::ALL.from(|| all[..0].iter()).is_empty());
+    }
+}
+

@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::{
     api::{self, Backend},
-    dns::{Catalog, DnsConfig, DnsServer},
+    dns::{Catalog, DnsConfig, DnsServer, Pick},
     events::EventRing,
     health::HealthChecker,
     policies::Policies,
@@ -218,13 +218,20 @@ impl Drop for Control {
 struct RegistryCatalog<S>(Arc<Registry<S>>);
 
 impl<S: Store + Clone> Catalog for RegistryCatalog<S> {
-    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Arc<Instance>>> {
-        self.0.instances(service, selector).map(|(_, instances)| {
-            instances
-                .into_iter()
-                .filter(|i| i.health.serving())
-                .collect()
-        })
+    fn instances(
+        &self,
+        service: &ServiceName,
+        selector: &Selector,
+        pick: Pick,
+    ) -> Option<Vec<Arc<Instance>>> {
+        let view = self.0.view();
+        let state = view.services.get(service)?;
+        Some(pick.from(|| {
+            state
+                .instances
+                .values()
+                .filter(|i| selector.matches(&i.labels))
+        }))
     }
 }
 

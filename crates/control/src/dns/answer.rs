@@ -18,7 +18,7 @@ use malla_core::{Instance, Selector, ServiceName};
 use self::encode::{bare, encode};
 use super::{
     name::{self, Lookup},
-    Catalog, DnsConfig, MAX_UDP_PAYLOAD,
+    Catalog, DnsConfig, Pick, MAX_UDP_PAYLOAD,
 };
 
 /// How the response travels, which bounds its size.
@@ -168,16 +168,26 @@ impl Zone {
                 service,
                 selector,
                 srv_form,
-            } => match catalog.instances(&service, &selector) {
-                Some(instances) => (service, instances, srv_form),
-                None => return self.negative(ResponseCode::NXDomain),
-            },
+            } => {
+                // The instances that may serve, rotated by the query id so that successive
+                // queries spread over them, only as many as can fit in the answer.
+                let pick = Pick {
+                    rotation: usize::from(id),
+                    max: max_answers,
+                    serving_only: true,
+                };
+                match catalog.instances(&service, &selector, pick) {
+                    Some(instances) => (service, instances, srv_form),
+                    None => return self.negative(ResponseCode::NXDomain),
+                }
+            }
             Lookup::Instance {
                 service,
                 target,
                 srv_form,
             } => {
-                let Some(mut instances) = catalog.instances(&service, &Selector::all()) else {
+                let Some(mut instances) = catalog.instances(&service, &Selector::all(), Pick::ALL)
+                else {
                     return self.negative(ResponseCode::NXDomain);
                 };
                 instances.retain(|i| name::target_label(i) == target);
@@ -187,15 +197,11 @@ impl Zone {
                 (service, instances, srv_form)
             }
         };
-        let mut serving: Vec<&Instance> = instances
+        let serving: Vec<&Instance> = instances
             .iter()
             .map(|i| &**i)
             .filter(|i| i.health.serving())
             .collect();
-        if !serving.is_empty() {
-            let n = serving.len();
-            serving.rotate_left(usize::from(id) % n);
-        }
         let answers = match qtype {
             RecordType::A | RecordType::AAAA | RecordType::ANY if !srv_form => {
                 let want = |ip: &IpAddr| match qtype {

@@ -4,21 +4,23 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
 
-use super::Catalog;
+use super::{Catalog, Pick};
 
 #[derive(Default)]
 pub(super) struct FakeCatalog {
-    services: BTreeMap<ServiceName, Vec<Instance>>,
+    services: BTreeMap<ServiceName, Vec<Arc<Instance>>>,
 }
 
 impl Catalog for FakeCatalog {
-    fn instances(&self, service: &ServiceName, selector: &Selector) -> Option<Vec<Arc<Instance>>> {
-        self.services.get(service).map(|all| {
-            all.iter()
-                .filter(|i| selector.matches(&i.labels))
-                .map(|i| Arc::new(i.clone()))
-                .collect()
-        })
+    fn instances(
+        &self,
+        service: &ServiceName,
+        selector: &Selector,
+        pick: Pick,
+    ) -> Option<Vec<Arc<Instance>>> {
+        self.services
+            .get(service)
+            .map(|all| pick.from(|| all.iter().filter(|i| selector.matches(&i.labels))))
     }
 }
 
@@ -48,7 +50,7 @@ impl FakeCatalog {
         self.services
             .entry(service.clone())
             .or_default()
-            .push(Instance {
+            .push(Arc::new(Instance {
                 id: id.to_string(),
                 service,
                 address,
@@ -56,7 +58,7 @@ impl FakeCatalog {
                 protocol: InstanceProtocol::Http,
                 labels: l,
                 health,
-            });
+            }));
         self
     }
 

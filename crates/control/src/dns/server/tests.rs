@@ -268,7 +268,11 @@ async fn dns_queries_per_second() {
         let mut n = 0u64;
         while started.elapsed() < Duration::from_secs(1) {
             let service = malla_core::ServiceName::new(&format!("s{}", n % services as u64));
-            let got = catalog.instances(&service.unwrap(), &malla_core::Selector::all());
+            let got = catalog.instances(
+                &service.unwrap(),
+                &malla_core::Selector::all(),
+                super::super::Pick::ALL,
+            );
             assert!(got.is_some());
             n += 1;
         }
