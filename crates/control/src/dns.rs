@@ -172,10 +172,22 @@ mod pick_tests {
     #[test]
     fn picks_rotate_wrap_and_keep_to_serving_instances() {
         let all: Vec<_> = (0..5)
-            .map(|i| instance(i, if i == 1 { Health::Unhealthy } else { Health::Healthy }))
+            .map(|i| {
+                instance(
+                    i,
+                    if i == 1 {
+                        Health::Unhealthy
+                    } else {
+                        Health::Healthy
+                    },
+                )
+            })
             .collect();
         let ids = |pick: Pick| -> Vec<String> {
-            pick.from(|| all.iter()).iter().map(|i| i.id.clone()).collect()
+            pick.from(|| all.iter())
+                .iter()
+                .map(|i| i.id.clone())
+                .collect()
         };
         let serving = |rotation, max| Pick {
             rotation,
@@ -184,9 +196,12 @@ mod pick_tests {
         };
         assert_eq!(ids(serving(0, 10)), ["i0", "i2", "i3", "i4"]);
         assert_eq!(ids(serving(2, 3)), ["i3", "i4", "i0"]);
-        assert_eq!(ids(serving(6, 2)), ["i3", "i4"], "the rotation wraps modulo 4");
+        assert_eq!(
+            ids(serving(6, 2)),
+            ["i3", "i4"],
+            "the rotation wraps modulo 4"
+        );
         assert_eq!(ids(Pick::ALL).len(), 5, "ALL keeps the unhealthy one");
         assert!(Pick::ALL.from(|| all[..0].iter()).is_empty());
     }
 }
-
