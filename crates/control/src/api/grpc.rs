@@ -137,7 +137,9 @@ fn to_u32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+/// The stream of a server-streaming call.
+pub(super) type Streaming<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type WatchStream = Streaming<pb::WatchResponse>;
 
 #[tonic::async_trait]
 impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
@@ -213,19 +215,29 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let target = WatchTarget::try_from(request.into_inner()).map_err(invalid)?;
-        if *self.stop.borrow() {
-            return Err(Status::unavailable("the control plane is stopping"));
-        }
-        let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(run_watch(
-            self.registry.clone(),
-            target,
-            tx,
-            self.stop.clone(),
-        ));
-        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(Response::new(Box::pin(stream)))
+        let registry = self.registry.clone();
+        streaming(&self.stop, |tx, stop| run_watch(registry, target, tx, stop))
     }
+}
+
+/// Starts a server-streaming call (refused once the control plane is stopping): `run`
+/// feeds the stream from a task of its own, through a channel of [`STREAM_BUFFER`]
+/// messages, until it returns.
+pub(super) fn streaming<T, F>(
+    stop: &watch::Receiver<bool>,
+    run: impl FnOnce(mpsc::Sender<Result<T, Status>>, watch::Receiver<bool>) -> F,
+) -> Result<Response<Streaming<T>>, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if *stop.borrow() {
+        return Err(Status::unavailable("the control plane is stopping"));
+    }
+    let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(run(tx, stop.clone()));
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok(Response::new(Box::pin(stream)))
 }
 
 /// The set one watcher's client holds, and what it has been told of.

@@ -10,18 +10,15 @@
 #[cfg(test)]
 mod tests;
 
-use std::pin::Pin;
-
 use malla_api::policy_pb as pb;
 use malla_core::ServiceName;
 use tokio::sync::{
     broadcast::error::{RecvError, TryRecvError},
     mpsc, watch,
 };
-use tonic::{codegen::tokio_stream::Stream, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::STREAM_BUFFER;
 use crate::{
     api::Backend,
     events,
@@ -40,7 +37,7 @@ impl<S: Store + Clone> PoliciesGrpc<S> {
     }
 }
 
-type PolicyStream = Pin<Box<dyn Stream<Item = Result<pb::PolicyUpdate, Status>> + Send>>;
+type PolicyStream = super::Streaming<pb::PolicyUpdate>;
 
 #[tonic::async_trait]
 impl<S: Store + Clone> malla_api::PoliciesService for PoliciesGrpc<S> {
@@ -52,18 +49,8 @@ impl<S: Store + Clone> malla_api::PoliciesService for PoliciesGrpc<S> {
     ) -> Result<Response<PolicyStream>, Status> {
         let service = ServiceName::new(&request.into_inner().service)
             .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
-        if *self.stop.borrow() {
-            return Err(Status::unavailable("the control plane is stopping"));
-        }
-        let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(run_watch(
-            self.backend.clone(),
-            service,
-            tx,
-            self.stop.clone(),
-        ));
-        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(Response::new(Box::pin(stream)))
+        let backend = self.backend.clone();
+        super::streaming(&self.stop, |tx, stop| run_watch(backend, service, tx, stop))
     }
 
     async fn report_events(
