@@ -59,7 +59,7 @@ use crate::{
     resilience::{
         budget, deadline,
         limits::{self, Limit},
-        outlier, Resilience,
+        Resilience,
     },
     server::ListenerCtx,
     upstream::Upstream,
@@ -257,7 +257,7 @@ impl Session<'_> {
         upstream: &Upstream,
     ) -> Next {
         let res = upstream.resilience_full();
-        let deadline = deadline::deadline(Instant::now(), res.policy.timeouts.request, req.timeout);
+        let deadline = deadline::deadline(Instant::now, res.policy.timeouts.request, req.timeout);
         let admitted = upstream.admit(&res, &buf[req.path.0..req.path.1]);
         buf.advance(req.head_len);
         let delayed = match admitted {
@@ -279,7 +279,7 @@ impl Session<'_> {
             Ok(slot) => slot,
             Err(err) => return self.fail(client, req, upstream, None, err).await,
         };
-        upstream.deposit(outlier::now_ms());
+        upstream.deposit(&res);
 
         // The body is "complete" when it is already in the buffer: it goes out with the
         // head in one write, and the request can be sent again (a retry, or a dead pooled

@@ -93,7 +93,7 @@ use crate::{
     resilience::{
         budget, deadline,
         limits::{Limit, Slot},
-        outlier, Resilience,
+        Resilience,
     },
     server::ListenerCtx,
     upstream::Upstream,
@@ -308,7 +308,7 @@ impl<'a> Call<'a> {
             grpc,
             idempotent: is_idempotent(&head.method),
             arrived,
-            deadline: deadline::deadline(arrived, res.policy.timeouts.request, incoming),
+            deadline: deadline::deadline(|| arrived, res.policy.timeouts.request, incoming),
         }
     }
 
@@ -347,7 +347,7 @@ impl<'a> Call<'a> {
             Box::pin(self.delay(delay)).await?;
         }
         let request = upstream.acquire(Limit::Requests, res)?;
-        upstream.deposit(outlier::now_ms());
+        upstream.deposit(res);
         if let Some(req) = req.as_mut() {
             self.stamp(req.headers_mut())?;
         }

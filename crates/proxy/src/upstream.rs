@@ -555,9 +555,9 @@ impl Upstream {
     }
 
     /// Counts one original request against the retry budget.
-    pub(crate) fn deposit(&self, now_ms: u64) {
+    pub(crate) fn deposit(&self, resilience: &Resilience) {
         self.budget
-            .deposit(now_ms, self.resilience().policy.retries.budget_window);
+            .deposit(outlier::now_ms(), resilience.policy.retries.budget_window);
     }
 
     /// Takes a retry from the budget; reports when it is spent.
