@@ -293,8 +293,7 @@ impl Session<'_> {
         if let BodyKind::Length(n) = req.body {
             let retries = &res.policy.retries;
             if complete_len.is_none()
-                && retries.enabled
-                && retries.max_attempts > 1
+                && res.max_attempts > 1
                 && n <= retries.max_replay_bytes
                 && (req.idempotent || retries.non_idempotent)
                 && !req.expect_continue
@@ -349,11 +348,7 @@ impl Session<'_> {
         head_end: usize,
     ) -> Next {
         let retries = &res.policy.retries;
-        let max_attempts = if retries.enabled {
-            retries.max_attempts
-        } else {
-            1
-        };
+        let max_attempts = res.max_attempts;
         // Endpoints tried so far (allocated only when a retry happens).
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut timeout_field = TimeoutField::new(head_end);
@@ -571,11 +566,7 @@ impl Session<'_> {
         head_end: usize,
     ) -> Next {
         let retries = &res.policy.retries;
-        let max_attempts = if retries.enabled {
-            retries.max_attempts
-        } else {
-            1
-        };
+        let max_attempts = res.max_attempts;
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut _retry_slot = None;
         let mut attempt = 0;

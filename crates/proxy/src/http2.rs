@@ -318,11 +318,7 @@ impl<'a> Call<'a> {
     /// back when the connection closed before it was sent).
     fn prepare(&self, head: Parts, body: Incoming) -> (Request<RequestBody>, Again) {
         let retries = &self.res.policy.retries;
-        let max_attempts = if retries.enabled {
-            retries.max_attempts.max(1)
-        } else {
-            1
-        };
+        let max_attempts = self.res.max_attempts;
         let eligible = max_attempts > 1
             && (self.idempotent || retries.non_idempotent || (self.grpc && retries.on.has_grpc()));
         let (body, state) = RequestBody::new(body, eligible.then_some(retries.max_replay_bytes));

@@ -13,11 +13,7 @@ pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstr
     // A connect failure sent nothing, so another endpoint may be tried at once, up to the
     // policy's attempts (and within its retry budget).
     let resilience = upstream.resilience();
-    let attempts = if resilience.policy.retries.enabled {
-        resilience.policy.retries.max_attempts
-    } else {
-        1
-    };
+    let attempts = resilience.max_attempts;
     let mut failed: Option<Arc<crate::endpoint::Endpoint>> = None;
     let mut attempt = 0;
     let (in_flight, mut server) = loop {

@@ -53,6 +53,8 @@ pub struct Resilience {
     pub source: PolicySource,
     pub connect_timeout: Duration,
     pub per_try_timeout: Duration,
+    /// Tries per request, the first included: 1 when retries are off.
+    pub max_attempts: u32,
     pub rate_limits: Vec<rate::RateLimiter>,
     pub faults: Vec<fault::FaultRule>,
 }
@@ -62,6 +64,11 @@ impl Resilience {
         Arc::new(Resilience {
             connect_timeout: policy.timeouts.connect.unwrap_or(upstream.connect_timeout),
             per_try_timeout: policy.timeouts.per_try.unwrap_or(upstream.response_timeout),
+            max_attempts: if policy.retries.enabled {
+                policy.retries.max_attempts.max(1)
+            } else {
+                1
+            },
             rate_limits: policy
                 .rate_limits
                 .iter()
