@@ -261,14 +261,7 @@ impl Session<'_> {
         let admitted = upstream.admit(&res, &buf[req.path.0..req.path.1]);
         buf.advance(req.head_len);
         let delayed = match admitted {
-            Ok(Some(delay)) => {
-                let budget = res
-                    .policy
-                    .timeouts
-                    .request
-                    .max(req.timeout.unwrap_or_default());
-                deadline::wait(delay, deadline, budget).await
-            }
+            Ok(Some(delay)) => deadline::wait(delay, deadline, budget(&res, req)).await,
             Ok(None) => Ok(()),
             Err(err) => Err(err),
         };
@@ -367,11 +360,7 @@ impl Session<'_> {
                     let left = deadline::remaining(d);
                     if left.is_zero() {
                         let err = ProxyError::DeadlineExceeded {
-                            budget: res
-                                .policy
-                                .timeouts
-                                .request
-                                .max(req.timeout.unwrap_or_default()),
+                            budget: budget(res, req),
                         };
                         return self.fail(client, req, upstream, None, err).await;
                     }
@@ -428,7 +417,9 @@ impl Session<'_> {
                 }
                 if deadline_hit {
                     in_flight.failed(504);
-                    let err = ProxyError::DeadlineExceeded { budget: timeout };
+                    let err = ProxyError::DeadlineExceeded {
+                        budget: budget(res, req),
+                    };
                     return self.fail(client, req, upstream, None, err).await;
                 }
             }
@@ -605,7 +596,7 @@ impl Session<'_> {
             let left = deadline::remaining(d);
             if left.is_zero() {
                 let err = ProxyError::DeadlineExceeded {
-                    budget: res.policy.timeouts.request,
+                    budget: budget(res, req),
                 };
                 return self
                     .fail(client, req, upstream, Some(&in_flight), err)
@@ -856,6 +847,11 @@ impl Session<'_> {
         };
         self.fail(client, req, upstream, Some(in_flight), err).await
     }
+}
+
+/// A request's whole time budget, for the `deadline-exceeded` message.
+fn budget(res: &Resilience, req: &RequestInfo) -> Duration {
+    deadline::budget(res.policy.timeouts.request, req.timeout).unwrap_or_default()
 }
 
 /// Whether a failed attempt may be tried again under the retry policy: the condition is

@@ -74,16 +74,22 @@ pub fn deadline(
     request_timeout: Duration,
     incoming: Option<Duration>,
 ) -> Option<Instant> {
-    let budget = match (
+    let budget = budget(request_timeout, incoming)?;
+    // A budget of centuries must not overflow `Instant` arithmetic.
+    Some(arrived() + budget.min(Duration::from_secs(365 * 24 * 3600)))
+}
+
+/// A request's whole time budget: the smaller of the policy's request timeout (`0s`:
+/// none) and the caller's; `None` when it has neither.
+pub fn budget(request_timeout: Duration, incoming: Option<Duration>) -> Option<Duration> {
+    match (
         (!request_timeout.is_zero()).then_some(request_timeout),
         incoming,
     ) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => return None,
-    };
-    // A budget of centuries must not overflow `Instant` arithmetic.
-    Some(arrived() + budget.min(Duration::from_secs(365 * 24 * 3600)))
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (Some(a), None) | (None, Some(a)) => Some(a),
+        (None, None) => None,
+    }
 }
 
 /// Waits an injected delay; `Err` (`deadline-exceeded`, naming `budget`) when the
