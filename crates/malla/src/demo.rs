@@ -220,6 +220,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("  curl -i http://{sidecar}/quote");
     println!("  curl --http2-prior-knowledge -i http://{sidecar}/quote");
     println!("  malla services --control http://{ctl}");
+    println!("  malla get policies --control http://{ctl}");
+    println!("  malla events --control http://{ctl}");
     println!("  malla instances shipping-quote --selector zone=eu-2 --control http://{ctl}");
     println!(
         "  dig @{} -p {} +short eu-2.zone.shipping-quote.svc.malla",
