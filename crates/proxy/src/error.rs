@@ -39,6 +39,8 @@ pub enum ProxyError {
     UpstreamProtocol { addr: SocketAddr, reason: String },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("request head larger than {limit} bytes")]
     HeadTooLarge { limit: usize },
     #[error("more header fields than the proxy accepts")]
@@ -78,6 +80,7 @@ impl ProxyError {
             ProxyError::ResponseTimeout { .. } => "response-timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::NotImplemented(_) => "not-implemented",
             ProxyError::HeadTooLarge { .. } | ProxyError::TooManyHeaders => {
                 "request-header-too-large"
             }
@@ -110,6 +113,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadTooLarge { .. } | ProxyError::TooManyHeaders => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -125,7 +129,7 @@ impl ProxyError {
         const UNIMPLEMENTED: u8 = 12;
         const RESOURCE_EXHAUSTED: u8 = 8;
         match self {
-            ProxyError::NoRoute { .. } => UNIMPLEMENTED,
+            ProxyError::NoRoute { .. } | ProxyError::NotImplemented(_) => UNIMPLEMENTED,
             ProxyError::ResponseTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
                 DEADLINE_EXCEEDED
             }

@@ -258,7 +258,7 @@ impl Session<'_> {
     ) -> Next {
         let res = upstream.resilience_full();
         let deadline = deadline::deadline(Instant::now, res.policy.timeouts.request, req.timeout);
-        let admitted = upstream.admit(&res, &buf[req.path.0..req.path.1]);
+        let admitted = upstream.admit(&res, req.path(buf));
         buf.advance(req.head_len);
         let delayed = match admitted {
             Ok(Some(delay)) => deadline::wait(delay, deadline, budget(&res, req)).await,
