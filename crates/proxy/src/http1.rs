@@ -27,6 +27,8 @@
 
 pub mod body;
 pub mod head;
+#[doc(hidden)]
+pub mod invariants;
 
 use std::{
     future::Future,
