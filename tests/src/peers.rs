@@ -7,6 +7,8 @@
 //!   (tonic-health), with statuses a test flips.
 //! - [`websocket::WebSocketPeer`], [`tcp::TcpPeer`]: echo servers.
 //! - [`misbehaving`]: raw upstreams that truncate, stall, hang up or send garbage.
+//! - [`recording::RecordingPeer`]: records every byte it receives and answers each request,
+//!   for the request-smuggling tests.
 //!
 //! HTTP and gRPC peers share a [`PeerState`]: a name (sent back as `x-peer`), a request
 //! counter (so balancing is measured where requests land, not by timing), a log of the
@@ -16,6 +18,7 @@ pub mod grpc;
 pub mod grpc_health;
 pub mod http;
 pub mod misbehaving;
+pub mod recording;
 pub mod tcp;
 pub mod websocket;
 

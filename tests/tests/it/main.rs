@@ -14,6 +14,7 @@
 //! | `drain` | in-flight work completes, new connections are refused (cross-version) |
 //! | `http1`, `http2`, `grpc`, `websocket`, `tcp` | what is particular to each protocol |
 //! | `bad_input` | malformed and hostile HTTP/1 input, misbehaving upstreams |
+//! | `smuggling` | request smuggling: the published desync vectors and mutations of them, what reached the upstream compared with malla's and h11's readings |
 //! | `admin` | `/live`, `/ready`, `/metrics`, `/config` |
 //! | `control` | the control plane's HTTP API, leases, health checks, restarts, bad input, DNS |
 //! | `policy` | policies applied through the control plane reach sidecars; events reach the control plane |
@@ -63,5 +64,6 @@ mod memory;
 mod policy;
 mod requests;
 mod resilience;
+mod smuggling;
 mod tcp;
 mod websocket;
