@@ -39,6 +39,6 @@ pub mod policy_pb {
 pub use convert::{ConversionError, Registration, WatchEvent, WatchTarget};
 pub use pb::registry_client::RegistryClient;
 pub use pb::registry_server::{Registry as RegistryService, RegistryServer};
-pub use policy::{InvalidPolicy, PolicyState};
+pub use policy::{InvalidPolicy, LenientPolicy, PolicyState};
 pub use policy_pb::policies_client::PoliciesClient;
 pub use policy_pb::policies_server::{Policies as PoliciesService, PoliciesServer};

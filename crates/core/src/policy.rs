@@ -9,10 +9,14 @@
 //! retried within a budget, bounded timeouts (`docs/resilience.md` lists them).
 //!
 //! Values are checked while they are read (so a TOML error points at the value), and
-//! [`Policy::validate`] checks what spans fields (a base above its maximum).
+//! [`Policy::validate`] checks what spans fields (a base above its maximum). The types
+//! do not refuse fields they do not know: each reader decides what one means (an error in
+//! an operator's document, a field from a newer control plane at a sidecar), told by
+//! [`unknown::deserialize`].
 
 pub mod condition;
 pub mod document;
+pub mod unknown;
 
 use std::time::Duration;
 
@@ -34,7 +38,6 @@ pub const TIMEOUT_HEADER: &str = "malla-timeout-ms";
 pub const LIMIT_HEADER: &str = "malla-limit";
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The service whose callers follow this policy (required in a resource, absent in a
     /// sidecar's `[upstream.policy]`).
@@ -80,7 +83,6 @@ impl Mode {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// TCP connect to an endpoint; default: the upstream's `connect_timeout` (1s).
     #[serde(
@@ -115,7 +117,6 @@ impl Default for Timeouts {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Retries {
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
@@ -168,7 +169,6 @@ impl Default for Retries {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Outlier {
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
@@ -224,7 +224,6 @@ impl Default for Outlier {
 /// Ejects an endpoint whose success rate over the last interval is below
 /// `mean - stdev_factor × stdev` of its peers' (Envoy's success-rate detector).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct SuccessRate {
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
@@ -252,7 +251,6 @@ impl Default for SuccessRate {
 /// times the median of its peers' (off by default: P2C-EWMA already steers load away
 /// from slow endpoints; this takes them out entirely).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct LatencyOutlier {
     #[serde(default)]
     pub enabled: bool,
@@ -277,7 +275,6 @@ impl Default for LatencyOutlier {
 
 /// Per-upstream service limits: over one, a call fails fast with 503 and `malla-limit`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default)]
     pub mode: Mode,
@@ -309,7 +306,6 @@ impl Default for Limits {
 
 /// A local token bucket: over the rate, calls get 429 with `retry-after`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Only requests whose path starts with this (default: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,7 +320,6 @@ pub struct RateLimit {
 
 /// Chaos: delay or abort a share of the calls.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Fault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
@@ -349,7 +344,6 @@ pub struct Fault {
 /// endpoints available takes `min(1, h × overprovisioning_factor)` of what reaches it
 /// (Envoy's priority levels).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Failover {
     #[serde(default = "defaults::yes")]
     pub enabled: bool,

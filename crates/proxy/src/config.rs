@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
-use malla_core::service::is_dns_label;
+use malla_core::{policy::unknown, service::is_dns_label};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of one `malla proxy` process.
@@ -392,10 +392,30 @@ impl ProxyConfig {
     /// Parses a TOML document without [validating](Self::validate) it, for callers that
     /// add to it first (command-line flags) and validate the result.
     pub fn parse_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError {
+        let fail = |problems| ConfigError {
             source_name: source_name.to_string(),
-            problems: vec![e.to_string().trim_end().to_string()],
-        })
+            problems,
+        };
+        let toml_error = |e: toml::de::Error| fail(vec![e.to_string().trim_end().to_string()]);
+        let de = toml::Deserializer::parse(text).map_err(toml_error)?;
+        // The configuration's own tables refuse unknown fields; an `[upstream.policy]`
+        // does not by itself (a sidecar accepts fields from a newer control plane), so
+        // its unknown fields, typos here, are refused now.
+        let (config, unknown): (Self, _) = unknown::deserialize(de).map_err(toml_error)?;
+        if unknown.is_empty() {
+            return Ok(config);
+        }
+        Err(fail(
+            unknown
+                .iter()
+                .map(|path| {
+                    let at = unknown::toml_line_col(text, path)
+                        .map(|(line, column)| format!("line {line}, column {column}: "))
+                        .unwrap_or_default();
+                    format!("{at}{path}: {}", unknown::message(path))
+                })
+                .collect(),
+        ))
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -699,6 +719,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("endpionts"), "{err}");
+        // At any depth of an upstream's policy too (a sidecar's own file is strict).
+        let err = ProxyConfig::from_toml(
+            "[[upstream]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\n[upstream.policy.retries]\nmax_attempts = 2\nmax_attemps = 2\n",
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("line 6, column 1: upstream[0].policy.retries.max_attemps: unknown field `max_attemps`"),
+            "{err}"
+        );
         let err = ProxyConfig::from_toml(
             "[[upstream]]\nname = \"a\"\nconnect_timeout = \"soon\"\n",
             "x.toml",

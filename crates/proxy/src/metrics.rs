@@ -82,6 +82,7 @@ pub struct Metrics {
     faults: Family<ActionLabels, Counter>,
     policy_version: Family<UpstreamLabels, Gauge>,
     policy_rejected: Family<UpstreamLabels, Counter>,
+    policy_unknown_fields: Family<UpstreamLabels, Counter>,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_accepted: Family<ListenerLabels, Counter>,
     /// Registered on first use: a proxy without a control plane does not show them.
@@ -217,6 +218,12 @@ impl Metrics {
             "Control-plane policies this sidecar refused as invalid (the one in force stayed)",
             policy_rejected.clone(),
         );
+        let policy_unknown_fields = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "policy_unknown_fields",
+            "Fields of control-plane policies this sidecar does not know (a newer control plane) and ignored, applying the rest; counted once per policy version",
+            policy_unknown_fields.clone(),
+        );
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -243,6 +250,7 @@ impl Metrics {
             faults,
             policy_version,
             policy_rejected,
+            policy_unknown_fields,
             listener_connections,
             listener_accepted,
             control: ControlFamilies::default(),
@@ -339,6 +347,7 @@ impl Metrics {
             retry_budget_exhausted: self.retry_budget_exhausted.get_or_create(&labels).clone(),
             policy_version: self.policy_version.get_or_create(&labels).clone(),
             policy_rejected: self.policy_rejected.get_or_create(&labels).clone(),
+            policy_unknown_fields: self.policy_unknown_fields.get_or_create(&labels).clone(),
             errors: self.errors.clone(),
             breaker: self.breaker.clone(),
             limits: self.limits.clone(),
@@ -388,6 +397,7 @@ pub(crate) struct UpstreamMetrics {
     retry_budget_exhausted: Counter,
     pub policy_version: Gauge,
     pub policy_rejected: Counter,
+    pub policy_unknown_fields: Counter,
     errors: Family<ErrorLabels, Counter>,
     breaker: Family<ActionLabels, Counter>,
     limits: Family<ActionLabels, Counter>,

@@ -6,6 +6,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use http::Version;
+use malla_control::{
+    policies::policy_key,
+    store::{Precondition, Store},
+};
+use malla_core::ServiceName;
 use malla_proxy::config::ControlPlaneConfig;
 use malla_tests::{
     assert_eventually,
@@ -147,6 +152,126 @@ async fn a_policy_applied_through_the_control_plane_is_in_force_at_the_sidecar()
         upstream(&proxy, "quote").await["discovery"]["policy_version"],
         Value::Null
     );
+}
+
+/// Version skew: a policy written through a control plane newer than the sidecar, with
+/// fields this sidecar does not know at several depths, reaches it over `WatchPolicy` as
+/// the newer control plane stored it. The sidecar applies the rest, and lists and counts
+/// what it ignored; a policy invalid for another reason is still refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_from_a_newer_control_plane_applies_without_the_fields_the_sidecar_does_not_know()
+{
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let peer = HttpPeer::http1("quote");
+    let proxy = sidecar(&control, peer.addr());
+    assert_eventually!(
+        upstream(&proxy, "quote").await["discovery"]["policy_watch"]["connected"] == true,
+        "the policy watch never connected: {}",
+        upstream(&proxy, "quote").await
+    );
+
+    // This control plane's own API stays strict: an unknown field is an operator's typo.
+    let newer = json!({
+        "service": "quote",
+        "timeouts": {"request": "3s"},
+        "retries": {"max_attempts": 2, "hedging": {"max_parallel": 2}},
+        "rate_limit": [{"requests_per_second": 1000, "window": "1s"}],
+        "mirror": {"to": "shadow", "percent": 5}
+    });
+    let refused = api.put("/v1/policies/quote", &newer).await;
+    assert!(
+        refused
+            .error(400, "invalid_argument")
+            .contains("retries.hedging: unknown field `hedging`"),
+        "{refused}"
+    );
+
+    // What a newer control plane stores (and this one relays as stored; `json!` writes
+    // the keys sorted, so the fields are met in that order).
+    let store = control.registry().store();
+    let key = policy_key(&ServiceName::new("quote").unwrap());
+    let version = store
+        .put(
+            &key,
+            newer.to_string().into_bytes(),
+            None,
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    let expected = json!({"source": "control-plane", "version": version});
+    assert_eventually!(
+        source(&proxy, "quote").await == expected,
+        "the sidecar never put version {version} in force: {}",
+        upstream(&proxy, "quote").await
+    );
+    let state = upstream(&proxy, "quote").await;
+    assert_eq!(state["policy"]["spec"]["retries"]["max_attempts"], 2);
+    assert_eq!(state["policy"]["spec"]["timeouts"]["request"], "3s");
+    assert_eq!(
+        state["policy"]["spec"]["rate_limit"][0]["requests_per_second"],
+        1000.0
+    );
+    let watch = &state["discovery"]["policy_watch"];
+    assert_eq!(
+        watch["unknown_fields"],
+        json!(["mirror", "rate_limit[0].window", "retries.hedging"]),
+        "{state}"
+    );
+    assert_eq!(watch["rejected"], 0);
+    assert_eq!(watch["last_error"], Value::Null);
+    let unknown = |proxy: &TestProxy| {
+        admin::metric(
+            &proxy.metrics_text(),
+            "malla_proxy_policy_unknown_fields_total",
+            &[("upstream", "quote")],
+        )
+    };
+    assert_eq!(unknown(&proxy), Some(3.0));
+
+    // Traffic flows under it.
+    let mut conn = Http1::connect(proxy.outbound_at(0)).await.unwrap();
+    let response = within(
+        "request",
+        conn.send(client::get(Version::HTTP_11, "quote", "/")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client::collect(response).await.unwrap().status, 200);
+
+    // Invalid for another reason than an unknown field: refused whole, as before.
+    let invalid = json!({"service": "quote", "retries": {"max_attempts": 0, "hedging": {}}});
+    let refused_version = store
+        .put(
+            &key,
+            invalid.to_string().into_bytes(),
+            None,
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    assert_eventually!(
+        upstream(&proxy, "quote").await["discovery"]["policy_watch"]["rejected"] == 1,
+        "the sidecar never refused version {refused_version}: {}",
+        upstream(&proxy, "quote").await
+    );
+    let state = upstream(&proxy, "quote").await;
+    assert_eq!(state["policy"]["source"], expected);
+    let error = state["discovery"]["policy_watch"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("retries.max_attempts: 0 is not between 1 and 10"),
+        "{error}"
+    );
+    // The fields ignored are those of the policy in force, counted once.
+    assert_eq!(
+        state["discovery"]["policy_watch"]["unknown_fields"],
+        json!(["mirror", "rate_limit[0].window", "retries.hedging"])
+    );
+    assert_eq!(unknown(&proxy), Some(3.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

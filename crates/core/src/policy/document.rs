@@ -13,7 +13,8 @@ use std::{fmt, ops::Range};
 
 use serde::Deserialize;
 
-use super::Policy;
+use super::{unknown, Policy};
+use unknown::line_col;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +63,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
         source_name: source_name.to_string(),
         problems,
     };
-    let document: Document = toml::from_str(text).map_err(|e| {
+    let toml_error = |e: toml::de::Error| {
         let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
         fail(vec![Problem {
             line,
@@ -70,7 +71,11 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             field: e.span().and_then(|s| field_at(text, s.start)),
             message: e.message().trim_end().to_string(),
         }])
-    })?;
+    };
+    let de = toml::Deserializer::parse(text).map_err(toml_error)?;
+    // The policy types accept unknown fields (a sidecar must, from a newer control
+    // plane); in an operator's document each one is a typo, located at its key.
+    let (document, unknown): (Document, _) = unknown::deserialize(de).map_err(toml_error)?;
     if document.policy.is_empty() {
         return Err(fail(vec![Problem {
             line: 0,
@@ -80,6 +85,15 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
         }]));
     }
     let mut problems = Vec::new();
+    for path in &unknown {
+        let (line, column) = unknown::toml_line_col(text, path).unwrap_or((0, 0));
+        problems.push(Problem {
+            line,
+            column,
+            field: Some(path.to_string()),
+            message: unknown::message(path),
+        });
+    }
     let mut seen: Vec<&str> = Vec::new();
     // A policy's text runs from its `[[policy]]` to the next one (the reader's span of an
     // array-of-tables element covers only its header).
@@ -240,22 +254,6 @@ fn key_at(before: &str, line: &str) -> Option<String> {
     }
 }
 
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    // A span that falls inside a character (it should not) counts from the line start.
-    let mut end = offset.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let before = &text[..end];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |n| before.len() - n - 1)
-        + 1;
-    (line, column)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +342,12 @@ service = "billing"
                 "not between 200 and 599",
             ),
             ("[[policy]\n", "mesh.toml:1:", "expected"),
+            // An unknown field deeper down, in the first of an array of tables.
+            (
+                "[[policy]]\nservice = \"a\"\n[[policy.rate_limit]]\nrequests_per_second = 1\nwindow = 2\n",
+                "mesh.toml:5:1: policy[0].rate_limit[0].window: ",
+                "unknown field `window`",
+            ),
         ];
         for (text, prefix, says) in cases {
             let err = parse(text, "mesh.toml").unwrap_err().to_string();

@@ -6,10 +6,14 @@
 //! Every upstream follows its service's policy, discovered or static: a policy is about
 //! the callers of a service, whichever way they find its endpoints.
 //!
-//! A policy this sidecar cannot use (a field it does not know, a bound it checks
-//! differently: a control plane newer than the sidecar) is refused whole: the policy in
-//! force stays, the refusal is logged, counted and shown in `/config`. Applying part of a
-//! policy would run a combination nobody wrote.
+//! Version skew: a control plane newer than the sidecar may send fields this sidecar does
+//! not know. They are ignored and the rest of the policy applied (refusing it whole would
+//! keep the sidecar on an old policy until it is upgraded); each such field is logged once
+//! per policy version, counted (`malla_proxy_policy_unknown_fields_total`) and listed in
+//! `/config` (`policy_watch.unknown_fields`). A policy this sidecar cannot use for any
+//! other reason (a bound it checks differently, a value of a type it does not expect) is
+//! refused whole: the policy in force stays, the refusal is logged, counted and shown in
+//! `/config`.
 //!
 //! While the control plane is away the policy in force stays, as the endpoints do; a
 //! reconnection starts with the current state, which is applied only if its version
@@ -44,6 +48,8 @@ pub(crate) struct PolicyStatus {
     /// Policies received and refused (invalid for this sidecar).
     rejected: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Fields of the control-plane policy in force that this sidecar ignored.
+    unknown_fields: Mutex<Vec<String>>,
 }
 
 impl PolicyStatus {
@@ -54,12 +60,27 @@ impl PolicyStatus {
             connected: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            unknown_fields: Mutex::new(Vec::new()),
         }
     }
 
     /// The control-plane version in force, if any.
     pub(crate) fn version(&self) -> Option<u64> {
         Some(self.version.load(Ordering::Relaxed)).filter(|v| *v != 0)
+    }
+
+    fn unknown_fields(&self) -> Vec<String> {
+        self.unknown_fields
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_unknown_fields(&self, fields: Vec<String>) {
+        *self
+            .unknown_fields
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = fields;
     }
 
     pub(super) fn to_json(&self) -> serde_json::Value {
@@ -69,6 +90,7 @@ impl PolicyStatus {
             "version": self.version(),
             "rejected": self.rejected.load(Ordering::Relaxed),
             "last_error": get_error(&self.last_error),
+            "unknown_fields": self.unknown_fields(),
         })
     }
 }
@@ -162,6 +184,18 @@ fn apply(message: &pb::PolicyUpdate, upstream: &Upstream, status: &PolicyStatus)
     if state.version == status.version.load(Ordering::Relaxed) {
         return;
     }
+    // Logged and counted here, once per version: a reconnection re-reads the version in
+    // force and stops above.
+    if !state.unknown_fields.is_empty() {
+        upstream
+            .upstream_metrics
+            .policy_unknown_fields
+            .inc_by(state.unknown_fields.len() as u64);
+        for field in &state.unknown_fields {
+            warn!(upstream = %upstream.name(), service = %status.service, version = state.version, %field, "ignoring a policy field this sidecar does not know (a newer control plane?); applying the rest");
+        }
+    }
+    status.set_unknown_fields(state.unknown_fields);
     match state.policy {
         Some(policy) => {
             info!(upstream = %upstream.name(), service = %status.service, version = state.version, "applying the control plane's policy");
@@ -225,7 +259,7 @@ mod tests {
         // Invalid here: refused, counted, the version in force stays.
         for bad in [
             r#"{"retries": {"max_attempts": 0}}"#,
-            r#"{"retries": {"a_field_from_the_future": 1}}"#,
+            r#"{"retries": {"a_field_from_the_future": 1, "max_attempts": "2"}}"#,
             r#"{"service": "billing"}"#,
         ] {
             apply(&update(13, bad), &upstream, &status);
@@ -241,6 +275,36 @@ mod tests {
             error.starts_with("policy version 13 refused: service"),
             "{error}"
         );
+
+        // From a newer control plane: the fields it does not know are ignored, the rest
+        // applies; counted once per version, whatever the reconnections.
+        let newer = r#"{"service": "quote", "retries": {"max_attempts": 4, "hedging": {"delay": "5ms"}}, "mirror": [{"to": "x"}]}"#;
+        for _ in 0..3 {
+            apply(&update(14, newer), &upstream, &status);
+        }
+        assert_eq!(status.version(), Some(14));
+        assert_eq!(status.rejected.load(Ordering::Relaxed), 3);
+        assert_eq!(get_error(&status.last_error), None);
+        assert_eq!(
+            status.to_json()["unknown_fields"],
+            json!(["retries.hedging", "mirror"])
+        );
+        assert_eq!(upstream.upstream_metrics.policy_unknown_fields.get(), 2);
+        assert_eq!(
+            upstream.state()["policy"]["spec"]["retries"]["max_attempts"],
+            json!(4)
+        );
+        // A later version without them clears the list.
+        apply(
+            &update(
+                15,
+                r#"{"service": "quote", "retries": {"max_attempts": 2}}"#,
+            ),
+            &upstream,
+            &status,
+        );
+        assert_eq!(status.to_json()["unknown_fields"], json!([]));
+        assert_eq!(upstream.upstream_metrics.policy_unknown_fields.get(), 2);
 
         // Deleted: back to the defaults.
         apply(&update(0, ""), &upstream, &status);

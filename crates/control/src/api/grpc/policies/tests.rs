@@ -117,7 +117,8 @@ async fn watch_policy_sends_the_state_then_every_change() {
         state,
         PolicyState {
             version: 0,
-            policy: None
+            policy: None,
+            unknown_fields: vec![]
         }
     );
 
