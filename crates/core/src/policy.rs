@@ -36,6 +36,14 @@ pub const RELAYED_FAILURE_HEADER: &str = "malla-relayed-failure";
 pub const TIMEOUT_HEADER: &str = "malla-timeout-ms";
 /// Names the service limit or rate limit that rejected a request.
 pub const LIMIT_HEADER: &str = "malla-limit";
+/// The most `retries.max_replay_bytes` may be: 1 MiB. A sidecar holds up to that much of
+/// every request that may be retried (an HTTP/1 `Content-Length` body is read in full
+/// first), so the bound caps what a policy can make it hold: with the default
+/// `limits.max_requests` (4096) in flight, at most 4 GiB in the worst case, and 256 MiB at
+/// the default of 64 KiB. It is Envoy's default buffer limit (`per_connection_buffer_limit_bytes`,
+/// which `per_request_buffer_limit_bytes` falls back to, 1 MiB): above it Envoy does not
+/// retry either. Larger bodies (uploads) are better not replayed by a proxy at all.
+pub const MAX_REPLAY_BYTES: u64 = 1024 * 1024;
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct Policy {
@@ -444,6 +452,14 @@ impl Policy {
             ),
         );
         check(
+            r.max_replay_bytes <= MAX_REPLAY_BYTES,
+            "retries.max_replay_bytes",
+            format!(
+                "{} is above {MAX_REPLAY_BYTES} (1 MiB), the most a sidecar keeps of a request to send it again",
+                r.max_replay_bytes
+            ),
+        );
+        check(
             !r.budget_window.is_zero(),
             "retries.budget_window",
             "must be longer than 0s".into(),
@@ -681,6 +697,25 @@ mod tests {
         let json = serde_json::to_string(&p).unwrap();
         let back: Policy = serde_json::from_str(&json).unwrap();
         assert_eq!(p, back);
+    }
+
+    #[test]
+    fn max_replay_bytes_is_bounded() {
+        let with = |n: u64| {
+            let mut p = Policy::default();
+            p.retries.max_replay_bytes = n;
+            p.validate()
+        };
+        assert!(with(0).is_empty());
+        assert!(with(MAX_REPLAY_BYTES).is_empty());
+        assert_eq!(
+            with(MAX_REPLAY_BYTES + 1),
+            [FieldError {
+                field: "retries.max_replay_bytes".into(),
+                message: "1048577 is above 1048576 (1 MiB), the most a sidecar keeps of a request to send it again".into(),
+            }]
+        );
+        assert_eq!(with(u64::MAX).len(), 1);
     }
 
     #[test]

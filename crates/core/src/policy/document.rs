@@ -348,6 +348,12 @@ service = "billing"
                 "mesh.toml:5:1: policy[0].rate_limit[0].window: ",
                 "unknown field `window`",
             ),
+            // A replay buffer over the cap.
+            (
+                "[[policy]]\nservice = \"a\"\n[policy.retries]\nmax_replay_bytes = 2097152\n",
+                "mesh.toml:4:1: policy[0].retries.max_replay_bytes: ",
+                "2097152 is above 1048576 (1 MiB)",
+            ),
         ];
         for (text, prefix, says) in cases {
             let err = parse(text, "mesh.toml").unwrap_err().to_string();
