@@ -9,12 +9,16 @@
 //! - `grpc`: the standard `grpc.health.v1.Health/Check` call; healthy when it answers
 //!   `SERVING` for the configured service name (empty = the whole server).
 //!
-//! Each check runs under `timeout`; a timeout is a failure.
+//! Each check runs under `timeout`; a timeout is a failure. A probe holds a bounded amount
+//! of what the instance sends, however long the timeout: an `http` check reads the status
+//! line and headers (hyper's limits) and never the body, a `grpc` check at most
+//! [`MAX_GRPC_BODY`] bytes of body and [`MAX_GRPC_HEADERS`] of headers, so a broken or
+//! hostile health endpoint that streams without end cannot grow the control plane's memory.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use malla_core::{Health, ServiceName};
 use serde::{Deserialize, Serialize};
@@ -190,6 +194,15 @@ impl HealthCheck {
     }
 }
 
+/// The most of a gRPC health answer's body a probe reads: a `HealthCheckResponse` is 7
+/// bytes with its frame prefix; anything near this is not a health answer.
+pub const MAX_GRPC_BODY: usize = 4 * 1024;
+/// The most of a gRPC health answer's headers (and trailers) a probe accepts.
+pub const MAX_GRPC_HEADERS: u32 = 16 * 1024;
+/// The HTTP/2 flow-control window a gRPC probe grants the instance: what it may send
+/// before the probe reads it.
+const GRPC_WINDOW: u32 = 16 * 1024;
+
 /// Runs one probe; `Ok` = healthy, `Err` = why not.
 pub async fn probe(kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     match tokio::time::timeout(timeout, probe_inner(kind, addr)).await {
@@ -211,7 +224,9 @@ async fn probe_inner(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| format!("http: {e}"))?;
-            tokio::spawn(conn);
+            // The connection ends with the probe: the body is never read, and whatever the
+            // instance goes on sending is not either.
+            let _conn = AbortOnDrop(tokio::spawn(conn));
             let req = http::Request::get(path.as_str())
                 .header(http::header::HOST, addr.to_string())
                 .header(http::header::USER_AGENT, "malla-health-check")
@@ -237,11 +252,14 @@ async fn probe_inner(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
 /// `grpc.health.v1.Health/Check`. The two messages have one field each, so they are
 /// encoded here by hand rather than pulling code generation into the control plane.
 async fn grpc_health(stream: TcpStream, addr: SocketAddr, service: &str) -> Result<(), String> {
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("grpc: {e}"))?;
-    tokio::spawn(conn);
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(MAX_GRPC_HEADERS)
+        .initial_stream_window_size(GRPC_WINDOW)
+        .initial_connection_window_size(GRPC_WINDOW)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("grpc: {e}"))?;
+    let _conn = AbortOnDrop(tokio::spawn(conn));
     // HealthCheckRequest { string service = 1; } in a gRPC length-prefixed frame.
     let mut msg = Vec::new();
     if !service.is_empty() {
@@ -265,11 +283,18 @@ async fn grpc_health(stream: TcpStream, addr: SocketAddr, service: &str) -> Resu
         .headers()
         .get("grpc-status")
         .map(|v| v.as_bytes().to_vec());
-    let collected = resp
-        .into_body()
+    let collected = Limited::new(resp.into_body(), MAX_GRPC_BODY)
         .collect()
         .await
-        .map_err(|e| format!("grpc: {e}"))?;
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                format!(
+                    "grpc: the answer's body is over {MAX_GRPC_BODY} bytes: not a health answer"
+                )
+            } else {
+                format!("grpc: {e}")
+            }
+        })?;
     let trailer_status = collected
         .trailers()
         .and_then(|t| t.get("grpc-status"))
@@ -285,6 +310,15 @@ async fn grpc_health(stream: TcpStream, addr: SocketAddr, service: &str) -> Resu
         [0x08, 1, ..] => Ok(()),
         [0x08, s, ..] => Err(format!("serving status {s} (1 = SERVING)")),
         _ => Err("serving status UNKNOWN".into()),
+    }
+}
+
+/// A probe's connection task, ended with the probe.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -434,6 +468,125 @@ mod tests {
         assert_eq!(again, check);
         let grpc: HealthCheck = serde_json::from_str(r#"{"kind": "grpc"}"#).unwrap();
         assert_eq!(grpc.kind, CheckKind::Grpc { service: "".into() });
+    }
+
+    /// A body without end: counts what it hands out, and says when it is dropped.
+    struct Endless {
+        sent: Arc<std::sync::atomic::AtomicU64>,
+        dropped: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl hyper::body::Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            self.sent
+                .fetch_add(1024, std::sync::atomic::Ordering::Relaxed);
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                &[0; 1024],
+            )))))
+        }
+    }
+
+    impl Drop for Endless {
+        fn drop(&mut self) {
+            if let Some(tx) = self.dropped.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    /// A gRPC health endpoint that answers a body without end: the probe reads at most
+    /// `MAX_GRPC_BODY` of it, fails at once (not at its timeout) and drops the call.
+    #[tokio::test]
+    async fn a_grpc_health_answer_without_end_is_cut_at_the_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+        let body = Arc::new(std::sync::Mutex::new(Some(Endless {
+            sent: sent.clone(),
+            dropped: Some(dropped_tx),
+        })));
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |_req| {
+                let body = body.lock().unwrap().take();
+                async move {
+                    let body = body.ok_or("one call only")?;
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(body)
+                        .map_err(|e| e.to_string())
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        let kind = CheckKind::Grpc {
+            service: String::new(),
+        };
+        let error = probe(&kind, addr, LONG).await.unwrap_err();
+        assert!(error.contains("body is over 4096 bytes"), "{error}");
+        // The call was dropped: the endpoint's body with it, having handed out a bounded
+        // amount (the flow-control window, not what it could send in 30 s).
+        tokio::time::timeout(LONG, dropped_rx)
+            .await
+            .expect("the probe never dropped the call")
+            .unwrap();
+        let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < 1024 * 1024, "{sent} bytes handed out");
+        server.abort();
+    }
+
+    /// An HTTP health endpoint that answers 200 and then a body without end: the probe
+    /// takes the status, never reads the body, and closes the connection.
+    #[tokio::test]
+    async fn an_http_health_answer_without_end_is_not_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0 && head.len() < 64 * 1024, "no request head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            let mut chunk = b"400\r\n".to_vec();
+            chunk.extend_from_slice(&[b'x'; 1024]);
+            chunk.extend_from_slice(b"\r\n");
+            let mut written = 0u64;
+            // Until the prober closes the connection.
+            while stream.write_all(&chunk).await.is_ok() {
+                written += chunk.len() as u64;
+            }
+            written
+        });
+        let kind = CheckKind::Http {
+            path: "/healthz".into(),
+            expect_status: 200,
+        };
+        assert_eq!(probe(&kind, addr, LONG).await, Ok(()));
+        let written = tokio::time::timeout(LONG, peer)
+            .await
+            .expect("the probe never closed the connection")
+            .unwrap();
+        // What the socket buffers took, at most.
+        assert!(written < 64 * 1024 * 1024, "{written} bytes written");
     }
 
     #[test]
