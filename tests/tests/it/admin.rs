@@ -159,3 +159,46 @@ async fn config_lists_upstreams_and_live_endpoints() {
     let doc = admin::config(proxy.admin()).await;
     assert_eq!(endpoints(&doc, "echo"), [b.addr().to_string()]);
 }
+
+/// Half-sent requests cannot pile up on the admin listener: each connection whose head is
+/// not complete within `limits.head_timeout` is closed, and the admin answers meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_admin_requests_are_closed_at_the_head_timeout() {
+    use std::time::{Duration, Instant};
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    let peer = HttpPeer::http1("echo");
+    let head_timeout = Duration::from_millis(300);
+    let proxy = TestProxy::builder()
+        .upstream("echo", &[peer.addr()])
+        .outbound("echo")
+        .admin()
+        .limits(|l| l.head_timeout = head_timeout)
+        .start();
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        let mut conn = TcpStream::connect(proxy.admin()).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\n")
+            .await
+            .unwrap();
+        slow.push(conn);
+    }
+    assert_eq!(admin::status(proxy.admin(), "/live").await, 200);
+    for mut conn in slow {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("a half-sent admin request was still open after 10 s"),
+            }
+        }
+    }
+    assert!(started.elapsed() >= head_timeout);
+    assert_eq!(admin::status(proxy.admin(), "/live").await, 200);
+}
