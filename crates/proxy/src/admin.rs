@@ -186,11 +186,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::{net::SocketAddr, time::Instant};
+    use std::net::SocketAddr;
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpStream,
+        time::Instant,
     };
 
     use super::*;

@@ -164,7 +164,9 @@ async fn config_lists_upstreams_and_live_endpoints() {
 /// not complete within `limits.head_timeout` is closed, and the admin answers meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_admin_requests_are_closed_at_the_head_timeout() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+
+    use tokio::time::Instant;
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
