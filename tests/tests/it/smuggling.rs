@@ -815,6 +815,10 @@ const CORPUS: &[Vector] = &[
     forwarded("absolute-form-no-path", b"GET http://other HTTP/1.1\r\nHost: other\r\n\r\n", &[Up("GET", "/", "other", b"")]),
     refused("absolute-form-userinfo", b"GET http://u@other/ HTTP/1.1\r\nHost: other\r\n\r\n"),
     refused("host-twice", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+    refused(
+        "http10-host-twice",
+        b"GET / HTTP/1.0\r\nHost: a\r\nHost: evil\r\n\r\n",
+    ),
     refused("host-missing", b"GET / HTTP/1.1\r\n\r\n"),
     refused("host-with-space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
     forwarded("http10-without-host", b"GET /h HTTP/1.0\r\n\r\n", &[Up("GET", "/h", "", b"")]),

@@ -24,7 +24,8 @@
 //!    method, target (absolute form turned into origin form), version, body framing,
 //!    host and upgrade; its persistence is the protocol default of its version, since
 //!    `Connection` options are hop-by-hop (the proxy owns the upstream connection).
-//! 5. It carries exactly the framing field its body kind calls for (`transfer-encoding:
+//! 5. A request with several `Host` fields is refused, whatever its version.
+//!    The rewritten head carries exactly the framing field its body kind calls for (`transfer-encoding:
 //!    chunked`, or one `content-length` with the length read, or none / `content-length:
 //!    0` for an empty body) and, for HTTP/1.1, exactly one `Host`.
 //! 6. Responses: the same re-parse and framing rules, at least one `Date`, one `Via`.
@@ -323,6 +324,13 @@ pub fn check_request(data: &[u8]) {
         "target {} forwarded as {}: {}",
         show(&original.target),
         show(&rewritten.target),
+        ctx()
+    );
+    // Several Host fields are ambiguous in any version: whichever one a hop picks, another
+    // may pick the other ("Host of troubles").
+    assert!(
+        original.values("host").len() <= 1,
+        "accepted a request with several Host fields: {}",
         ctx()
     );
     let hosts = rewritten.values("host");
