@@ -75,7 +75,6 @@ mod tests {
                 Arc::new(Endpoint::new(
                     addr,
                     metrics.endpoint("t", &addr.to_string()),
-                    1,
                 ))
             })
             .collect()

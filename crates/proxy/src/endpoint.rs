@@ -1,8 +1,10 @@
 //! Endpoints and the live set of them behind an upstream.
 //!
 //! An [`Endpoint`] carries what the balancer needs (in-flight requests, a peak-EWMA latency
-//! estimate) and what the connection layer needs (the idle HTTP/1 pool and the one shared
-//! HTTP/2 connection). The [`EndpointSet`] is read by every request from an `ArcSwap`
+//! estimate) and its circuit breaker. Connections are not its business: HTTP/1 idle
+//! connections live in per-worker pools ([`crate::http1::pool`]), which only report their
+//! count here for `/config`. (The one HTTP/2 connection per endpoint still hangs off it:
+//! `h2`, shared by the workers through hyper's request channel.) The [`EndpointSet`] is read by every request from an `ArcSwap`
 //! snapshot, so the hot path never takes a lock, and it is replaced whole by one updater
 //! (static config today, the control plane's watch tomorrow). A request holds an
 //! `Arc<Endpoint>`, so removing an endpoint never cuts a request that is already using it.
@@ -10,14 +12,14 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 
 use crate::{http2, metrics::EndpointMetrics, resilience::outlier::Breaker};
 
@@ -31,7 +33,8 @@ pub struct Endpoint {
     in_flight: AtomicU32,
     ewma: Mutex<PeakEwma>,
     requests: AtomicU64,
-    pub(crate) pool: Pool,
+    /// Idle HTTP/1 connections to this endpoint in the workers' pools.
+    pub(crate) idle_http1: IdleCount,
     pub(crate) h2: http2::EndpointClient,
     pub(crate) metrics: EndpointMetrics,
     /// The endpoint's circuit breaker (outlier detection).
@@ -47,7 +50,7 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn new(addr: SocketAddr, metrics: EndpointMetrics, max_idle: usize) -> Self {
+    pub(crate) fn new(addr: SocketAddr, metrics: EndpointMetrics) -> Self {
         Endpoint {
             addr,
             in_flight: AtomicU32::new(0),
@@ -56,7 +59,7 @@ impl Endpoint {
                 stamp: Instant::now(),
             }),
             requests: AtomicU64::new(0),
-            pool: Pool::new(max_idle),
+            idle_http1: IdleCount::default(),
             h2: http2::EndpointClient::default(),
             metrics,
             breaker: Breaker::default(),
@@ -139,6 +142,11 @@ impl InFlight {
         self.endpoint.metrics.response(status, rtt);
     }
 
+    /// A connection to the endpoint opened (opaque TCP): feeds its latency estimate.
+    pub fn connected(&self) {
+        self.endpoint.observe(self.started.elapsed());
+    }
+
     /// The endpoint failed before answering; failures count as slow so that P2C steers
     /// away from it (a fast failure must not look attractive).
     pub fn failed(&self, status: u16) {
@@ -193,51 +201,21 @@ impl PeakEwma {
     }
 }
 
-/// Idle HTTP/1 connections to one endpoint, shared by the workers.
-pub(crate) struct Pool {
-    idle: Mutex<Vec<IdleConn>>,
-    max_idle: usize,
-}
+/// A count of idle connections kept elsewhere (the workers' pools), for `/config`.
+#[derive(Debug, Default)]
+pub(crate) struct IdleCount(AtomicUsize);
 
-pub(crate) struct IdleConn {
-    pub stream: TcpStream,
-    pub since: Instant,
-}
-
-impl Pool {
-    fn new(max_idle: usize) -> Self {
-        Pool {
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-        }
+impl IdleCount {
+    pub fn add(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The most recently used idle connection younger than `max_age`, if any.
-    pub fn checkout(&self, max_age: Duration) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().ok()?;
-        let now = Instant::now();
-        // Oldest are at the front: drop the ones past their age first.
-        let fresh_from = idle
-            .iter()
-            .position(|c| now.saturating_duration_since(c.since) < max_age)
-            .unwrap_or(idle.len());
-        idle.drain(..fresh_from);
-        idle.pop().map(|c| c.stream)
+    pub fn forget(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
     }
 
-    pub fn checkin(&self, stream: TcpStream) {
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < self.max_idle {
-                idle.push(IdleConn {
-                    stream,
-                    since: Instant::now(),
-                });
-            }
-        }
-    }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

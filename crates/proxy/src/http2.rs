@@ -44,6 +44,7 @@
 //!
 //! Draining: the connection gets a GOAWAY and finishes the streams it has.
 
+mod attempt;
 mod body;
 mod client;
 mod rewind;
@@ -53,9 +54,7 @@ mod tests;
 use std::{
     borrow::Cow,
     convert::Infallible,
-    future::Future,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -68,33 +67,26 @@ use http::{
     header::{self, Entry, HeaderName, HeaderValue},
     request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
-    HeaderMap, Method, Request, Response, Uri, Version,
+    HeaderMap, Method, Request, Response, Uri,
 };
-use hyper::{body::Incoming, client::conn::http2::SendRequest, service::service_fn};
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use malla_core::policy::{Outcome, RELAYED_FAILURE_HEADER, TIMEOUT_HEADER};
-use tokio::{
-    net::TcpStream,
-    time::{Instant, Sleep},
-};
+use malla_core::policy::{RELAYED_FAILURE_HEADER, TIMEOUT_HEADER};
+use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 pub(crate) use client::EndpointClient;
 
 use self::{
-    body::{BodyState, Hold, RequestBody, ResponseBody, Unrecorded},
-    client::{Settings, StreamGuard},
+    attempt::{Answered, Streams},
+    body::{Hold, ReplayBudget, ResponseBody, Unrecorded},
     rewind::Rewind,
 };
 use crate::{
-    endpoint::Endpoint,
+    call::{Answer, Call, Claim},
     error::ProxyError,
     forwarding,
-    resilience::{
-        budget, deadline,
-        limits::{Limit, Slot},
-        Resilience,
-    },
+    resilience::{deadline, limits::Slot},
     server::ListenerCtx,
     upstream::Upstream,
 };
@@ -108,6 +100,8 @@ const MAX_CLIENT_STREAMS: u32 = 1024;
 /// flight towards the proxy, which bounds what the proxy buffers for them.
 const CLIENT_STREAM_WINDOW: u32 = 1024 * 1024;
 const CLIENT_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+/// What the request bodies kept for replay may hold together on one client connection.
+pub const CONNECTION_REPLAY_BUDGET: u64 = 4 * 1024 * 1024;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -115,8 +109,6 @@ const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const MALLA_TIMEOUT: HeaderName = HeaderName::from_static(TIMEOUT_HEADER);
 const RELAYED_FAILURE: HeaderName = HeaderName::from_static(RELAYED_FAILURE_HEADER);
-/// A year, in seconds: the cap on timeouts in `Instant` arithmetic.
-const YEAR: u64 = 365 * 24 * 3600;
 
 /// What every stream of one client connection shares.
 struct Downstream {
@@ -128,6 +120,8 @@ struct Downstream {
     /// check compares the first between two ticks and leaves busy connections alone.
     streams: AtomicU64,
     relaying: AtomicU64,
+    /// What the streams' recordings for replay may hold together.
+    replay_budget: Arc<ReplayBudget>,
 }
 
 /// A stream at work on a client connection: waiting for its response head, or relaying
@@ -163,6 +157,7 @@ pub(crate) async fn serve(
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         streams: AtomicU64::new(0),
         relaying: AtomicU64::new(0),
+        replay_budget: Arc::new(ReplayBudget::new(CONNECTION_REPLAY_BUDGET)),
     });
     let idle = IdleCheck::new(down.clone(), ctx.shared.config.limits.client_idle_timeout);
     let max_head = u32::try_from(ctx.shared.config.limits.max_head_bytes).unwrap_or(u32::MAX);
@@ -250,644 +245,68 @@ async fn forward(
         }
     };
     let res = upstream.resilience_full();
-    let call = Call::new(&down, upstream, &res, &head, grpc, arrived);
-    let (req, again) = call.prepare(head, body);
-    // Held here, lent to the attempts: an attempt that fails before the request left gives
-    // it back in place.
-    let mut req = Some(req);
-    match call.run(&mut req, &again).await {
-        Ok(response) => Ok(response),
-        Err(e) => {
-            upstream.error(&e);
-            debug!(error = %e, "h2: answering with an error");
-            Ok(e.http_response(grpc, down.ctx.relay_mark(upstream)))
+    let kind = (
+        is_idempotent(&head.method),
+        grpc,
+        !http_body::Body::is_end_stream(&body),
+    );
+    let call = Call::new(upstream, &res, caller_budget(&head, grpc), kind, || arrived);
+    let answer = match call.admit(Some(head.uri.path().as_bytes())).await {
+        Ok(request) => {
+            let mut streams = Streams::new(&call, &down, grpc, head, body);
+            match call.run(&mut streams).await {
+                Answer::Response(answered, claim) => {
+                    streams.commit();
+                    return Ok(relay(&down, upstream, grpc, answered, claim, request));
+                }
+                // (HTTP/2 sends nothing to the client before the response head, so nothing
+                // is ever abandoned.)
+                Answer::Error(e) | Answer::Abandoned(e) => e,
+            }
         }
+        Err(e) => e,
+    };
+    upstream.error(&answer);
+    debug!(error = %answer, "h2: answering with an error");
+    Ok(answer.http_response(grpc, down.ctx.relay_mark(upstream)))
+}
+
+/// The caller's budget: gRPC's own field for gRPC calls, malla's for the others.
+fn caller_budget(head: &Parts, grpc: bool) -> Option<Duration> {
+    if grpc {
+        head.headers
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()))
+    } else {
+        head.headers
+            .get(MALLA_TIMEOUT)
+            .and_then(|v| deadline::parse_timeout_ms(v.as_bytes()))
     }
 }
 
-/// One request stream's exchange with its upstream, under the upstream's policy.
-///
-/// Written flat, with the rare paths boxed (faults and rate limits, connecting, waiting
-/// for a stream slot, resending, every attempt after the first), because this future is
-/// part of every stream's task and is moved into it on each spawn.
-struct Call<'a> {
-    down: &'a Arc<Downstream>,
-    upstream: &'a Arc<Upstream>,
-    res: &'a Resilience,
+/// The response for the client; its body holds the stream, the endpoint and the
+/// request's slot until it ends, and records a gRPC call's status from its trailers when
+/// the head did not carry it.
+fn relay(
+    down: &Arc<Downstream>,
+    upstream: &Arc<Upstream>,
     grpc: bool,
-    idempotent: bool,
-    arrived: Instant,
-    /// When the response head must be here, every attempt included; `None`: no bound but
-    /// the per-try timeout.
-    deadline: Option<Instant>,
-}
-
-impl<'a> Call<'a> {
-    fn new(
-        down: &'a Arc<Downstream>,
-        upstream: &'a Arc<Upstream>,
-        res: &'a Resilience,
-        head: &Parts,
-        grpc: bool,
-        arrived: Instant,
-    ) -> Self {
-        // The caller's budget: gRPC's own field for gRPC calls, malla's for the others.
-        let incoming = if grpc {
-            head.headers
-                .get(GRPC_TIMEOUT)
-                .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()))
-        } else {
-            head.headers
-                .get(MALLA_TIMEOUT)
-                .and_then(|v| deadline::parse_timeout_ms(v.as_bytes()))
-        };
-        Call {
-            down,
-            upstream,
-            res,
-            grpc,
-            idempotent: is_idempotent(&head.method),
-            arrived,
-            deadline: deadline::deadline(|| arrived, res.policy.timeouts.request, incoming),
-        }
-    }
-
-    /// The request for the first attempt, and what another attempt would need. A request
-    /// that may be sent again after it left keeps a copy of its head and a recording of
-    /// its body; one that may not is still tried again when it never left (hyper gives it
-    /// back when the connection closed before it was sent).
-    fn prepare(&self, head: Parts, body: Incoming) -> (Request<RequestBody>, Again) {
-        let retries = &self.res.policy.retries;
-        let max_attempts = self.res.max_attempts;
-        let eligible = max_attempts > 1
-            && (self.idempotent || retries.non_idempotent || (self.grpc && retries.on.has_grpc()));
-        let (body, state) = RequestBody::new(body, eligible.then_some(retries.max_replay_bytes));
-        let again = Again {
-            head: eligible.then(|| HeadCopy::of(&head)),
-            body: state,
-            max_attempts,
-        };
-        (Request::from_parts(head, body), again)
-    }
-
-    /// Faults, rate limits and service limits, then attempts until one answers in a way
-    /// that is not retried, or the policy allows no more.
-    async fn run(
-        &self,
-        req: &mut Option<Request<RequestBody>>,
-        again: &Again,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let (upstream, res) = (self.upstream, self.res);
-        let path = req.as_ref().map_or("/", |r| r.uri().path());
-        if let Some(delay) = upstream.admit(res, path.as_bytes())? {
-            Box::pin(self.delay(delay)).await?;
-        }
-        let request = upstream.acquire(Limit::Requests, res)?;
-        upstream.deposit(res);
-        if let Some(req) = req.as_mut() {
-            self.stamp(req.headers_mut())?;
-        }
-        let mut guard = StreamGuard::new(
-            upstream.pick(None)?,
-            upstream.config.h2_max_concurrent_streams,
-        );
-        // Not registered with the timer until first polled, so untimed requests never are.
-        let first = Timer::first(res.per_try_timeout, self.deadline).unwrap_or(self.arrived);
-        let mut timer = Timer {
-            sleep: std::pin::pin!(tokio::time::sleep_until(first)),
-            per_try: res.per_try_timeout,
-            deadline: self.deadline,
-        };
-        let tried = self
-            .attempt(&mut guard, req, &mut timer, again.body.as_deref())
-            .await;
-        match self.judge(&guard, tried, req.is_some(), 1, again) {
-            Step::Relay(resp, unrecorded) => {
-                Ok(self.relay(resp, guard, request, unrecorded, again))
-            }
-            Step::Fail(err) => Err(err),
-            Step::Retry(last) => {
-                Box::pin(self.retry(last, guard, request, timer, req, again)).await
-            }
-        }
-    }
-
-    /// The attempts after the first, while the last one deserves another and the budget,
-    /// the `max_retries` limit and the deadline allow it.
-    async fn retry(
-        &self,
-        mut last: Last,
-        mut guard: StreamGuard,
-        request: Option<Slot>,
-        mut timer: Timer<'_>,
-        req: &mut Option<Request<RequestBody>>,
-        again: &Again,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let mut attempt = 1;
-        // Endpoints tried so far: a retry avoids them all while there are others.
-        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
-        loop {
-            let Some((slot, wait)) = self.permit(attempt) else {
-                return self.conclude(last, guard, request, again);
-            };
-            // The request is still here if it never left; else it is made again.
-            if req.is_none() {
-                *req = again.request();
-                if req.is_none() {
-                    // The body went past the replay cap or failed meanwhile.
-                    return self.conclude(last, guard, request, again);
-                }
-            }
-            tried.push(guard.in_flight().endpoint().clone());
-            // The failed attempt's stream and endpoint are let go before the backoff.
-            drop(last);
-            drop(guard);
-            let _retry = slot;
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-            attempt += 1;
-            if let Some(req) = req.as_mut() {
-                self.stamp(req.headers_mut())?;
-            }
-            guard = StreamGuard::new(
-                self.upstream
-                    .pick_avoiding(|e| tried.iter().any(|t| std::ptr::eq(&**t, e)))?,
-                self.upstream.config.h2_max_concurrent_streams,
-            );
-            timer.restart();
-            let tried = self
-                .attempt(&mut guard, req, &mut timer, again.body.as_deref())
-                .await;
-            match self.judge(&guard, tried, req.is_some(), attempt, again) {
-                Step::Relay(resp, unrecorded) => {
-                    return Ok(self.relay(resp, guard, request, unrecorded, again))
-                }
-                Step::Fail(err) => return Err(err),
-                Step::Retry(next) => last = next,
-            }
-        }
-    }
-
-    /// One attempt on the endpoint of `guard`: a connection, a stream slot, the request
-    /// sent and its response head awaited, within the per-try timeout and the deadline.
-    /// The request is taken from `req` when it is sent, and put back if hyper gives it
-    /// back unsent.
-    async fn attempt(
-        &self,
-        guard: &mut StreamGuard,
-        req: &mut Option<Request<RequestBody>>,
-        timer: &mut Timer<'_>,
-        sent: Option<&BodyState>,
-    ) -> Result<Response<Incoming>, Failure> {
-        let endpoint = guard.in_flight().endpoint().clone();
-        let settings = self.settings();
-        let mut sender = match endpoint.h2.live() {
-            Some(live) => live,
-            None => Box::pin(self.connect(&endpoint, &settings))
-                .await
-                .map_err(Failure::connect)?,
-        };
-        if !guard.try_acquire() {
-            Box::pin(self.wait_for_stream(guard, timer, endpoint.addr))
-                .await
-                .map_err(Failure::local)?;
-        }
-        let Some(unsent) = req.take() else {
-            return Err(Failure::local(ProxyError::BadRequest(
-                "the request was lost",
-            )));
-        };
-        let response = std::pin::pin!(sender.try_send_request(unsent));
-        // Bound in a `let` so that the match's temporaries do not outlive it into the await.
-        let resend = match timer.wait(response, sent).await {
-            Ok(Ok(response)) => return Ok(response),
-            Ok(Err(mut e)) => match e.take_message() {
-                // The connection closed before the request left: it never reached the
-                // upstream, so it is safe to send it once more on a fresh connection.
-                Some(unsent) => {
-                    *req = Some(unsent);
-                    Box::pin(self.resend(&endpoint, req, &settings, timer, sent))
-                }
-                None => return Err(Failure::sent(reset(endpoint.addr, e.error()))),
-            },
-            Err(expired) => return Err(self.expired(expired, endpoint.addr)),
-        };
-        resend.await
-    }
-
-    /// The rare second send of [`Self::attempt`], on a fresh connection.
-    async fn resend(
-        &self,
-        endpoint: &Endpoint,
-        req: &mut Option<Request<RequestBody>>,
-        settings: &Settings<'_>,
-        timer: &mut Timer<'_>,
-        sent: Option<&BodyState>,
-    ) -> Result<Response<Incoming>, Failure> {
-        debug!(addr = %endpoint.addr, "h2: connection closed under the request; reconnecting");
-        let mut sender = self
-            .connect(endpoint, settings)
-            .await
-            .map_err(Failure::connect)?;
-        let Some(unsent) = req.take() else {
-            return Err(Failure::local(ProxyError::BadRequest(
-                "the request was lost",
-            )));
-        };
-        let response = std::pin::pin!(sender.try_send_request(unsent));
-        match timer.wait(response, sent).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(mut e)) => {
-                let err = reset(endpoint.addr, e.error());
-                // Closed again before it left: another endpoint may take it.
-                *req = e.take_message();
-                Err(Failure::sent(err))
-            }
-            Err(expired) => Err(self.expired(expired, endpoint.addr)),
-        }
-    }
-
-    /// The endpoint's connection, made (or waited for) while holding a
-    /// `max_pending_requests` slot.
-    async fn connect(
-        &self,
-        endpoint: &Endpoint,
-        settings: &Settings<'_>,
-    ) -> Result<SendRequest<RequestBody>, ProxyError> {
-        let _pending = self.upstream.acquire(Limit::PendingRequests, self.res)?;
-        endpoint.h2.reconnect(endpoint, settings).await
-    }
-
-    /// Waits for a stream slot on the endpoint while holding a `max_pending_requests`
-    /// slot; the wait counts against the attempt's timeout.
-    async fn wait_for_stream(
-        &self,
-        guard: &mut StreamGuard,
-        timer: &mut Timer<'_>,
-        addr: SocketAddr,
-    ) -> Result<(), ProxyError> {
-        let _pending = self.upstream.acquire(Limit::PendingRequests, self.res)?;
-        timer
-            .wait(std::pin::pin!(guard.acquire()), None)
-            .await
-            .map_err(|expired| self.expired(expired, addr).err)
-    }
-
-    /// Records an attempt's outcome and decides what comes next.
-    /// `unsent`: the request never left (it is back in place).
-    fn judge(
-        &self,
-        guard: &StreamGuard,
-        tried: Result<Response<Incoming>, Failure>,
-        unsent: bool,
-        attempt: u32,
-        again: &Again,
-    ) -> Step {
-        let in_flight = guard.in_flight();
-        let more = attempt < again.max_attempts;
-        match tried {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                in_flight.answered(status);
-                let relayed = resp.headers().contains_key(RELAYED_FAILURE);
-                // A gRPC call's status is in its trailers, unless the response is
-                // trailers-only (`grpc-status` in the head).
-                let outcome = if self.grpc && status == 200 {
-                    grpc_status(resp.headers()).map(Outcome::Grpc)
-                } else {
-                    Some(Outcome::Status(status))
-                };
-                let Some(outcome) = outcome else {
-                    return Step::Relay(resp, Some(relayed));
-                };
-                self.upstream.record(in_flight, outcome, relayed);
-                if more && self.retryable(outcome, false) && again.possible() {
-                    Step::Retry(Last::Answered(resp))
-                } else {
-                    Step::Relay(resp, None)
-                }
-            }
-            Err(f) => {
-                in_flight.failed(f.err.status().as_u16());
-                let Some(outcome) = f.outcome else {
-                    return Step::Fail(f.err);
-                };
-                self.upstream.record(in_flight, outcome, false);
-                if more
-                    && !matches!(f.err, ProxyError::DeadlineExceeded { .. })
-                    && self.retryable(outcome, unsent)
-                    && (unsent || again.possible())
-                {
-                    Step::Retry(Last::Failed(f))
-                } else {
-                    Step::Fail(f.err)
-                }
-            }
-        }
-    }
-
-    /// Whether an outcome deserves another try under the retry policy: the condition is
-    /// listed, and the request never left (a failed connect), or it is safe to send twice,
-    /// or it is a gRPC call and the outcome a gRPC status (gRPC's own retry design).
-    fn retryable(&self, outcome: Outcome, unsent: bool) -> bool {
-        let policy = &self.res.policy.retries;
-        policy.on.matches(outcome)
-            && (unsent
-                || outcome == Outcome::ConnectFailure
-                || self.idempotent
-                || policy.non_idempotent
-                || (self.grpc && matches!(outcome, Outcome::Grpc(_))))
-    }
-
-    /// Whether another attempt may go now: the deadline after the backoff, the
-    /// `max_retries` limit and the budget. The slot counts the retry while it is in flight.
-    fn permit(&self, attempt: u32) -> Option<(Option<Slot>, Duration)> {
-        let wait = budget::backoff(&self.res.policy.retries, attempt);
-        if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
-            return None;
-        }
-        let slot = self.upstream.acquire(Limit::Retries, self.res).ok()?;
-        if !self.upstream.withdraw_retry(self.res) {
-            return None;
-        }
-        Some((slot, wait))
-    }
-
-    /// No more attempts: the last answer goes to the client.
-    fn conclude(
-        &self,
-        last: Last,
-        guard: StreamGuard,
-        request: Option<Slot>,
-        again: &Again,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        match last {
-            Last::Answered(resp) => Ok(self.relay(resp, guard, request, None, again)),
-            Last::Failed(f) => Err(f.err),
-        }
-    }
-
-    /// The response for the client; its body holds the stream, the endpoint and the
-    /// request's slot until it ends (and records a gRPC call's status when `unrecorded`
-    /// carries whether it was a relayed failure).
-    fn relay(
-        &self,
-        resp: Response<Incoming>,
-        guard: StreamGuard,
-        request: Option<Slot>,
-        unrecorded: Option<bool>,
-        again: &Again,
-    ) -> Response<ResponseBody> {
-        if let Some(body) = &again.body {
-            body.commit();
-        }
-        let (mut head, body) = resp.into_parts();
-        append_via(&mut head.headers);
-        let unrecorded = unrecorded.map(|relayed| Unrecorded {
-            upstream: self.upstream.clone(),
-            relayed,
-        });
-        let hold = Hold::new(guard, request, unrecorded, Relaying::new(self.down));
-        Response::from_parts(head, ResponseBody::upstream(body, hold))
-    }
-
-    /// Waits an injected delay, within the deadline.
-    async fn delay(&self, delay: Duration) -> Result<(), ProxyError> {
-        deadline::wait(delay, self.deadline, Duration::ZERO)
-            .await
-            .map_err(|_| self.deadline_exceeded())
-    }
-
-    /// Before an attempt: fails once the deadline has passed (the request is not sent),
-    /// else writes the time left into the request's `grpc-timeout` (gRPC) or
-    /// `malla-timeout-ms` field for the next hop.
-    fn stamp(&self, headers: &mut HeaderMap) -> Result<(), ProxyError> {
-        let Some(d) = self.deadline else {
-            return Ok(());
-        };
-        let left = deadline::remaining(d);
-        if left.is_zero() {
-            return Err(self.deadline_exceeded());
-        }
-        let (name, value) = if self.grpc {
-            (GRPC_TIMEOUT, deadline::format_grpc_timeout(left))
-        } else {
-            (MALLA_TIMEOUT, left.as_millis().max(1).to_string())
-        };
-        if let Ok(value) = HeaderValue::try_from(value) {
-            headers.insert(name, value);
-        }
-        Ok(())
-    }
-
-    fn deadline_exceeded(&self) -> ProxyError {
-        ProxyError::DeadlineExceeded {
-            budget: self.deadline.map_or(Duration::ZERO, |d| {
-                d.saturating_duration_since(self.arrived)
-            }),
-        }
-    }
-
-    /// A timer that fired: the per-try timeout is the endpoint's failure (and may be
-    /// retried); the deadline ends the call.
-    fn expired(&self, expired: Expired, addr: SocketAddr) -> Failure {
-        let err = match expired {
-            Expired::PerTry => ProxyError::ResponseTimeout {
-                addr,
-                timeout: self.res.per_try_timeout,
-            },
-            Expired::Deadline => self.deadline_exceeded(),
-        };
-        Failure {
-            err,
-            outcome: Some(Outcome::Timeout),
-        }
-    }
-
-    fn settings(&self) -> Settings<'a> {
-        Settings {
-            connect_timeout: self.res.connect_timeout,
-            max_header_list_size: u32::try_from(self.down.ctx.shared.config.limits.max_head_bytes)
-                .unwrap_or(u32::MAX),
-            upstream: self.upstream,
-            resilience: self.res,
-        }
-    }
-}
-
-/// What comes after an attempt.
-enum Step {
-    /// The answer for the client; with `Some(relayed)`, a gRPC status still to record.
-    Relay(Response<Incoming>, Option<bool>),
-    Retry(Last),
-    Fail(ProxyError),
-}
-
-/// An attempt that deserves another, kept to answer with if there is none.
-enum Last {
-    Answered(Response<Incoming>),
-    Failed(Failure),
-}
-
-/// An attempt that ended without a response head.
-struct Failure {
-    err: ProxyError,
-    /// For the outlier detector and the retry conditions; `None`: not the endpoint's doing
-    /// (a service limit, a wait for a stream slot).
-    outcome: Option<Outcome>,
-}
-
-impl Failure {
-    /// No connection (or a service limit said no): the request did not leave.
-    fn connect(err: ProxyError) -> Self {
-        let outcome = match err {
-            ProxyError::LimitReached { .. } => None,
-            _ => Some(Outcome::ConnectFailure),
-        };
-        Failure { err, outcome }
-    }
-
-    /// The stream failed or the connection was lost.
-    fn sent(err: ProxyError) -> Self {
-        Failure {
-            err,
-            outcome: Some(Outcome::Reset),
-        }
-    }
-
-    fn local(err: ProxyError) -> Self {
-        Failure { err, outcome: None }
-    }
-}
-
-/// What another attempt needs to send the request again once it has left.
-struct Again {
-    /// The request head, kept when the request may be retried.
-    head: Option<HeadCopy>,
-    /// The request body's state; `None`: the request has no body.
-    body: Option<Arc<BodyState>>,
-    max_attempts: u32,
-}
-
-impl Again {
-    fn possible(&self) -> bool {
-        self.head.is_some() && self.body.as_ref().is_none_or(|b| b.can_replay())
-    }
-
-    fn request(&self) -> Option<Request<RequestBody>> {
-        let head = self.head.as_ref()?;
-        let body = match &self.body {
-            None => RequestBody::empty(),
-            Some(b) => b.replay()?,
-        };
-        Some(head.request(body))
-    }
-}
-
-/// A copy of the request head as it went upstream (hyper consumes the request it sends).
-struct HeadCopy {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-}
-
-impl HeadCopy {
-    fn of(head: &Parts) -> Self {
-        HeadCopy {
-            method: head.method.clone(),
-            uri: head.uri.clone(),
-            version: head.version,
-            headers: head.headers.clone(),
-        }
-    }
-
-    fn request(&self, body: RequestBody) -> Request<RequestBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
-/// The response timer of one attempt: the per-try timeout, which moves out while the
-/// request body is still streaming (so a long upload or a client-streaming RPC is not
-/// cut), and the call's deadline, which does not.
-struct Timer<'a> {
-    sleep: Pin<&'a mut Sleep>,
-    /// Zero: none.
-    per_try: Duration,
-    deadline: Option<Instant>,
-}
-
-/// Which bound a timer hit.
-enum Expired {
-    PerTry,
-    Deadline,
-}
-
-impl Timer<'_> {
-    /// When an attempt that starts now times out, if it can.
-    fn first(per_try: Duration, deadline: Option<Instant>) -> Option<Instant> {
-        // A configured timeout of centuries must not overflow `Instant` arithmetic.
-        let per_try =
-            (!per_try.is_zero()).then(|| Instant::now() + per_try.min(Duration::from_secs(YEAR)));
-        match (per_try, deadline) {
-            (Some(p), Some(d)) => Some(p.min(d)),
-            (p, d) => p.or(d),
-        }
-    }
-
-    /// Starts the timer over for a new attempt.
-    fn restart(&mut self) {
-        if let Some(at) = Self::first(self.per_try, self.deadline) {
-            self.sleep.as_mut().reset(at);
-        }
-    }
-
-    /// Waits for `fut`, or fails once a bound has passed; with `sent`, the per-try bound
-    /// moves out while the request body is still streaming. The bounds are only checked
-    /// when the timer fires.
-    async fn wait<F: Future>(
-        &mut self,
-        mut fut: Pin<&mut F>,
-        sent: Option<&BodyState>,
-    ) -> Result<F::Output, Expired> {
-        let timed = !self.per_try.is_zero() || self.deadline.is_some();
-        loop {
-            tokio::select! {
-                biased;
-                out = &mut fut => return Ok(out),
-                () = &mut self.sleep, if timed => {
-                    let now = Instant::now();
-                    let next = match self.deadline {
-                        Some(d) if d <= now => return Err(Expired::Deadline),
-                        Some(d) if self.per_try.is_zero() => d,
-                        deadline => match extended_deadline(sent, self.per_try) {
-                            Some(next) => deadline.map_or(next, |d| d.min(next)),
-                            None => return Err(Expired::PerTry),
-                        },
-                    };
-                    self.sleep.as_mut().reset(next);
-                }
-            }
-        }
-    }
-}
-
-/// When the per-try timer fired: the next deadline if the request body is still
-/// streaming or finished less than `timeout` ago, `None` once the time is up.
-fn extended_deadline(sent: Option<&BodyState>, timeout: Duration) -> Option<Instant> {
-    let timeout = timeout.min(Duration::from_secs(YEAR));
-    let now = Instant::now();
-    match sent?.at() {
-        None => Some(now + timeout),
-        Some(done) if done + timeout > now => Some(done + timeout),
-        Some(_) => None,
-    }
+    answered: Answered,
+    claim: Claim,
+    request: Option<Slot>,
+) -> Response<ResponseBody> {
+    let Answered { response, permit } = answered;
+    let (mut head, body) = response.into_parts();
+    let unrecorded = (grpc
+        && head.status == http::StatusCode::OK
+        && grpc_status(&head.headers).is_none())
+    .then(|| Unrecorded {
+        upstream: upstream.clone(),
+        relayed: head.headers.contains_key(RELAYED_FAILURE),
+    });
+    append_via(&mut head.headers);
+    let hold = Hold::new((claim, permit), request, unrecorded, Relaying::new(down));
+    Response::from_parts(head, ResponseBody::upstream(body, hold))
 }
 
 /// The request head as it goes upstream (`:scheme`, `:authority`, forwarding fields),

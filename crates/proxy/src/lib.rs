@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod balance;
+mod call;
 pub mod config;
 mod connect;
 pub mod detect;

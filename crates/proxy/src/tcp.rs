@@ -1,56 +1,112 @@
-//! Opaque TCP: pick an endpoint, connect, and copy bytes both ways until both sides close.
+//! Opaque TCP: one call per client connection, whose attempt is a connect, then bytes
+//! copied both ways until both sides close.
+//!
+//! The call driver ([`crate::call`]) does for a connection what it does for a request:
+//! rate limits that name no path, `max_requests` (a connection counts as one), a deposit
+//! into the retry budget, a pick avoiding every endpoint already tried, and a failed
+//! connect retried on another endpoint within the budget and the backoff, since nothing
+//! was sent. A connect that succeeds counts as a success for the endpoint's breaker.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use malla_core::policy::Outcome;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
-use crate::{connect::connect, metrics::ConnectionTracker, upstream::Upstream};
+use crate::{
+    call::{Answer, Call, Failure, Judged, Protocol, Timer},
+    connect::connect,
+    endpoint::InFlight,
+    metrics::ConnectionTracker,
+    resilience::limits::{Limit, Slot},
+    upstream::Upstream,
+};
 
 pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstream>) {
-    // A connect failure sent nothing, so another endpoint may be tried at once, up to the
-    // policy's attempts (and within its retry budget).
-    let resilience = upstream.resilience();
-    let attempts = resilience.max_attempts;
-    let mut failed: Option<Arc<crate::endpoint::Endpoint>> = None;
-    let mut attempt = 0;
-    let (in_flight, mut server) = loop {
-        attempt += 1;
-        let in_flight = match upstream.pick(failed.as_deref()) {
-            Ok(f) => f,
-            Err(e) => {
-                upstream.error(&e);
-                debug!(error = %e, "tcp: closing the client connection");
-                return;
-            }
-        };
-        match connect(in_flight.endpoint().addr, resilience.connect_timeout).await {
-            Ok(s) => break (in_flight, s),
-            Err(e) => {
-                upstream.record(&in_flight, Outcome::ConnectFailure, false);
-                in_flight.failed(502);
-                if attempt < attempts && upstream.withdraw_retry(&resilience) {
-                    failed = Some(in_flight.endpoint().clone());
-                    continue;
-                }
-                upstream.error(&e);
-                debug!(error = %e, "tcp: closing the client connection");
-                return;
-            }
+    let res = upstream.resilience_full();
+    // Idempotent as far as retries go: only failed connects are retried, nothing was sent.
+    let call = Call::new(
+        upstream,
+        &res,
+        None,
+        (true, false, false),
+        tokio::time::Instant::now,
+    );
+    let _connection = match call.admit(None).await {
+        Ok(slot) => slot,
+        Err(e) => {
+            upstream.error(&e);
+            debug!(error = %e, "tcp: closing the client connection");
+            return;
         }
     };
-    let endpoint = in_flight.endpoint().clone();
+    let mut connect = Connect { call: &call };
+    let (mut server, claim) = match call.run(&mut connect).await {
+        Answer::Response(server, claim) => (server, claim),
+        Answer::Error(e) | Answer::Abandoned(e) => {
+            upstream.error(&e);
+            debug!(error = %e, "tcp: closing the client connection");
+            return;
+        }
+    };
+    let endpoint = claim.in_flight.endpoint().clone();
     let _open = ConnectionTracker::open(&endpoint.metrics.open_connections);
     if !prefix.is_empty() {
-        if let Err(e) = server.write_all(&prefix).await {
+        if let Err(e) = server.stream.write_all(&prefix).await {
             debug!(error = %e, "tcp: upstream write failed");
             return;
         }
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+    match tokio::io::copy_bidirectional(&mut client, &mut server.stream).await {
         Ok((up, down)) => debug!(up, down, endpoint = %endpoint.addr, "tcp stream closed"),
         Err(e) => debug!(error = %e, endpoint = %endpoint.addr, "tcp stream ended with an error"),
     }
+}
+
+/// An upstream connection, holding its `max_connections` slot.
+struct Server {
+    stream: TcpStream,
+    _slot: Option<Slot>,
+}
+
+/// A TCP attempt: a connect within the connect timeout.
+struct Connect<'a> {
+    call: &'a Call<'a>,
+}
+
+impl Protocol for Connect<'_> {
+    type Response = Server;
+
+    /// A byte stream carries no deadline.
+    fn stamp(&mut self, _left: Duration) {}
+
+    async fn attempt(&mut self, in_flight: &InFlight, _timer: &Timer) -> Result<Server, Failure> {
+        let (upstream, res) = (self.call.upstream, self.call.res);
+        let slot = upstream
+            .acquire(Limit::Connections, res)
+            .map_err(Failure::connect)?;
+        let stream = connect(in_flight.endpoint().addr, res.connect_timeout)
+            .await
+            .map_err(Failure::connect)?;
+        Ok(Server {
+            stream,
+            _slot: slot,
+        })
+    }
+
+    fn judge(&self, _server: &Server) -> Judged {
+        Judged {
+            status: None,
+            outcome: Some(Outcome::Status(200)),
+            relayed: false,
+            committed: true,
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        false
+    }
+
+    fn discard(&mut self, _server: Server) {}
 }

@@ -194,7 +194,6 @@ impl Upstream {
                     let endpoint = Arc::new(Endpoint::new(
                         *addr,
                         self.metrics.endpoint(&self.config.name, &addr.to_string()),
-                        self.config.max_idle_per_endpoint,
                     ));
                     if let Some(seed) = seed {
                         endpoint.seed_rtt_estimate(seed);
@@ -294,6 +293,7 @@ impl Upstream {
 
     /// Chooses the endpoint for one attempt, avoiding `exclude` (the endpoint that just
     /// failed) when there is another. See [`Self::pick_avoiding`].
+    #[cfg(test)]
     pub(crate) fn pick(&self, exclude: Option<&Endpoint>) -> Result<InFlight, ProxyError> {
         self.pick_avoiding(|e| exclude.is_some_and(|x| std::ptr::eq(x, e)))
     }
@@ -610,17 +610,20 @@ impl Upstream {
 
     /// The checks before any endpoint is involved, for a request to `path`: fault
     /// injection (an abort is an `Err`; a delay comes back for the caller to wait, against
-    /// the request's deadline, see [`deadline::wait`](crate::resilience::deadline::wait))
-    /// and the rate limits. Free when the policy has neither.
+    /// the request's deadline, see [`crate::call::Call::admit`]) and the rate limits. A
+    /// TCP connection (no `path`) meets the rate limits that name no path and no faults,
+    /// which are HTTP responses. Free when the policy has neither.
     pub(crate) fn admit(
         &self,
         resilience: &Resilience,
-        path: &[u8],
+        path: Option<&[u8]>,
     ) -> Result<Option<Duration>, ProxyError> {
         if resilience.faults.is_empty() && resilience.rate_limits.is_empty() {
             return Ok(None);
         }
-        let injected = crate::resilience::fault::draw(&resilience.faults, path);
+        let injected = path
+            .map(|path| crate::resilience::fault::draw(&resilience.faults, path))
+            .unwrap_or_default();
         if let Some(status) = injected.abort {
             self.upstream_metrics.fault("abort");
             return Err(ProxyError::FaultAbort { status });
@@ -633,9 +636,13 @@ impl Upstream {
     }
 
     /// The local rate limits; `Err` (429) when one rejects the request.
-    fn rate_limit(&self, resilience: &Resilience, path: &[u8]) -> Result<(), ProxyError> {
+    fn rate_limit(&self, resilience: &Resilience, path: Option<&[u8]>) -> Result<(), ProxyError> {
         let now = Instant::now();
-        for limiter in resilience.rate_limits.iter().filter(|l| l.applies_to(path)) {
+        let applies = |l: &&crate::resilience::rate::RateLimiter| match path {
+            Some(path) => l.applies_to(path),
+            None => l.path_prefix.is_none(),
+        };
+        for limiter in resilience.rate_limits.iter().filter(applies) {
             if let Err(wait) = limiter.try_acquire(now) {
                 let audit = !limiter.mode.enforces();
                 self.upstream_metrics.rate_limited(audit);
@@ -704,7 +711,7 @@ impl Upstream {
                     "in_flight": e.in_flight(),
                     "requests": e.requests(),
                     "latency_estimate_ms": e.rtt_estimate_ns() / 1e6,
-                    "idle_http1_connections": e.pool.idle_count(),
+                    "idle_http1_connections": e.idle_http1.count(),
                 })
             })
             .collect();

@@ -39,8 +39,8 @@ use hyper::body::Incoming;
 use malla_core::policy::Outcome;
 use tokio::time::Instant;
 
-use super::client::StreamGuard;
-use crate::{resilience::limits::Slot, upstream::Upstream};
+use super::client::StreamPermit;
+use crate::{call::Claim, resilience::limits::Slot, upstream::Upstream};
 
 /// What the request of a stream shares with the bodies hyper sends for it: when the body
 /// was sent completely and, for a request that may be retried, the recording.
@@ -55,12 +55,15 @@ pub(crate) struct BodyState {
 }
 
 impl BodyState {
+    /// Notes the body sent completely; the first time counts (a replay ends later).
     fn mark(&self) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-        self.nanos.store(nanos + 1, Ordering::Release);
+        let _ = self
+            .nanos
+            .compare_exchange(0, nanos + 1, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// When the body was sent completely, if it has been.
+    /// When the body was first sent completely, if it has been.
     pub fn at(&self) -> Option<Instant> {
         match self.nanos.load(Ordering::Acquire) {
             0 => None,
@@ -110,8 +113,34 @@ impl BodyState {
     }
 }
 
+/// The bytes that the recordings of one client connection's streams may hold together:
+/// `max_replay_bytes` bounds one request, this bounds a connection with many streams
+/// open (a stream past it simply cannot be replayed).
+pub(crate) struct ReplayBudget(AtomicU64);
+
+impl ReplayBudget {
+    pub fn new(bytes: u64) -> Self {
+        ReplayBudget(AtomicU64::new(bytes))
+    }
+
+    fn take(&self, n: u64) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::AcqRel);
+    }
+}
+
 /// The recording of a request body, shared by the attempts' bodies.
 struct Log {
+    /// The connection's budget, and what this recording holds of it.
+    budget: Arc<ReplayBudget>,
+    reserved: u64,
     /// The client's body; `None` once it ended or failed.
     original: Option<Incoming>,
     /// The attempt whose body may read (the newest).
@@ -134,6 +163,18 @@ struct Log {
 impl Log {
     fn replayable(&self) -> bool {
         !self.capped && !self.failed
+    }
+
+    /// Drops the recording and gives its bytes back to the connection's budget.
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.budget.give(std::mem::take(&mut self.reserved));
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.budget.give(self.reserved);
     }
 }
 
@@ -215,7 +256,11 @@ impl RequestBody {
     /// Wraps a client's request body. With `replay` (the most bytes to record), the body is
     /// recorded so that it can be sent again. The state is `None` when the request has no
     /// body (END_STREAM on its HEADERS), so body-less requests allocate nothing.
-    pub fn new(inner: Incoming, replay: Option<u64>) -> (Self, Option<Arc<BodyState>>) {
+    pub fn new(
+        inner: Incoming,
+        replay: Option<u64>,
+        budget: &Arc<ReplayBudget>,
+    ) -> (Self, Option<Arc<BodyState>>) {
         if inner.is_end_stream() {
             let body = RequestBody {
                 kind: Kind::Direct { inner, state: None },
@@ -239,6 +284,8 @@ impl RequestBody {
             return (body, Some(state));
         };
         state.log = Some(Mutex::new(Log {
+            budget: budget.clone(),
+            reserved: 0,
             original: Some(inner),
             generation: 0,
             chunks: Chunks::default(),
@@ -342,7 +389,7 @@ impl Reader {
         }
         if log.capped && !log.chunks.is_empty() {
             // Nothing will be replayed any more, and this reader is past the recording.
-            log.chunks.clear();
+            log.clear();
             self.cursor = 0;
         }
         if log.ended {
@@ -386,13 +433,15 @@ impl Reader {
             Poll::Ready(Some(Ok(frame))) => {
                 let mut ended = original.is_end_stream();
                 if let Some(data) = frame.data_ref() {
-                    log.bytes += data.len() as u64;
-                    if !log.capped && log.bytes > log.max_bytes {
+                    let len = data.len() as u64;
+                    log.bytes += len;
+                    if !log.capped && (log.bytes > log.max_bytes || !log.budget.take(len)) {
                         log.capped = true;
-                        log.chunks.clear();
+                        log.clear();
                         self.cursor = 0;
                     }
                     if !log.capped {
+                        log.reserved += len;
                         log.chunks.push(data.clone());
                         self.cursor += 1;
                     }
@@ -426,7 +475,9 @@ fn finished(log: &Log, generation: u32, cursor: usize, trailers_sent: bool) -> b
 
 /// What a relayed response holds until its body ends.
 pub(crate) struct Hold {
-    guard: StreamGuard,
+    /// The endpoint, in flight (and a retry's `max_retries` slot).
+    claim: Claim,
+    _stream: StreamPermit,
     /// The request's `max_requests` slot.
     _request: Option<Slot>,
     /// A gRPC call whose status comes in the trailers: its outcome is recorded when the
@@ -445,13 +496,14 @@ pub(crate) struct Unrecorded {
 
 impl Hold {
     pub fn new(
-        guard: StreamGuard,
+        (claim, stream): (Claim, StreamPermit),
         request: Option<Slot>,
         unrecorded: Option<Unrecorded>,
         relaying: super::Relaying,
     ) -> Self {
         Hold {
-            guard,
+            claim,
+            _stream: stream,
             _request: request,
             unrecorded,
             _relaying: relaying,
@@ -468,8 +520,7 @@ impl Hold {
                     .and_then(super::grpc_status)
                     .map_or(Outcome::Status(200), Outcome::Grpc),
             };
-            u.upstream
-                .record(self.guard.in_flight(), outcome, u.relayed);
+            u.upstream.record(&self.claim.in_flight, outcome, u.relayed);
         }
     }
 }
@@ -549,5 +600,24 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::ReplayBudget;
+
+    #[test]
+    fn a_connection_budget_is_shared_and_given_back() {
+        let budget = ReplayBudget::new(100);
+        assert!(budget.take(60));
+        assert!(
+            !budget.take(60),
+            "two streams cannot hold more than the connection's budget"
+        );
+        assert!(budget.take(40));
+        budget.give(60);
+        assert!(budget.take(60));
+        assert!(!budget.take(1));
     }
 }

@@ -27,7 +27,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        OnceLock,
+        Arc, OnceLock,
     },
     time::Duration,
 };
@@ -41,7 +41,7 @@ use tracing::debug;
 use super::body::RequestBody;
 use crate::{
     connect,
-    endpoint::{Endpoint, InFlight},
+    endpoint::Endpoint,
     error::ProxyError,
     resilience::{limits::Limit, Resilience},
     upstream::Upstream,
@@ -97,7 +97,7 @@ impl EndpointClient {
         let result = connect(endpoint, settings).await;
         match &result {
             Ok(send) => {
-                self.current.store(Some(std::sync::Arc::new(send.clone())));
+                self.current.store(Some(Arc::new(send.clone())));
                 *last_error = None;
             }
             // The limit may have room again for the next one: not an endpoint's failure.
@@ -193,61 +193,53 @@ fn replay(e: &ProxyError, addr: std::net::SocketAddr) -> ProxyError {
     }
 }
 
-/// One request's hold on its endpoint: counted in flight while it lives and, once taken,
-/// one of the endpoint's HTTP/2 stream slots. It lives until the response body ends.
-pub(crate) struct StreamGuard {
-    in_flight: InFlight,
+/// One of an endpoint's HTTP/2 stream slots, once taken, held until the response body
+/// ends.
+pub(crate) struct StreamPermit {
+    endpoint: Arc<Endpoint>,
     max_streams: u32,
-    permit: bool,
+    taken: bool,
 }
 
-impl StreamGuard {
-    pub fn new(in_flight: InFlight, max_streams: u32) -> Self {
-        StreamGuard {
-            in_flight,
+impl StreamPermit {
+    pub fn new(endpoint: Arc<Endpoint>, max_streams: u32) -> Self {
+        StreamPermit {
+            endpoint,
             max_streams,
-            permit: false,
+            taken: false,
         }
-    }
-
-    pub fn in_flight(&self) -> &InFlight {
-        &self.in_flight
     }
 
     /// Takes a free stream slot on the endpoint if there is one.
     pub fn try_acquire(&mut self) -> bool {
-        if !self.permit {
-            let streams = self.in_flight.endpoint().h2.streams(self.max_streams);
+        if !self.taken {
+            let streams = self.endpoint.h2.streams(self.max_streams);
             if let Ok(p) = streams.try_acquire() {
-                // Given back by hand in `drop`, so the guard needs no `Arc<Semaphore>`.
+                // Given back by hand in `drop`, so the permit needs no `Arc<Semaphore>`.
                 p.forget();
-                self.permit = true;
+                self.taken = true;
             }
         }
-        self.permit
+        self.taken
     }
 
     /// Waits for a free stream slot on the endpoint.
     pub async fn acquire(&mut self) {
-        if self.permit {
+        if self.taken {
             return;
         }
-        let streams = self.in_flight.endpoint().h2.streams(self.max_streams);
+        let streams = self.endpoint.h2.streams(self.max_streams);
         if let Ok(p) = streams.acquire().await {
             p.forget();
-            self.permit = true;
+            self.taken = true;
         }
     }
 }
 
-impl Drop for StreamGuard {
+impl Drop for StreamPermit {
     fn drop(&mut self) {
-        if self.permit {
-            self.in_flight
-                .endpoint()
-                .h2
-                .streams(self.max_streams)
-                .add_permits(1);
+        if self.taken {
+            self.endpoint.h2.streams(self.max_streams).add_permits(1);
         }
     }
 }
