@@ -232,7 +232,7 @@ impl Session<'_> {
         };
         let kind = (req.idempotent, false, body_pending);
         let mut call = Call::new(upstream, &res, req.timeout, kind, Instant::now);
-        let admitted = call.admit(Some(req.path(buf))).await;
+        let admitted = call.admit(Some(&req.path(buf))).await;
         buf.advance(req.head_len);
         let _request = match admitted {
             Ok(slot) => slot,

@@ -5,7 +5,10 @@
 //! (extensions and trailers included, so HTTP/1 trailers survive) while a strict decoder
 //! walks the framing to find where the message ends: hex sizes without overflow, CRLF
 //! everywhere (a bare LF is rejected, since the next hop might read it differently),
-//! bounded extension and trailer sizes.
+//! chunk extensions and trailer fields held to their RFC 9112 §7.1 grammar (a size line
+//! such as `0x5` or `0_2e` is read as two different sizes by lax parsers, and a trailer
+//! line without a colon is a request in disguise to some), bounded extension and trailer
+//! sizes.
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -144,15 +147,17 @@ enum State {
         value: u64,
         digits: u8,
     },
-    /// After the digits: whitespace or an extension, up to CR.
-    SizeRest,
+    /// After the digits: optional whitespace and extensions, up to CR.
+    SizeRest(Ext),
     SizeLf,
     Data(u64),
     DataCr,
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    TrailerLine,
+    /// In a trailer field's name, then its value.
+    TrailerName,
+    TrailerValue,
     TrailerLf {
         empty: bool,
     },
@@ -207,12 +212,12 @@ impl ChunkedDecoder {
                     None if digits == 0 => return Err(BodyError::Chunked("missing chunk size")),
                     None => {
                         self.line_len = 0;
-                        let next = self.size_rest(b)?;
+                        let next = self.size_rest(Ext::AfterSize, b)?;
                         self.pending_size = value;
                         next
                     }
                 },
-                State::SizeRest => self.size_rest(b)?,
+                State::SizeRest(ext) => self.size_rest(ext, b)?,
                 State::SizeLf => {
                     if b != b'\n' {
                         return Err(BodyError::Chunked("chunk size line must end with CRLF"));
@@ -253,17 +258,27 @@ impl ChunkedDecoder {
                 State::TrailerStart => match b {
                     b'\r' => State::TrailerLf { empty: true },
                     b'\n' => return Err(BodyError::Chunked("bare LF in trailers")),
-                    _ => {
+                    _ if is_tchar(b) => {
                         self.count_trailer()?;
-                        State::TrailerLine
+                        State::TrailerName
                     }
+                    _ => return Err(BodyError::Chunked("invalid trailer field name")),
                 },
-                State::TrailerLine => {
+                State::TrailerName => {
+                    self.count_trailer()?;
+                    match b {
+                        b':' => State::TrailerValue,
+                        _ if is_tchar(b) => State::TrailerName,
+                        _ => return Err(BodyError::Chunked("invalid trailer field name")),
+                    }
+                }
+                State::TrailerValue => {
                     self.count_trailer()?;
                     match b {
                         b'\r' => State::TrailerLf { empty: false },
                         b'\n' => return Err(BodyError::Chunked("bare LF in trailers")),
-                        _ => State::TrailerLine,
+                        b'\t' | b' '..=b'~' | 0x80..=0xff => State::TrailerValue,
+                        _ => return Err(BodyError::Chunked("invalid trailer field value")),
                     }
                 }
                 State::TrailerLf { empty } => {
@@ -284,17 +299,44 @@ impl ChunkedDecoder {
         Ok(i)
     }
 
-    fn size_rest(&mut self, b: u8) -> Result<State, BodyError> {
+    /// One byte of a chunk-size line after the digits: `*( BWS ";" BWS name [ BWS "="
+    /// BWS value ] )` then CRLF, where a name is a token and a value a token or a quoted
+    /// string (RFC 9112 §7.1.1). Whitespace before the CRLF is allowed, as strict parsers
+    /// (h11) allow it.
+    fn size_rest(&mut self, ext: Ext, b: u8) -> Result<State, BodyError> {
         self.line_len += 1;
         if self.line_len > MAX_CHUNK_LINE {
             return Err(BodyError::Chunked("chunk extension too long"));
         }
-        match b {
-            b'\r' => Ok(State::SizeLf),
-            b'\n' => Err(BodyError::Chunked("bare LF after chunk size")),
-            b'\t' | b' ' | b'!'..=b'~' => Ok(State::SizeRest),
-            _ => Err(BodyError::Chunked("invalid character after chunk size")),
-        }
+        let ows = b == b' ' || b == b'\t';
+        let next = match (ext, b) {
+            (Ext::Quoted, b'"') => Ext::AfterValue,
+            (Ext::Quoted, b'\\') => Ext::Escaped,
+            (Ext::Quoted, b'\t' | b' ' | b'!'..=b'~' | 0x80..=0xff) => Ext::Quoted,
+            (Ext::Escaped, b'\t' | b' '..=b'~' | 0x80..=0xff) => Ext::Quoted,
+            (Ext::Quoted | Ext::Escaped, _) => {
+                return Err(BodyError::Chunked("invalid chunk extension value"))
+            }
+            (_, b'\n') => return Err(BodyError::Chunked("bare LF after chunk size")),
+            (Ext::BeforeName | Ext::BeforeValue, b'\r') => {
+                return Err(BodyError::Chunked("incomplete chunk extension"))
+            }
+            (_, b'\r') => return Ok(State::SizeLf),
+            (Ext::AfterSize | Ext::AfterValue, _) if ows => ext,
+            (Ext::AfterSize | Ext::AfterValue | Ext::Name | Ext::AfterName | Ext::Token, b';') => {
+                Ext::BeforeName
+            }
+            (Ext::BeforeName, _) if ows => Ext::BeforeName,
+            (Ext::BeforeName | Ext::Name, _) if is_tchar(b) => Ext::Name,
+            (Ext::Name | Ext::AfterName, _) if ows => Ext::AfterName,
+            (Ext::Name | Ext::AfterName, b'=') => Ext::BeforeValue,
+            (Ext::BeforeValue, _) if ows => Ext::BeforeValue,
+            (Ext::BeforeValue, b'"') => Ext::Quoted,
+            (Ext::BeforeValue | Ext::Token, _) if is_tchar(b) => Ext::Token,
+            (Ext::Token, _) if ows => Ext::AfterValue,
+            _ => return Err(BodyError::Chunked("invalid character in a chunk-size line")),
+        };
+        Ok(State::SizeRest(next))
     }
 
     fn count_trailer(&mut self) -> Result<(), BodyError> {
@@ -304,6 +346,29 @@ impl ChunkedDecoder {
         }
         Ok(())
     }
+}
+
+/// Where a chunk-size line is after its digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ext {
+    /// Right after the size, or after an extension: whitespace, `;` or CR.
+    AfterSize,
+    AfterValue,
+    /// After `;`: the extension's name.
+    BeforeName,
+    Name,
+    /// After the name and whitespace: `=`, `;` or CR.
+    AfterName,
+    /// After `=`: a token or a quoted string.
+    BeforeValue,
+    Token,
+    Quoted,
+    /// After a backslash in a quoted string.
+    Escaped,
+}
+
+fn is_tchar(b: u8) -> bool {
+    crate::detect::is_tchar(b)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -343,6 +408,19 @@ mod tests {
             assert_eq!(decode(body, step).unwrap(), Some(end), "step {step}");
         }
         assert_eq!(decode(b"0\r\n\r\n", 1).unwrap(), Some(5));
+        for ok in [
+            &b"5 \r\nhello\r\n0\r\n\r\n"[..],
+            b"5 ; a = b ; c\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"q \\\" ;x\"\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nX-Trailer: a b\r\ngrpc-status:0\r\n\r\n",
+        ] {
+            assert_eq!(
+                decode(ok, 1).unwrap(),
+                Some(ok.len()),
+                "{}",
+                String::from_utf8_lossy(ok)
+            );
+        }
         assert_eq!(decode(b"5\r\nhel", 100).unwrap(), None);
     }
 
@@ -356,6 +434,17 @@ mod tests {
             b"0\r\nX: y\n\r\n",
             b"5\r\nhello\r\n0\r\n\n",
             b"-1\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b"0_2e\r\n\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+            b"5;a/b\r\nhello\r\n0\r\n\r\n",
+            b"5;\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"x\r\n",
+            b"0\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+            b"0\r\nX: a\x00b\r\n\r\n",
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nX Y: v\r\n\r\n",
         ] {
             assert!(
                 decode(bad, 1).is_err(),
