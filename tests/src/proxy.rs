@@ -180,8 +180,8 @@ impl std::fmt::Debug for TestProxy {
 impl TestProxy {
     pub fn builder() -> TestProxyBuilder {
         TestProxyBuilder {
+            // The worker count a user gets (one per core): tests run what users run.
             config: ProxyConfig {
-                workers: 1,
                 drain_timeout: Duration::from_secs(5),
                 ..ProxyConfig::default()
             },

@@ -107,9 +107,11 @@ pub struct Timeouts {
         skip_serializing_if = "Option::is_none"
     )]
     pub per_try: Option<Duration>,
-    /// The whole call, every attempt and backoff included, until the response head.
-    /// `0s`: no bound beyond the per-try timeouts. An incoming `grpc-timeout` or
-    /// `malla-timeout-ms` lowers it.
+    /// The whole call, every attempt and backoff included, until the response head,
+    /// counted from when the request has been received (for a body still streaming, from
+    /// its end); default 15s, Envoy's route timeout. `0s`: no bound beyond the per-try
+    /// timeouts. An incoming `grpc-timeout` or `malla-timeout-ms` lowers it, never raises
+    /// it.
     #[serde(default = "defaults::request_timeout", with = "duration")]
     pub request: Duration,
 }
@@ -568,7 +570,7 @@ pub mod defaults {
         true
     }
     pub fn request_timeout() -> Duration {
-        Duration::ZERO
+        Duration::from_secs(15)
     }
     pub fn max_attempts() -> u32 {
         3

@@ -126,7 +126,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut upstream = UpstreamConfig::new("shipping-quote", Vec::new());
     upstream.connect_timeout = Duration::from_millis(500);
     let config = ProxyConfig {
-        workers: 1,
         upstreams: vec![upstream],
         outbound: vec![OutboundConfig {
             listen: args.listen,

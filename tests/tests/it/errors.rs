@@ -15,6 +15,7 @@ cross_version!(
     no_endpoints,
     connect_refused,
     response_timeout,
+    default_request_timeout,
     unknown_host,
     upstream_errors_are_not_proxy_errors
 );
@@ -77,6 +78,29 @@ async fn response_timeout(flavor: Flavor) {
     assert!(
         silent.connections() >= 1,
         "the proxy never connected to the endpoint"
+    );
+    still_serves(&proxy, "echo", &peer, &mut client).await;
+}
+
+/// An endpoint that accepts and never answers, with every default a user gets: the call
+/// ends with 504 / DEADLINE_EXCEEDED, `deadline-exceeded`, at the default request timeout
+/// (15 s), retries included, instead of three per-try timeouts with nothing sent back.
+async fn default_request_timeout(flavor: Flavor) {
+    let silent = RawPeer::silent();
+    let peer = flavor.peer("echo");
+    let proxy = TestProxy::builder()
+        .upstream("echo", &[silent.addr()])
+        .outbound("echo")
+        .start();
+    let mut client = flavor.client(proxy.outbound(), "echo");
+    client
+        .call("x")
+        .await
+        .assert_error(flavor, 504, Code::DeadlineExceeded, "deadline-exceeded");
+    assert_eq!(
+        silent.connections(),
+        1,
+        "the deadline leaves no time for another attempt"
     );
     still_serves(&proxy, "echo", &peer, &mut client).await;
 }

@@ -67,3 +67,4 @@ mod resilience;
 mod smuggling;
 mod tcp;
 mod websocket;
+mod workers;
