@@ -297,6 +297,11 @@ fn relay(
 ) -> Response<ResponseBody> {
     let Answered { response, permit } = answered;
     let (mut head, body) = response.into_parts();
+    if let Some(value) = head.headers.get(RELAYED_FAILURE) {
+        if !down.ctx.trusts_relayed_failure(value.as_bytes()) {
+            head.headers.remove(RELAYED_FAILURE);
+        }
+    }
     let unrecorded = (grpc
         && head.status == http::StatusCode::OK
         && grpc_status(&head.headers).is_none())

@@ -85,6 +85,7 @@ pub struct Metrics {
     policy_unknown_fields: Family<UpstreamLabels, Counter>,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_accepted: Family<ListenerLabels, Counter>,
+    untrusted_relayed: Counter,
     /// Registered on first use: a proxy without a control plane does not show them.
     control: ControlFamilies,
     control_registered: std::sync::Once,
@@ -236,8 +237,15 @@ impl Metrics {
             "Client connections accepted per listener and detected protocol",
             listener_accepted.clone(),
         );
+        let untrusted_relayed = Counter::default();
+        registry.register(
+            "inbound_untrusted_relayed_failure",
+            "malla-relayed-failure marks the local application set that no recent failure of this sidecar's upstreams bore out; removed before the response left",
+            untrusted_relayed.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            untrusted_relayed,
             responses,
             latency,
             upstream_connections,
@@ -334,6 +342,11 @@ impl Metrics {
         }
         self.latency.remove(&labels);
         self.upstream_connections.remove(&labels);
+    }
+
+    /// The application's relayed-failure mark was removed at the inbound edge.
+    pub(crate) fn untrusted_relayed_failure(&self) {
+        self.untrusted_relayed.inc();
     }
 
     pub(crate) fn upstream(&self, upstream: &str) -> UpstreamMetrics {

@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::BytesMut;
-use malla_core::{policy::Policy, Labels};
+use malla_core::Labels;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -33,12 +33,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admin,
-    config::{ListenerProtocol, ProxyConfig, UpstreamConfig},
+    config::{ListenerProtocol, ProxyConfig},
     detect::{self, Detected},
     discovery::{Discovery, DiscoveryStatus, DEREGISTER_TIMEOUT},
     error::ProxyError,
-    http1, http2,
+    http1, http2, inbound,
     metrics::{ListenerMetrics, Metrics, SharedMetrics},
+    outbound,
     resilience::events::EventLog,
     tcp,
     upstream::Upstream,
@@ -74,6 +75,15 @@ impl Shared {
     }
 }
 
+/// Which way a listener's calls go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// From this instance's application to its upstreams.
+    Outbound,
+    /// From callers to this instance's application.
+    Inbound,
+}
+
 /// Where a listener's requests go.
 pub(crate) enum Target {
     /// Every connection goes to this upstream.
@@ -85,10 +95,9 @@ pub(crate) enum Target {
 /// A listener as its connections see it.
 pub(crate) struct ListenerCtx {
     pub name: String,
-    /// Outbound listeners relay their upstreams' failures (and mark them as such, see
-    /// [`ProxyError::is_upstream_failure`]); the inbound listener's failures are this
-    /// instance's own.
-    pub relays: bool,
+    /// Which way its calls go: the stages and the trust that apply ([`crate::inbound`],
+    /// [`crate::outbound`]).
+    pub direction: Direction,
     pub protocol: ListenerProtocol,
     pub target: Target,
     pub shared: Arc<Shared>,
@@ -116,9 +125,23 @@ impl ListenerCtx {
         }
     }
 
-    /// The relayed-failure mark for an error answered on behalf of `upstream`.
+    /// The relayed-failure mark for an error answered on behalf of `upstream`: outbound
+    /// listeners relay their upstreams' failures (see
+    /// [`ProxyError::is_upstream_failure`]); the inbound listener's are this instance's own.
     pub fn relay_mark<'a>(&self, upstream: &'a Upstream) -> Option<&'a str> {
-        self.relays.then(|| upstream.name())
+        match self.direction {
+            Direction::Outbound => outbound::relay_mark(upstream),
+            Direction::Inbound => None,
+        }
+    }
+
+    /// Whether a response's `malla-relayed-failure: <value>` may go on to the caller: the
+    /// upstreams' sidecars are trusted; the local application is checked.
+    pub fn trusts_relayed_failure(&self, value: &[u8]) -> bool {
+        match self.direction {
+            Direction::Outbound => true,
+            Direction::Inbound => inbound::relayed_failure_holds(&self.shared, value),
+        }
     }
 
     /// The connections of a listener without an upstream of its own (HTTP proxy) have no
@@ -266,7 +289,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         .collect();
     let inbound = match &config.inbound {
         Some(inb) => Some(Arc::new(Upstream::new(
-            inbound_upstream(&inb.forward_to),
+            inbound::upstream_config(&inb.forward_to),
             metrics.clone(),
             local,
             events.clone(),
@@ -351,7 +374,11 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
             _ => bound.outbound.push(actual),
         }
         let ctx = Arc::new(ListenerCtx {
-            relays: name != "inbound",
+            direction: if name == "inbound" {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
             metrics_http1: shared.metrics.listener(&name, "http1"),
             metrics_http2: shared.metrics.listener(&name, "http2"),
             metrics_tcp: shared.metrics.listener(&name, "tcp"),
@@ -408,19 +435,6 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
     })
 }
 
-/// The inbound side forwards to the local application: no retries and no breaker there
-/// (the callers' sidecars retry and eject; doing it twice would multiply load on the one
-/// endpoint there is).
-fn inbound_upstream(forward_to: &str) -> UpstreamConfig {
-    let mut config = UpstreamConfig::new("inbound", vec![forward_to.to_string()]);
-    let mut policy = Policy::default();
-    policy.retries.enabled = false;
-    policy.outlier.enabled = false;
-    policy.failover.enabled = false;
-    config.policy = Some(policy);
-    config
-}
-
 fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -446,6 +460,8 @@ fn run_worker(
     shared: Arc<Shared>,
 ) {
     runtime.block_on(async move {
+        // This worker's idle upstream HTTP/1 connections, closed when they expire.
+        let sweep = tokio::spawn(http1::pool::sweep_forever());
         // Each connection holds a clone of `open`; when all are dropped, `closed` ends.
         let (open, mut closed) = mpsc::channel::<()>(1);
         let mut accept_loops = Vec::new();
@@ -470,6 +486,7 @@ fn run_worker(
                 "drain timeout: closing the connections still open"
             );
         }
+        sweep.abort();
     });
 }
 

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{SocketAddr, ToSocketAddrs},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -76,6 +76,9 @@ pub struct Upstream {
     /// Serialises updates and breaker transitions; readers never take it.
     update_lock: Mutex<()>,
     panic: AtomicBool,
+    /// When a call through it last failed (ms on [`outlier::now_ms`]'s clock; 0: never),
+    /// for the inbound edge's check of an application's relayed-failure claim.
+    last_failure_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -114,6 +117,7 @@ impl Upstream {
             config,
             update_lock: Mutex::new(()),
             panic: AtomicBool::new(false),
+            last_failure_ms: AtomicU64::new(0),
         };
         upstream.set_endpoints(&addrs);
         Ok(upstream)
@@ -378,6 +382,9 @@ impl Upstream {
     /// endpoint relayed an error from further upstream, `malla-relayed-failure`) is not
     /// the endpoint's doing and counts neither way.
     pub(crate) fn record(&self, in_flight: &InFlight, outcome: Outcome, relayed: bool) {
+        if !outcome.is_success() {
+            self.note_failure();
+        }
         if relayed {
             return;
         }
@@ -690,7 +697,21 @@ impl Upstream {
 
     /// Counts a response the proxy made itself.
     pub(crate) fn error(&self, err: &ProxyError) {
+        if err.is_upstream_failure() {
+            self.note_failure();
+        }
         self.upstream_metrics.error(err.cause());
+    }
+
+    fn note_failure(&self) {
+        self.last_failure_ms
+            .store(outlier::now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a call through this upstream failed within `window`.
+    pub(crate) fn failed_within(&self, window: Duration) -> bool {
+        let last = self.last_failure_ms.load(Ordering::Relaxed);
+        last != 0 && outlier::now_ms().saturating_sub(last) <= window.as_millis() as u64
     }
 
     /// The live state, for `/config`.

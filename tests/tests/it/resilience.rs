@@ -562,6 +562,41 @@ async fn relayed_failures_do_not_eject_the_relaying_instance() {
     );
 }
 
+/// An application cannot exempt its own instance from its callers' ejection by marking
+/// its failures `malla-relayed-failure`: the inbound edge removes a mark that no recent
+/// failure of one of the sidecar's upstreams bears out, and keeps one that does (the
+/// application relays what its dependency did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_cannot_exempt_itself_with_the_relayed_mark() {
+    let app = malla_tests::peers::misbehaving::RawPeer::canned(
+        b"HTTP/1.1 503 Service Unavailable\r\nmalla-relayed-failure: dep\r\ncontent-length: 0\r\n\r\n",
+    );
+    let sidecar = TestProxy::builder()
+        .upstream("dep", &[dead_addr()])
+        .outbound("dep")
+        .inbound(app.addr(), ListenerProtocol::Auto)
+        .admin()
+        .start();
+    let inbound = sidecar.bound().inbound.unwrap();
+    let c = get(inbound, &[]).await.unwrap();
+    assert_eq!(c.status, 503);
+    assert_eq!(
+        c.header("malla-relayed-failure"),
+        None,
+        "a claim nothing bears out is removed"
+    );
+    let metrics = admin::metrics(sidecar.admin()).await;
+    assert!(
+        metrics.contains("malla_proxy_inbound_untrusted_relayed_failure_total 1"),
+        "{metrics}"
+    );
+    // The application's dependency fails through this sidecar: now the claim holds.
+    let failed = get(sidecar.outbound(), &[]).await.unwrap();
+    assert_eq!(failed.status, 502);
+    let c = get(inbound, &[]).await.unwrap();
+    assert_eq!(c.header("malla-relayed-failure"), Some("dep"));
+}
+
 /// Policy input in a sidecar's own configuration is validated with the field named.
 #[test]
 fn invalid_local_policies_are_rejected_with_the_field() {

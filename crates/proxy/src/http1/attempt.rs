@@ -35,6 +35,7 @@ use crate::{
     error::ProxyError,
     metrics::ConnectionTracker,
     resilience::limits::{self, Limit},
+    server::ListenerCtx,
 };
 
 /// A pooled connection idle for longer than this is checked for a close by its peer
@@ -191,7 +192,7 @@ impl<'s, 'a> Attempts<'s, 'a> {
                 self.client,
                 &mut self.session.resp_head,
                 self.req,
-                self.session.limits,
+                self.session.ctx,
             );
             let result = match expiry {
                 None => read.await,
@@ -257,7 +258,7 @@ impl<'s, 'a> Attempts<'s, 'a> {
         timer: &Timer,
     ) -> Result<(ResponseInfo, bool, Option<Ended>, bool), Failure> {
         let addr = up.endpoint.addr;
-        let (req, limits, call) = (self.req, self.session.limits, self.call);
+        let (req, ctx, call) = (self.req, self.session.ctx, self.call);
         let resp_head = &mut self.session.resp_head;
         let (mut cr, mut cw) = self.client.split();
         let (mut ur, mut uw) = up.stream.split();
@@ -275,7 +276,7 @@ impl<'s, 'a> Attempts<'s, 'a> {
                 &mut cw,
                 resp_head,
                 req,
-                limits
+                ctx
             ));
             loop {
                 tokio::select! {
@@ -563,19 +564,26 @@ async fn read_final_head<R, W>(
     cw: &mut W,
     out: &mut Vec<u8>,
     req: &RequestInfo,
-    limits: &crate::config::Limits,
+    ctx: &ListenerCtx,
 ) -> Result<(ResponseInfo, bool), HeadError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let limits = &ctx.shared.config.limits;
     let max_headers = limits.max_headers.min(head::MAX_HEADERS);
     let mut relayed_1xx = false;
     loop {
         if !ubuf.is_empty() {
             match head::parse_response(ubuf, max_headers, req.is_head, out) {
-                Ok(Parsed::Complete(resp)) => {
+                Ok(Parsed::Complete(mut resp)) => {
                     ubuf.advance(resp.head_len);
+                    if resp
+                        .relayed_value(out)
+                        .is_some_and(|v| !ctx.trusts_relayed_failure(v))
+                    {
+                        resp.drop_relayed(out);
+                    }
                     match resp.status {
                         101 if req.upgrade => return Ok((resp, relayed_1xx)),
                         101 => {

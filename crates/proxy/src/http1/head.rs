@@ -28,7 +28,7 @@ mod fields;
 
 use std::{mem::MaybeUninit, net::IpAddr, time::Duration};
 
-use malla_core::policy::TIMEOUT_HEADER;
+use malla_core::policy::{RELAYED_FAILURE_HEADER, TIMEOUT_HEADER};
 
 use self::fields::{is_regenerated, valid_host, Fields, Target, TransferEncoding};
 use crate::{
@@ -247,6 +247,27 @@ pub struct ResponseInfo {
     pub reusable: bool,
     /// Marked `malla-relayed-failure`: not the answering endpoint's own failure.
     pub relayed: bool,
+    /// Where the `malla-relayed-failure` line sits in the rewritten head, for the inbound
+    /// edge to check ([`Self::drop_relayed`]).
+    relayed_line: Option<(usize, usize)>,
+}
+
+impl ResponseInfo {
+    /// The value of the response's `malla-relayed-failure` field, in the rewritten head.
+    pub fn relayed_value<'a>(&self, out: &'a [u8]) -> Option<&'a [u8]> {
+        let (start, end) = self.relayed_line?;
+        let line = out.get(start..end)?;
+        let value = line.get(RELAYED_FAILURE_HEADER.len() + 2..line.len().saturating_sub(2))?;
+        Some(value)
+    }
+
+    /// Removes the `malla-relayed-failure` field from the rewritten head `out`.
+    pub fn drop_relayed(&mut self, out: &mut Vec<u8>) {
+        if let Some((start, end)) = self.relayed_line.take() {
+            out.drain(start..end);
+            self.relayed = false;
+        }
+    }
 }
 
 /// Parses one response head from `buf`. When complete, the head to send to the client has
@@ -322,12 +343,19 @@ pub fn parse_response(
             && (is_regenerated(name)
                 || is_hop_by_hop(name)
                 || f.named_by_connection(name)
-                || name.eq_ignore_ascii_case(b"via"))
+                || name.eq_ignore_ascii_case(b"via")
+                || name.eq_ignore_ascii_case(RELAYED_FAILURE_HEADER.as_bytes()))
         {
             continue;
         }
         push_field(out, name, h.value);
     }
+    // The mark, one line in canonical form, where the inbound edge can check it.
+    let relayed_line = f.relayed.map(|value| {
+        let start = out.len();
+        push_field(out, RELAYED_FAILURE_HEADER.as_bytes(), value);
+        (start, out.len())
+    });
     if !bodiless {
         let framing = if chunked {
             BodyKind::Chunked
@@ -356,6 +384,7 @@ pub fn parse_response(
         body,
         reusable: persistent && body != BodyKind::UntilClose,
         relayed: f.relayed.is_some(),
+        relayed_line,
     }))
 }
 
