@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::server::Shared;
+use crate::listener::Shared;
 
 type Body = Full<bytes::Bytes>;
 

@@ -65,8 +65,9 @@ use tracing::{info, warn};
 
 use crate::{
     config::{ControlPlaneConfig, ListenerProtocol, ProxyConfig},
+    listener::Shared,
     metrics::{DiscoveryMetrics, Metrics, RegistrationMetrics},
-    server::{Bound, Shared},
+    server::Bound,
 };
 
 /// The first retry waits at most this long...

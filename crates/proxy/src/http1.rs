@@ -60,7 +60,7 @@ use crate::{
     call::{Answer, Call},
     config::Limits,
     error::ProxyError,
-    server::ListenerCtx,
+    listener::ListenerCtx,
     upstream::Upstream,
 };
 

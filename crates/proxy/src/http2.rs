@@ -86,8 +86,8 @@ use crate::{
     call::{Answer, Call, Claim},
     error::ProxyError,
     forwarding,
+    listener::ListenerCtx,
     resilience::{deadline, limits::Slot},
-    server::ListenerCtx,
     upstream::Upstream,
 };
 

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use malla_core::policy::Policy;
 
-use crate::{config::UpstreamConfig, server::Shared};
+use crate::{config::UpstreamConfig, listener::Shared};
 
 /// How recent an upstream's failure must be for the application's claim to relay it.
 pub const RELAY_WINDOW: Duration = Duration::from_secs(10);

@@ -29,6 +29,7 @@ mod forwarding;
 pub mod http1;
 pub mod http2;
 mod inbound;
+mod listener;
 pub mod metrics;
 mod outbound;
 pub mod resilience;

@@ -33,9 +33,9 @@ use crate::{
     call::{Bound, Call, Failure, Judged, Protocol, Timer},
     endpoint::{Endpoint, InFlight},
     error::ProxyError,
+    listener::ListenerCtx,
     metrics::ConnectionTracker,
     resilience::limits::{self, Limit},
-    server::ListenerCtx,
 };
 
 /// A pooled connection idle for longer than this is checked for a close by its peer

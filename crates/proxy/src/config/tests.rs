@@ -1,0 +1,256 @@
+use super::*;
+
+#[test]
+fn full_file_parses_with_defaults() {
+    let c = ProxyConfig::from_toml(
+        r#"
+        workers = 1
+        [[upstream]]
+        name = "shipping-quote"
+        endpoints = ["127.0.0.1:8081", "localhost:8082"]
+        balancer = "round-robin"
+        connect_timeout = "250ms"
+
+        [[outbound]]
+        listen = "127.0.0.1:4140"
+        upstream = "shipping-quote"
+
+        [http_proxy]
+        listen = "127.0.0.1:4141"
+        [[http_proxy.route]]
+        host = "quote.example"
+        upstream = "shipping-quote"
+
+        [inbound]
+        listen = "127.0.0.1:4143"
+        forward_to = "127.0.0.1:8080"
+
+        [admin]
+        listen = "127.0.0.1:9901"
+        "#,
+        "test.toml",
+    )
+    .unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(u.balancer, BalancerKind::RoundRobin);
+    assert_eq!(u.connect_timeout, Duration::from_millis(250));
+    assert_eq!(u.response_timeout, defaults::response_timeout());
+    assert_eq!(c.outbound[0].protocol, ListenerProtocol::Auto);
+    assert_eq!(c.limits, Limits::default());
+}
+
+#[test]
+fn syntax_errors_name_file_and_line() {
+    let err = ProxyConfig::from_toml("workers = 1\n[[upstream]]\nname = \n", "mesh.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mesh.toml"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn unknown_fields_and_bad_durations_are_rejected() {
+    let err = ProxyConfig::from_toml("[[upstream]]\nname = \"a\"\nendpionts = []\n", "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("endpionts"), "{err}");
+    // At any depth of an upstream's policy too (a sidecar's own file is strict).
+    let err = ProxyConfig::from_toml(
+        "[[upstream]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\n[upstream.policy.retries]\nmax_attempts = 2\nmax_attemps = 2\n",
+        "x.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "line 6, column 1: upstream[0].policy.retries.max_attemps: unknown field `max_attemps`"
+        ),
+        "{err}"
+    );
+    let err = ProxyConfig::from_toml(
+        "[[upstream]]\nname = \"a\"\nconnect_timeout = \"soon\"\n",
+        "x.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("invalid duration \"soon\""), "{err}");
+}
+
+#[test]
+fn all_semantic_problems_are_reported_together() {
+    let err = ProxyConfig::from_toml(
+        r#"
+        [[upstream]]
+        name = "Bad_Name"
+        endpoints = ["nowhere", "127.0.0.1:0"]
+        [[upstream]]
+        name = "Bad_Name"
+        [[outbound]]
+        listen = "127.0.0.1:1"
+        upstream = "missing"
+        "#,
+        "x.toml",
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 6, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("upstream[0].name \"Bad_Name\""), "{text}");
+    assert!(text.contains("outbound[0].upstream \"missing\""), "{text}");
+    assert!(text.contains("endpoints[1]"), "{text}");
+}
+
+#[test]
+fn control_section_and_discovered_upstreams_parse() {
+    let c = ProxyConfig::from_toml(
+        r#"
+        [control]
+        url = "http://127.0.0.1:7781"
+        service = "checkout"
+        labels = { env = "prod", "malla.dev/zone" = "eu-1" }
+        lease_ttl = "15s"
+
+        [[upstream]]
+        name = "quote"
+        service = "shipping-quote"
+        selector = "env=prod,zone in (eu-1,eu-2)"
+
+        [[upstream]]
+        name = "inventory"
+
+        [[upstream]]
+        name = "static"
+        endpoints = ["127.0.0.1:9000"]
+
+        [[outbound]]
+        listen = "127.0.0.1:4140"
+        upstream = "quote"
+
+        [inbound]
+        listen = "127.0.0.1:4143"
+        forward_to = "127.0.0.1:8080"
+        "#,
+        "mesh.toml",
+    )
+    .unwrap();
+    let control = c.control.as_ref().unwrap();
+    assert_eq!(control.lease_ttl, Duration::from_secs(15));
+    assert_eq!(control.connect_timeout, defaults::connect_timeout());
+    assert_eq!(control.endpoint().unwrap(), "http://127.0.0.1:7781");
+    assert_eq!(c.upstreams[0].discovery_service(), "shipping-quote");
+    assert_eq!(c.upstreams[1].discovery_service(), "inventory");
+    let discovered: Vec<_> = c
+        .upstreams
+        .iter()
+        .filter(|u| u.is_discovered(true))
+        .map(|u| u.name.as_str())
+        .collect();
+    assert_eq!(discovered, ["quote", "inventory"]);
+    // Printing the effective configuration and reading it back gives the same.
+    let printed = toml::to_string_pretty(&c).unwrap();
+    assert_eq!(ProxyConfig::from_toml(&printed, "printed").unwrap(), c);
+}
+
+#[test]
+fn control_urls() {
+    let url = |u: &str| ControlPlaneConfig::new(u).endpoint();
+    assert_eq!(url("127.0.0.1:7781").unwrap(), "http://127.0.0.1:7781");
+    assert_eq!(
+        url("http://control.mesh:7781/").unwrap(),
+        "http://control.mesh:7781"
+    );
+    assert!(url("https://c:7781").unwrap_err().contains("TLS"));
+    assert!(url("http://c").unwrap_err().contains("no port"));
+    assert!(url("http://c:1/v1").unwrap_err().contains("no path"));
+    assert!(url("ftp://c:1").unwrap_err().contains("http://HOST:PORT"));
+    assert!(url("http://").is_err());
+}
+
+#[test]
+fn discovery_and_registration_problems_are_named() {
+    let err = ProxyConfig::from_toml(
+        r#"
+        [[upstream]]
+        name = "a"
+        endpoints = ["127.0.0.1:1"]
+        selector = "env=prod"
+        [[upstream]]
+        name = "b"
+        selector = "env in prod"
+        [[upstream]]
+        name = "c"
+        service = "Bad"
+        [[outbound]]
+        listen = "127.0.0.1:1"
+        upstream = "a"
+        "#,
+        "x.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("upstream[0] (\"a\") has both static endpoints and discovery keys (selector)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("upstream[1].selector: invalid selector \"env in prod\" at position 7"),
+        "{err}"
+    );
+    assert!(
+        err.contains("upstream[1].selector needs the control plane"),
+        "{err}"
+    );
+    assert!(err.contains("upstream[2].service \"Bad\""), "{err}");
+
+    let base =
+        "[[upstream]]\nname = \"a\"\n[[outbound]]\nlisten = \"127.0.0.1:1\"\nupstream = \"a\"\n";
+    let cases = [
+        ("[control]\nurl = \"https://c:1\"\n", "control.url \"https://c:1\": TLS"),
+        (
+            "[control]\nurl = \"c:1\"\nservice = \"me\"\n",
+            "control.service: registering needs the address",
+        ),
+        (
+            "[control]\nurl = \"c:1\"\nservice = \"me\"\n[inbound]\nlisten = \"0.0.0.0:4143\"\nforward_to = \"127.0.0.1:8080\"\n",
+            "wildcard address",
+        ),
+        (
+            "[control]\nurl = \"c:1\"\nservice = \"me\"\nregister_address = \"0.0.0.0:80\"\n",
+            "control.register_address 0.0.0.0:80",
+        ),
+        (
+            "[control]\nurl = \"c:1\"\nlabels = { env = \"x y\" }\n",
+            "control.labels: invalid value \"x y\"",
+        ),
+        (
+            "[control]\nurl = \"c:1\"\ninstance_id = \"me-1\"\n",
+            "control.instance_id describes the registered instance",
+        ),
+        (
+            "[control]\nurl = \"c:1\"\nservice = \"me\"\ninstance_id = \"a/b\"\nregister_address = \"10.0.0.1:80\"\n",
+            "control.instance_id \"a/b\"",
+        ),
+        (
+            "[control]\nurl = \"c:1\"\nlease_ttl = \"1500ms\"\n",
+            "control.lease_ttl 1s 500ms: use whole seconds",
+        ),
+    ];
+    for (section, expected) in cases {
+        let err = ProxyConfig::from_toml(&format!("{base}{section}"), "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{expected:?} not in {err}");
+    }
+    // Discovery alone needs no address.
+    ProxyConfig::from_toml(&format!("{base}[control]\nurl = \"c:1\"\n"), "x.toml").unwrap();
+}
+
+#[test]
+fn names_are_dns_labels() {
+    assert!(is_dns_label("shipping-quote"));
+    assert!(is_dns_label("a1"));
+    assert!(!is_dns_label(""));
+    assert!(!is_dns_label("1a"));
+    assert!(!is_dns_label("a-"));
+    assert!(!is_dns_label("A"));
+    assert!(!is_dns_label(&"a".repeat(64)));
+}
