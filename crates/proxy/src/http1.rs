@@ -53,7 +53,7 @@ use tokio::{
 use tracing::debug;
 
 use self::{
-    attempt::{Attempts, Relay, UpConn},
+    attempt::{Attempts, HeadTimer, Relay, UpConn},
     head::{BodyKind, Parsed, RequestInfo},
 };
 use crate::{
@@ -86,6 +86,8 @@ struct Session<'a> {
     resp_head: Vec<u8>,
     /// The upstream connection this client connection holds between requests.
     held: Option<UpConn>,
+    /// Bounds the wait for each response head.
+    head_timer: HeadTimer,
 }
 
 pub(crate) async fn serve(
@@ -101,6 +103,7 @@ pub(crate) async fn serve(
         req_head: Vec::with_capacity(1024),
         resp_head: Vec::with_capacity(1024),
         held: None,
+        head_timer: HeadTimer::new(),
     };
     // One drain waiter and one idle timer for the connection's lifetime, re-armed per
     // request: registering a fresh waiter (a mutex on the shared watch) and a fresh timer

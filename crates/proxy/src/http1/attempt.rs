@@ -13,14 +13,18 @@
 //!   the exchange ends there for both connections, as Envoy does; its outcome reaches the
 //!   breaker when the relay ends rather than at the head.
 
-use std::{pin::pin, sync::Arc, time::Duration};
+use std::{
+    pin::{pin, Pin},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::{Buf, BytesMut};
 use malla_core::policy::Outcome;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
-    time::Instant,
+    time::{Instant, Sleep},
 };
 use tracing::debug;
 
@@ -196,7 +200,10 @@ impl<'s, 'a> Attempts<'s, 'a> {
             );
             let result = match expiry {
                 None => read.await,
-                Some((at, _)) => tokio::time::timeout_at(at, read)
+                Some((at, _)) => self
+                    .session
+                    .head_timer
+                    .within(at, read)
                     .await
                     .unwrap_or(Err(HeadError::Timeout)),
             };
@@ -465,6 +472,39 @@ impl Relay {
     }
 }
 
+/// The response-head timer of a client connection, armed once and moved lazily: a new
+/// request's expiry is almost always later than the previous one's, so the timer keeps its
+/// earlier wake-up and, when that comes first, simply moves on to the real expiry. In the
+/// common case a request costs no timer-wheel update at all (one per per-try timeout, per
+/// connection, instead of an insert and a removal per request).
+pub(super) struct HeadTimer(Pin<Box<Sleep>>);
+
+impl HeadTimer {
+    pub fn new() -> Self {
+        HeadTimer(Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
+    }
+
+    /// Runs `fut` until it completes (`Some`) or `at` passes (`None`).
+    async fn within<F: std::future::Future>(&mut self, at: Instant, fut: F) -> Option<F::Output> {
+        if self.0.deadline() > at {
+            self.0.as_mut().reset(at);
+        }
+        let mut fut = pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Some(out),
+                () = self.0.as_mut() => {
+                    if Instant::now() >= at {
+                        return None;
+                    }
+                    self.0.as_mut().reset(at);
+                }
+            }
+        }
+    }
+}
+
 /// The `malla-timeout-ms` field of a request head, rewritten before each attempt with the
 /// time left, just before the head's final CRLF (`head_end` is where the head ends).
 struct TimeoutField {
@@ -654,5 +694,33 @@ where
             debug!(error = %e, "response body relay ended early");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_timer_fires_at_each_expiry_however_it_was_left() {
+        let mut timer = HeadTimer::new();
+        let start = Instant::now();
+        let first = start + Duration::from_secs(15);
+        assert_eq!(timer.within(first, async { 7 }).await, Some(7));
+        // A later expiry: the timer keeps its earlier wake-up, then moves on.
+        let second = start + Duration::from_secs(20);
+        assert_eq!(
+            timer.within(second, std::future::pending::<()>()).await,
+            None
+        );
+        assert_eq!(Instant::now(), second);
+        // An earlier expiry than the one it holds is honoured too.
+        let third = Instant::now() + Duration::from_secs(1);
+        timer.0.as_mut().reset(third + Duration::from_secs(60));
+        assert_eq!(
+            timer.within(third, std::future::pending::<()>()).await,
+            None
+        );
+        assert_eq!(Instant::now(), third);
     }
 }
