@@ -37,7 +37,9 @@ BODY = b"hello\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-ALL_TARGETS = ["direct", "malla", "haproxy", "nginx", "envoy"]
+# "malla" runs with one worker, like for like with the single-worker peers; "malla-default"
+# runs the worker count a user gets (one per core).
+ALL_TARGETS = ["direct", "malla", "malla-default", "haproxy", "nginx", "envoy"]
 ALL_TESTS = ["h1", "lat", "h2"]
 # Peers that cannot forward HTTP/2 to an HTTP/2 upstream: no h2 measurement (n/a).
 H2_UNSUPPORTED = {
@@ -457,11 +459,13 @@ class Bench:
             return None, up
         (port, admin) = free_ports(2)
         d = self.workdir(f"{name}-{proto}")
-        if name == "malla":
+        if name in ("malla", "malla-default"):
             if self.a.malla_standin:
                 argv = self.argv_for(self.a.malla_standin, d, port, up, proto)
             else:
                 tmpl = self.a.malla_cmd
+                if name == "malla-default":
+                    tmpl = tmpl.replace(" --workers 1", "")
                 argv = [x.format(listen=f"127.0.0.1:{port}", upstream=f"127.0.0.1:{up}",
                                  admin=f"127.0.0.1:{admin}", proto=proto, workdir=d)
                         for x in shlex.split(tmpl)]

@@ -18,7 +18,8 @@ import sys
 START = "<!-- bench:proxy:start -->"
 END = "<!-- bench:proxy:end -->"
 PEERS = ["haproxy", "nginx", "envoy"]
-NAMES = {"direct": "direct (no proxy)", "malla": "**malla**", "haproxy": "HAProxy", "nginx": "nginx",
+NAMES = {"direct": "direct (no proxy)", "malla": "**malla** (1 worker)",
+         "malla-default": "**malla** (default: a worker per core)", "haproxy": "HAProxy", "nginx": "nginx",
          "envoy": "Envoy"}
 
 # The project's goals for malla (from the benchmark issue).
@@ -55,6 +56,13 @@ def _stat(xs):
     if not xs:
         return None
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _cpu_per_request(r):
+    """The proxy's CPU seconds per request in one measurement, in microseconds."""
+    if not r or not r.get("cpu_s") or not r.get("rps") or not r.get("wall_s"):
+        return None
+    return r["cpu_s"] / (r["rps"] * r["wall_s"]) * 1e6
 
 
 def summarize(res):
@@ -94,6 +102,14 @@ def summarize(res):
             if peers:
                 med = {p: (_med([val(test, p, k, "rps") for k in rounds]) or 0) for p in peers}
                 out[test + "_best_peer"] = max(med, key=med.get)
+            if t != "direct":
+                # The proxy's CPU per request at full load, and against nginx's in the same round.
+                cpr = {k: _cpu_per_request(by.get((test, t, k))) for k in rounds}
+                d["cpu_us_per_request"] = _stat([cpr[k] for k in rounds])
+                if "nginx" in present and t != "nginx":
+                    d["cpu_vs_nginx"] = _stat([
+                        cpr[k] / n if cpr[k] and (n := _cpu_per_request(by.get((test, "nginx", k)))) else None
+                        for k in rounds])
             out[test][t] = d
 
     present = [t for t in targets if any(("lat", t, k) in by for k in rounds)]
@@ -113,6 +129,10 @@ def summarize(res):
                 if r and r.get("wall_s") and r.get("rps"):
                     cpk.append(r["cpu_s"] / r["wall_s"] / (r["rps"] / 1000.0))
             d["vcpu_per_1k_rps"] = _stat(cpk)
+            if "nginx" in present and t != "nginx":
+                d["cpu_vs_nginx"] = _stat([
+                    c / n if c and (n := _cpu_per_request(by.get(("lat", "nginx", k)))) else None
+                    for k in rounds for c in [_cpu_per_request(by.get(("lat", t, k)))]])
         out["lat"][t] = d
 
     for t in targets:
@@ -228,13 +248,14 @@ def render(res):
         a(f"### HTTP/1.1 keep-alive throughput (`wrk -t1 -c{p['wrk_conns']} -d{p['h1_duration']}s`)")
         a("")
         bp = s.get("h1_best_peer")
-        a(f"| target | req/s | ÷ direct | ÷ best peer ({NAMES.get(bp, '—')}) | errors |")
-        a("|---|---|---|---|---|")
+        a(f"| target | req/s | ÷ direct | ÷ best peer ({NAMES.get(bp, '—')}) | proxy CPU µs/request | CPU ÷ nginx | errors |")
+        a("|---|---|---|---|---|---|---|")
         for t in targets:
             d = s["h1"].get(t)
             if d:
                 a(f"| {NAMES[t]} | {_f(d['rps'], '{:,.0f}')} | {_f(d.get('vs_direct'))} | "
-                  f"{_f(d.get('vs_best_peer'))} | {d['errors']} |")
+                  f"{_f(d.get('vs_best_peer'))} | {_f(d.get('cpu_us_per_request'), '{:.1f}', False)} | "
+                  f"{_f(d.get('cpu_vs_nginx'))} | {d['errors']} |")
         a("")
 
     if s.get("lat"):
@@ -242,15 +263,16 @@ def render(res):
         a(f"### Latency at a fixed {p['lat_rate']:,} req/s (`oha -q {p['lat_rate']} -c {p['lat_conns']} "
           f"-z {p['lat_duration']}s{th}`), ms")
         a("")
-        a("| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | proxy vCPU per 1k req/s | errors |")
-        a("|---|---|---|---|---|---|---|---|---|")
+        a("| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | proxy vCPU per 1k req/s | CPU ÷ nginx | errors |")
+        a("|---|---|---|---|---|---|---|---|---|---|")
         for t in targets:
             d = s["lat"].get(t)
             if d:
                 a(f"| {NAMES[t]} | {_f(d['p50_ms'], '{:.3f}', False)} | {_f(d['p99_ms'], '{:.3f}', False)} | "
                   f"{_f(d['p999_ms'], '{:.3f}', False)} | {_f(d.get('added_p50_ms'), sign=True)} | "
                   f"{_f(d.get('added_p99_ms'), sign=True)} | {_f(d.get('added_p999_ms'), sign=True)} | "
-                  f"{_f(d.get('vcpu_per_1k_rps'), '{:.3f}', False)} | {d['errors']} |")
+                  f"{_f(d.get('vcpu_per_1k_rps'), '{:.3f}', False)} | {_f(d.get('cpu_vs_nginx'))} | "
+                  f"{d['errors']} |")
         a("")
 
     if s.get("h2") or res.get("not_applicable"):
