@@ -7,7 +7,7 @@ use std::time::Duration;
 use malla_tests::{
     cross_version::{Client, Flavor, Peer},
     peers::{dead_addr, misbehaving::RawPeer},
-    proxy::TestProxy,
+    proxy::{TestProxy, TestProxyBuilder},
 };
 use tonic::Code;
 
@@ -60,49 +60,46 @@ async fn connect_refused(flavor: Flavor) {
     still_serves(&proxy, "echo", &peer, &mut client).await;
 }
 
-/// An endpoint that accepts and never answers: after `response_timeout`, 504 /
-/// DEADLINE_EXCEEDED, `response-timeout`.
-async fn response_timeout(flavor: Flavor) {
+/// Calls an endpoint that accepts and never answers, through a proxy `configure`d by the
+/// test: the answer must be 504 / DEADLINE_EXCEEDED with `cause`. Returns how many
+/// connections reached the silent endpoint; the proxy serves again afterwards.
+async fn silent_endpoint(
+    flavor: Flavor,
+    configure: impl FnOnce(TestProxyBuilder) -> TestProxyBuilder,
+    cause: &str,
+) -> u64 {
     let silent = RawPeer::silent();
     let peer = flavor.peer("echo");
-    let proxy = TestProxy::builder()
-        .upstream("echo", &[silent.addr()])
-        .response_timeout(Duration::from_millis(300))
-        .outbound("echo")
-        .start();
+    let builder = TestProxy::builder().upstream("echo", &[silent.addr()]);
+    let proxy = configure(builder).outbound("echo").start();
     let mut client = flavor.client(proxy.outbound(), "echo");
     client
         .call("x")
         .await
-        .assert_error(flavor, 504, Code::DeadlineExceeded, "response-timeout");
-    assert!(
-        silent.connections() >= 1,
-        "the proxy never connected to the endpoint"
-    );
+        .assert_error(flavor, 504, Code::DeadlineExceeded, cause);
     still_serves(&proxy, "echo", &peer, &mut client).await;
+    silent.connections()
 }
 
-/// An endpoint that accepts and never answers, with every default a user gets: the call
-/// ends with 504 / DEADLINE_EXCEEDED, `deadline-exceeded`, at the default request timeout
-/// (15 s), retries included, instead of three per-try timeouts with nothing sent back.
+/// After `response_timeout`, 504 / DEADLINE_EXCEEDED, `response-timeout`.
+async fn response_timeout(flavor: Flavor) {
+    let short = |b: TestProxyBuilder| b.response_timeout(Duration::from_millis(300));
+    let connections = silent_endpoint(flavor, short, "response-timeout").await;
+    assert!(
+        connections >= 1,
+        "the proxy never connected to the endpoint"
+    );
+}
+
+/// With every default a user gets, the call ends with `deadline-exceeded` at the default
+/// request timeout (15 s), retries included, instead of three per-try timeouts with
+/// nothing sent back.
 async fn default_request_timeout(flavor: Flavor) {
-    let silent = RawPeer::silent();
-    let peer = flavor.peer("echo");
-    let proxy = TestProxy::builder()
-        .upstream("echo", &[silent.addr()])
-        .outbound("echo")
-        .start();
-    let mut client = flavor.client(proxy.outbound(), "echo");
-    client
-        .call("x")
-        .await
-        .assert_error(flavor, 504, Code::DeadlineExceeded, "deadline-exceeded");
+    let connections = silent_endpoint(flavor, |b| b, "deadline-exceeded").await;
     assert_eq!(
-        silent.connections(),
-        1,
+        connections, 1,
         "the deadline leaves no time for another attempt"
     );
-    still_serves(&proxy, "echo", &peer, &mut client).await;
 }
 
 /// The HTTP proxy listener with a `Host` that names no route and no upstream: 404
