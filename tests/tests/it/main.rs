@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `harness` | the harness itself: peers, clients, macros, parsers, proxy start/stop |
 //! | `requests` | a request goes through, by listener and by `Host` (cross-version) |
-//! | `resilience` | breakers, half-open probes, retries and budgets, deadlines, limits, rate limits, faults, relayed failures |
+//! | `resilience` | breakers, half-open probes, retries and budgets, deadlines, limits, rate limits, faults, relayed failures (cross-version; HTTP/1 particulars apart) |
 //! | `errors` | the causes the proxy answers itself (cross-version) |
 //! | `balancing` | P2C-EWMA, round robin, live endpoint changes (cross-version) |
 //! | `drain` | in-flight work completes, new connections are refused (cross-version) |
