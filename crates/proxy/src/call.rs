@@ -327,11 +327,16 @@ impl<'a> Call<'a> {
                 Ok(f) => f,
                 Err(err) => return Answer::Error(err),
             };
-            if let Some(d) = self.deadline {
-                let left = deadline::remaining(d);
-                if left.is_zero() {
-                    return Answer::Error(self.deadline_exceeded());
+            // The time left for the next hop: what remains of the deadline, and at most
+            // the whole request timeout when it counts from a body still arriving.
+            let left = match (self.deadline.map(deadline::remaining), self.after_body) {
+                (Some(left), _) if left.is_zero() => {
+                    return Answer::Error(self.deadline_exceeded())
                 }
+                (Some(left), after_body) => Some(after_body.map_or(left, |t| t.min(left))),
+                (None, after_body) => after_body,
+            };
+            if let Some(left) = left {
                 protocol.stamp(left);
             }
             let timer = Timer {

@@ -239,7 +239,18 @@ impl Session<'_> {
         buf.advance(req.head_len);
         let _request = match admitted {
             Ok(slot) => slot,
-            Err(err) => return self.fail(client, req, upstream, err).await,
+            Err(err) => {
+                // A body already here is skipped, so the connection can go on.
+                let skipped = match req.body {
+                    BodyKind::Empty => true,
+                    BodyKind::Length(n) if n <= buf.len() as u64 => {
+                        buf.advance(n as usize);
+                        true
+                    }
+                    _ => false,
+                };
+                return self.fail(client, req, upstream, err, skipped).await;
+            }
         };
 
         // The body is "complete" when it is already in the buffer: it goes out with the
@@ -283,7 +294,11 @@ impl Session<'_> {
                 drop(claim);
                 self.keep(relayed)
             }
-            Answer::Error(err) => self.fail(client, req, upstream, err).await,
+            // A buffered body went with the head: nothing of it is left unread.
+            Answer::Error(err) => {
+                let consumed = complete_len.is_some();
+                self.fail(client, req, upstream, err, consumed).await
+            }
             Answer::Abandoned(err) => {
                 debug!(error = %err, "closing: part of the response was sent");
                 Next::Close
@@ -332,18 +347,20 @@ impl Session<'_> {
         Next::Tunnel(up)
     }
 
-    /// Answers the client with `err` before any response byte was sent.
+    /// Answers the client with `err` before any response byte was sent; `body_consumed`:
+    /// nothing of the request is left unread on the connection.
     async fn fail(
         &mut self,
         client: &mut TcpStream,
         req: &RequestInfo,
         upstream: &Upstream,
         err: ProxyError,
+        body_consumed: bool,
     ) -> Next {
         debug!(error = %err, upstream = upstream.name(), "answering with an error");
         upstream.error(&err);
         // A request body the proxy did not consume leaves the connection unusable.
-        let close = !req.keep_alive || req.body != BodyKind::Empty || self.ctx.shared.is_draining();
+        let close = !req.keep_alive || !body_consumed || self.ctx.shared.is_draining();
         let response = err.http1_response(close, self.ctx.relay_mark(upstream));
         if client.write_all(&response).await.is_err() || close {
             return Next::Close;
