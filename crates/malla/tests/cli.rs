@@ -573,7 +573,7 @@ async fn apply_get_round_trip_and_delete() {
     assert_eq!(rows[1][0], "billing", "{text}");
     assert_eq!(
         &rows[1][2..],
-        ["3", "attempts", "-", "3", "failures", "(audit)", "4096", "requests", "1", "0"],
+        ["3", "attempts", "15s", "3", "failures", "(audit)", "4096", "requests", "1", "0"],
         "{text}"
     );
     assert_eq!(rows[2][0], "shipping-quote", "{text}");
