@@ -4,10 +4,11 @@
 //! estimate) and its circuit breaker. Connections are not its business: HTTP/1 idle
 //! connections live in per-worker pools ([`crate::http1::pool`]), which only report their
 //! count here for `/config`. (The one HTTP/2 connection per endpoint still hangs off it:
-//! `h2`, shared by the workers through hyper's request channel.) The [`EndpointSet`] is read by every request from an `ArcSwap`
-//! snapshot, so the hot path never takes a lock, and it is replaced whole by one updater
-//! (static config today, the control plane's watch tomorrow). A request holds an
-//! `Arc<Endpoint>`, so removing an endpoint never cuts a request that is already using it.
+//! `h2`, shared by the workers through hyper's request channel.) The [`EndpointSet`] is
+//! read by every request from an `ArcSwap` snapshot, so the hot path never takes a lock,
+//! and it is replaced whole by one updater (static config today, the control plane's watch
+//! tomorrow). A request holds an `Arc<Endpoint>`, so removing an endpoint never cuts a
+//! request that is already using it.
 
 use std::{
     net::SocketAddr,

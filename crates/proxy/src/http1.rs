@@ -227,13 +227,16 @@ impl Session<'_> {
         upstream: &Upstream,
     ) -> Next {
         let res = upstream.resilience_full();
-        let in_buf = buf.len() - req.head_len;
-        let body_pending = match req.body {
-            BodyKind::Empty => false,
-            BodyKind::Length(n) => n > in_buf as u64,
-            _ => true,
+        // The body is "complete" when it is already in the buffer: it goes out with the
+        // head in one write, and the request can be sent again (a retry, or a dead pooled
+        // connection).
+        let in_buf = (buf.len() - req.head_len) as u64;
+        let mut complete_len = match req.body {
+            BodyKind::Empty => Some(0),
+            BodyKind::Length(n) if n <= in_buf => Some(n as usize),
+            _ => None,
         };
-        let kind = (req.idempotent, false, body_pending);
+        let kind = (req.idempotent, false, complete_len.is_none());
         let mut call = Call::new(upstream, &res, req.timeout, kind, Instant::now);
         let admitted = call.admit(Some(&req.path(buf))).await;
         buf.advance(req.head_len);
@@ -241,27 +244,16 @@ impl Session<'_> {
             Ok(slot) => slot,
             Err(err) => {
                 // A body already here is skipped, so the connection can go on.
-                let skipped = match req.body {
-                    BodyKind::Empty => true,
-                    BodyKind::Length(n) if n <= buf.len() as u64 => {
-                        buf.advance(n as usize);
-                        true
-                    }
-                    _ => false,
-                };
+                if let Some(n) = complete_len {
+                    buf.advance(n);
+                }
+                let skipped = complete_len.is_some();
                 return self.fail(client, req, upstream, err, skipped).await;
             }
         };
 
-        // The body is "complete" when it is already in the buffer: it goes out with the
-        // head in one write, and the request can be sent again (a retry, or a dead pooled
-        // connection). A small body still on its way is read first when the request may
-        // be retried, so that it can be replayed.
-        let mut complete_len = match req.body {
-            BodyKind::Empty => Some(0),
-            BodyKind::Length(n) if n <= buf.len() as u64 => Some(n as usize),
-            _ => None,
-        };
+        // A small body still on its way is read first when the request may be retried,
+        // so that it can be replayed.
         if let BodyKind::Length(n) = req.body {
             if complete_len.is_none()
                 && call.may_resend()
@@ -281,7 +273,8 @@ impl Session<'_> {
             buf.advance(n);
         }
         let draining = self.ctx.shared.is_draining();
-        let mut attempts = Attempts::new(self, client, buf, req, &call, head_end, complete_len);
+        let buffered = complete_len.is_some();
+        let mut attempts = Attempts::new(self, client, buf, req, &call, head_end, buffered);
         let answer = call.run(&mut attempts).await;
         match answer {
             Answer::Response(resp, claim) => {
@@ -295,10 +288,7 @@ impl Session<'_> {
                 self.keep(relayed)
             }
             // A buffered body went with the head: nothing of it is left unread.
-            Answer::Error(err) => {
-                let consumed = complete_len.is_some();
-                self.fail(client, req, upstream, err, consumed).await
-            }
+            Answer::Error(err) => self.fail(client, req, upstream, err, buffered).await,
             Answer::Abandoned(err) => {
                 debug!(error = %err, "closing: part of the response was sent");
                 Next::Close

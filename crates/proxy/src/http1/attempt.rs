@@ -128,7 +128,7 @@ impl<'s, 'a> Attempts<'s, 'a> {
         req: &'s RequestInfo,
         call: &'s Call<'s>,
         head_end: usize,
-        complete_body: Option<usize>,
+        buffered: bool,
     ) -> Self {
         Attempts {
             session,
@@ -137,7 +137,7 @@ impl<'s, 'a> Attempts<'s, 'a> {
             req,
             call,
             timeout_field: TimeoutField::new(head_end),
-            buffered: complete_body.is_some(),
+            buffered,
         }
     }
 
