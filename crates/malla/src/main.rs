@@ -8,6 +8,7 @@
 mod client;
 mod control_cmd;
 mod demo;
+mod output;
 mod policy_cmd;
 mod proxy_cmd;
 mod registry_cmd;
@@ -77,8 +78,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`malla services | head -2`): stop quietly,
+        // as `ls | head` does.
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            output::errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::{
     client::{Client, ControlArg},
-    registry_cmd::{encode, print_json, print_table, rows, text},
+    output::{errln, out, outln, print_json, print_table, rows, text},
+    registry_cmd::encode,
 };
 
 #[derive(clap::Args)]
@@ -212,7 +213,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     }
     if !problems.is_empty() {
         for p in &problems {
-            eprintln!("{p}");
+            errln!("{p}");
         }
         let n = problems.len();
         bail!(
@@ -235,14 +236,14 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
                 } else {
                     "configured"
                 };
-                println!("policy/{service} {what} (version {})", text(&v["version"]));
+                outln!("policy/{service} {what} (version {})", text(&v["version"]))?;
             }
             Err(e) => {
                 // Not reachable at all: the others will not fare better.
                 if e.to_string().contains("cannot reach the control plane") {
                     return Err(e);
                 }
-                eprintln!("policy/{service}: {e:#}");
+                errln!("policy/{service}: {e:#}");
                 failed += 1;
             }
         }
@@ -279,8 +280,8 @@ pub fn get(args: GetArgs) -> anyhow::Result<()> {
 /// Prints `list` (`[{service, version, policy}]`); `answer` is what the API said.
 fn print_policies(answer: &Value, list: &[Value], output: PolicyOutput) -> anyhow::Result<()> {
     match output {
-        PolicyOutput::Json => print_json(answer),
-        PolicyOutput::Toml => print!("{}", to_toml(list)?),
+        PolicyOutput::Json => print_json(answer)?,
+        PolicyOutput::Toml => out!("{}", to_toml(list)?)?,
         PolicyOutput::Table => {
             let rows = rows(&Value::Array(list.to_vec()), summary);
             print_table(
@@ -295,7 +296,7 @@ fn print_policies(answer: &Value, list: &[Value], output: PolicyOutput) -> anyho
                     "FAULTS",
                 ],
                 rows,
-            );
+            )?;
         }
     }
     Ok(())
@@ -377,7 +378,7 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<()> {
         DeleteWhat::Policy { name, control } => {
             let client = Client::new(&control)?;
             client.delete(&format!("/v1/policies/{}", encode(&name)))?;
-            println!("policy/{name} deleted");
+            outln!("policy/{name} deleted")?;
         }
     }
     Ok(())
@@ -394,7 +395,7 @@ pub fn events(args: EventsArgs) -> anyhow::Result<()> {
     }
     let v = client.get(&format!("/v1/events?{}", query.join("&")))?;
     match args.output {
-        EventsOutput::Json => print_json(&v),
+        EventsOutput::Json => print_json(&v)?,
         EventsOutput::Table => {
             let rows = rows(&v["events"], |e| {
                 let reporter = match (
@@ -426,7 +427,7 @@ pub fn events(args: EventsArgs) -> anyhow::Result<()> {
                     "DETAIL",
                 ],
                 rows,
-            );
+            )?;
         }
     }
     Ok(())

@@ -8,7 +8,10 @@ use std::{net::IpAddr, time::Duration};
 use anyhow::Context as _;
 use serde_json::{json, Value};
 
-use crate::client::{Client, ControlArg};
+use crate::{
+    client::{Client, ControlArg},
+    output::{outln, print_json, print_table, rows, text},
+};
 
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
 pub enum Output {
@@ -92,7 +95,7 @@ pub fn services(args: ServicesArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.common.control)?;
     let v = client.get("/v1/services")?;
     match args.common.output {
-        Output::Json => print_json(&v),
+        Output::Json => print_json(&v)?,
         Output::Table => {
             let rows = rows(&v["services"], |s| {
                 vec![
@@ -105,7 +108,7 @@ pub fn services(args: ServicesArgs) -> anyhow::Result<()> {
                         .to_string(),
                 ]
             });
-            print_table(&["NAME", "INSTANCES", "SERVING", "HEALTH-CHECK"], rows);
+            print_table(&["NAME", "INSTANCES", "SERVING", "HEALTH-CHECK"], rows)?;
         }
     }
     Ok(())
@@ -126,7 +129,7 @@ pub fn instances(args: InstancesArgs) -> anyhow::Result<()> {
     }
     let v = client.get(&path)?;
     match args.common.output {
-        Output::Json => print_json(&v),
+        Output::Json => print_json(&v)?,
         Output::Table => {
             let rows = rows(&v["instances"], |i| {
                 let labels = i["labels"]
@@ -150,7 +153,7 @@ pub fn instances(args: InstancesArgs) -> anyhow::Result<()> {
                     },
                 ]
             });
-            print_table(&["ID", "ADDRESS", "PROTOCOL", "HEALTH", "LABELS"], rows);
+            print_table(&["ID", "ADDRESS", "PROTOCOL", "HEALTH", "LABELS"], rows)?;
         }
     }
     Ok(())
@@ -179,21 +182,21 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
     );
     let v = client.put(&path, &body)?;
     match args.common.output {
-        Output::Json => print_json(&v),
-        Output::Table => println!(
+        Output::Json => print_json(&v)?,
+        Output::Table => outln!(
             "registered {} of {} (lease {}, ttl {}s, revision {})",
             args.id,
             args.service,
             text(&v["lease"]),
             text(&v["ttl_seconds"]),
             text(&v["revision"])
-        ),
+        )?,
     }
     if args.keep_alive {
         let lease = v["lease"].as_u64().context("the answer has no lease id")?;
         keep_alive(&client, lease, Duration::from_secs(args.ttl))?;
         client.delete(&path)?;
-        println!("deregistered {} of {}", args.id, args.service);
+        outln!("deregistered {} of {}", args.id, args.service)?;
     }
     Ok(())
 }
@@ -202,7 +205,7 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
 /// Ctrl-C listener for the whole loop (so a Ctrl-C during a heartbeat is not missed).
 fn keep_alive(client: &Client, lease: u64, ttl: Duration) -> anyhow::Result<()> {
     let interval = (ttl / 3).max(Duration::from_millis(300));
-    println!("sending heartbeats every {interval:?}; Ctrl-C deregisters");
+    outln!("sending heartbeats every {interval:?}; Ctrl-C deregisters")?;
     let path = format!("/v1/leases/{lease}/keepalive");
     client.block_on(async {
         let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
@@ -228,53 +231,10 @@ pub fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
     );
     let v = client.delete(&path)?;
     match args.common.output {
-        Output::Json => print_json(&v),
-        Output::Table => println!("deregistered {} of {}", args.id, args.service),
+        Output::Json => print_json(&v)?,
+        Output::Table => outln!("deregistered {} of {}", args.id, args.service)?,
     }
     Ok(())
-}
-
-pub(crate) fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-pub(crate) fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_string(),
-        other => other.to_string(),
-    }
-}
-
-pub(crate) fn rows(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
-    list.as_array()
-        .map(|a| a.iter().map(row).collect())
-        .unwrap_or_default()
-}
-
-/// Columns aligned with two spaces between them, as kubectl prints.
-pub(crate) fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
 }
 
 /// Percent-encodes a path segment or query value.

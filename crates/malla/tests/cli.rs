@@ -740,3 +740,44 @@ async fn events_as_table_and_json() {
         stderr(&out)
     );
 }
+
+/// Runs `malla ARGS... --control URL` with its stdout a pipe whose reader is closed before
+/// the first write (what `| head -0` does; `| head -2` does it after two lines): every
+/// write fails with EPIPE.
+async fn malla_into_closed_pipe(args: &[&str], control: &str) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_malla"));
+    cmd.args(args)
+        .args(["--control", control])
+        .env_remove("MALLA_CONTROL")
+        .env_remove("MALLA_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn()?;
+        drop(child.stdout.take());
+        child.wait_with_output()
+    })
+    .await
+    .unwrap()
+    .expect("run the malla binary")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly() {
+    let control = seeded().await;
+    let url = control.url();
+    for args in [
+        &["services"][..],
+        &["services", "-o", "json"],
+        &["instances", "orders"],
+        &["get", "policies"],
+        &["events"],
+    ] {
+        let out = malla_into_closed_pipe(args, &url).await;
+        // Exit 0 and nothing on stderr, as `ls | head` (not 101 and "Broken pipe").
+        assert_exit(&out, 0);
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}
