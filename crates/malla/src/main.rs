@@ -15,9 +15,9 @@ mod registry_cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Subcommand};
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "malla", version, about = "malla: a service mesh in one binary")]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `malla_proxy=debug` (also RUST_LOG). Default:
@@ -56,7 +56,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    client::set_control_from_env(control_from_env(&matches));
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let default_log = match cli.command {
         Command::Proxy(_) | Command::Control(_) => "info",
         // The CLI verbs and the demo speak through their output, not logs.
@@ -86,6 +91,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the verb's `--control` value came from `MALLA_CONTROL` (so that its errors
+/// name the variable, not a flag the user never typed).
+fn control_from_env(matches: &clap::ArgMatches) -> bool {
+    let mut leaf = matches;
+    while let Some((_, sub)) = leaf.subcommand() {
+        leaf = sub;
+    }
+    leaf.try_contains_id("control").unwrap_or(false)
+        && leaf.value_source("control") == Some(ValueSource::EnvVariable)
 }
 
 fn init_logging(filter: &str) {

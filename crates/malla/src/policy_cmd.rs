@@ -240,7 +240,10 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 // Not reachable at all: the others will not fare better.
-                if e.to_string().contains("cannot reach the control plane") {
+                if e
+                    .downcast_ref::<crate::client::CallError>()
+                    .is_some_and(|e| e.is_outage())
+                {
                     return Err(e);
                 }
                 errln!("policy/{service}: {e:#}");

@@ -21,11 +21,28 @@ async fn malla(args: &[&str], control: Option<&str>) -> Output {
 
 /// The same, with `input` on its standard input.
 async fn malla_with_stdin(args: &[&str], control: Option<&str>, input: &str) -> Output {
+    malla_full(args, control, input, &[]).await
+}
+
+/// The same, with `env` set (the variables malla reads are otherwise removed).
+async fn malla_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Output {
+    malla_full(args, control, "", env).await
+}
+
+async fn malla_full(
+    args: &[&str],
+    control: Option<&str>,
+    input: &str,
+    env: &[(&str, &str)],
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_malla"));
     cmd.args(args)
         .env_remove("MALLA_CONTROL")
+        .env_remove("MALLA_REQUEST_TIMEOUT")
         .env_remove("MALLA_LOG")
         .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -33,16 +50,19 @@ async fn malla_with_stdin(args: &[&str], control: Option<&str>, input: &str) -> 
         cmd.args(["--control", url]);
     }
     let input = input.to_string();
-    tokio::task::spawn_blocking(move || {
+    let run = tokio::task::spawn_blocking(move || {
         let mut child = cmd.spawn()?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(input.as_bytes())?;
         }
         child.wait_with_output()
-    })
-    .await
-    .unwrap()
-    .expect("run the malla binary")
+    });
+    // Bounded: a CLI that hangs fails its test instead of hanging the suite.
+    tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("malla did not exit within 120 s")
+        .unwrap()
+        .expect("run the malla binary")
 }
 
 fn stdout(out: &Output) -> String {
@@ -385,7 +405,7 @@ async fn errors_say_what_to_do() {
     let out = malla(&["services", "--control", "ftp://x"], None).await;
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("only http:// URLs"),
+        stderr(&out).contains("--control \"ftp://x\": only http:// is supported"),
         "{}",
         stderr(&out)
     );
@@ -780,4 +800,121 @@ async fn a_closed_stdout_ends_quietly() {
         assert_exit(&out, 0);
         assert_eq!(stderr(&out), "", "{args:?}");
     }
+}
+
+/// A TCP listener that accepts connections and never answers; it holds them until dropped.
+struct SilentServer {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentServer {
+    fn start() -> SilentServer {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        });
+        SilentServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_control_plane_times_out_with_a_clear_error() {
+    let silent = SilentServer::start();
+    let addr = silent.addr.to_string();
+    let out = malla(
+        &["services", "--request-timeout", "1s"],
+        Some(&format!("http://{addr}")),
+    )
+    .await;
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "the control plane at http://{addr} did not answer within 1s (--request-timeout)"
+        )) && err.contains("allow more time with --request-timeout"),
+        "{err}"
+    );
+    // From the environment too, and for every verb.
+    for args in [
+        &["instances", "orders"][..],
+        &["get", "policies"],
+        &["events"],
+        &["deregister", "orders", "o-1"],
+    ] {
+        let out = malla_env(args, Some(&addr), &[("MALLA_REQUEST_TIMEOUT", "300ms")]).await;
+        assert_exit(&out, 1);
+        assert!(
+            stderr(&out).contains("did not answer within 300ms"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // A bad duration is a usage error naming the flag.
+    let out = malla(&["services", "--request-timeout", "soon"], Some(&addr)).await;
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains("--request-timeout"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_takes_host_port_and_errors_name_what_was_typed() {
+    let control = seeded().await;
+    let host_port = control.http_addr().to_string();
+    // HOST:PORT, from the flag and from the environment.
+    let out = malla(&["services", "-o", "json"], Some(&host_port)).await;
+    assert_exit(&out, 0);
+    let out = malla_env(&["services", "-o", "json"], None, &[("MALLA_CONTROL", &host_port)]).await;
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["services"][0]["name"], "orders");
+
+    // A bad value: the error names the flag, or the variable when it came from there.
+    let out = malla(&["services"], Some("nowhere")).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("--control \"nowhere\": expected HOST:PORT or http://HOST:PORT"),
+        "{}",
+        stderr(&out)
+    );
+    let out = malla_env(&["services"], None, &[("MALLA_CONTROL", "nowhere")]).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("MALLA_CONTROL \"nowhere\": expected HOST:PORT"),
+        "{}",
+        stderr(&out)
+    );
+    let dead = malla_tests::peers::dead_addr().to_string();
+    let out = malla_env(&["services"], None, &[("MALLA_CONTROL", &dead)]).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!("cannot reach the control plane at {dead}"))
+            && stderr(&out).contains("point MALLA_CONTROL at it"),
+        "{}",
+        stderr(&out)
+    );
 }
