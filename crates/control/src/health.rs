@@ -15,7 +15,7 @@
 //! [`MAX_GRPC_BODY`] bytes of body and [`MAX_GRPC_HEADERS`] of headers, so a broken or
 //! hostile health endpoint that streams without end cannot grow the control plane's memory.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{debug, info};
 
-use crate::{registry::Registry, store::Store};
+use crate::{
+    registry::{Registry, View},
+    store::Store,
+};
 
 /// A service's check. In JSON it is one flat object (`{"kind": "http", "path": "/healthz",
 /// "interval": 5}`); it is read through [`wire::HealthCheck`] because serde cannot combine
@@ -367,44 +370,132 @@ impl Drop for Probe {
     }
 }
 
+/// Follows the registry and keeps the probes in line with it, incrementally: an instance
+/// change reconciles that instance, a spec change that service, so the cost of a write
+/// does not grow with the size of the registry. The whole registry is reconciled only at
+/// start and after falling behind the change streams (which then may have lost changes).
+///
+/// Reconciling a service also repairs recorded health: an instance whose service has no
+/// check is `unknown` (eligible for traffic), so a verdict left by a check that was since
+/// removed, or recorded before a restart, is reset rather than kept for good. (A probe
+/// records a verdict only while the spec it probes for is current, so no verdict lands
+/// after the reset.)
 async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
-    let mut running: HashMap<ProbeKey, (Target, Probe)> = HashMap::new();
+    use tokio::sync::broadcast::error::RecvError;
+
+    // Subscribe before reading the view: nothing falls between the two.
     let (_, mut changes) = registry.subscribe();
+    let mut specs = registry.subscribe_specs();
+    let mut probes = Probes {
+        registry: registry.clone(),
+        running: BTreeMap::new(),
+    };
+    probes.reconcile_all();
     loop {
-        let view = registry.view();
-        let mut wanted: HashMap<ProbeKey, Target> = HashMap::new();
-        for (name, state) in &view.services {
-            let Some(check) = &state.spec.health_check else {
-                continue;
-            };
-            for (id, instance) in &state.instances {
-                wanted.insert(
-                    (name.clone(), id.clone()),
-                    Target {
-                        addr: instance.socket_addr(),
-                        check: check.clone(),
-                    },
-                );
-            }
-        }
-        running.retain(|key, (target, _)| wanted.get(key) == Some(target));
-        for (key, target) in wanted {
-            if running.contains_key(&key) {
-                continue;
-            }
-            let task = tokio::spawn(probe_loop(registry.clone(), key.clone(), target.clone()));
-            running.insert(key, (target, Probe(task)));
-        }
-        // Reconcile again on the next change (or periodically, for spec-only changes
-        // which are not instance changes).
-        tokio::select! {
-            r = changes.recv() => {
-                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                    return;
+        let lagged = tokio::select! {
+            change = changes.recv() => match change {
+                Ok(change) => {
+                    let id = change.before.as_ref().or(change.after.as_ref()).map(|i| i.id.clone());
+                    if let Some(id) = id {
+                        probes.reconcile_instance(&registry.view(), &change.service, &id, false);
+                    }
+                    false
                 }
-            }
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                Err(RecvError::Lagged(_)) => true,
+                Err(RecvError::Closed) => return,
+            },
+            spec = specs.recv() => match spec {
+                Ok(service) => {
+                    probes.reconcile_service(&registry.view(), &service);
+                    false
+                }
+                Err(RecvError::Lagged(_)) => true,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if lagged {
+            debug!("health checks fell behind the registry; reconciling every service");
+            probes.reconcile_all();
         }
+    }
+}
+
+/// The running probes, by instance.
+struct Probes<S> {
+    registry: Arc<Registry<S>>,
+    running: BTreeMap<ProbeKey, (Target, Probe)>,
+}
+
+impl<S: Store + Clone> Probes<S> {
+    fn reconcile_all(&mut self) {
+        let view = self.registry.view();
+        self.running
+            .retain(|(service, _), _| view.services.contains_key(service));
+        for name in view.services.keys() {
+            self.reconcile_service(&view, name);
+        }
+    }
+
+    fn reconcile_service(&mut self, view: &View, service: &ServiceName) {
+        let state = view.services.get(service);
+        // Probes of instances that are gone (all of them when the service is).
+        let gone: Vec<ProbeKey> = self
+            .running
+            .range((service.clone(), String::new())..)
+            .take_while(|((s, _), _)| s == service)
+            .filter(|((_, id), _)| state.is_none_or(|st| !st.instances.contains_key(id)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.running.remove(&key);
+        }
+        if let Some(state) = state {
+            for id in state.instances.keys() {
+                self.reconcile_instance(view, service, id, true);
+            }
+        }
+    }
+
+    /// Starts, restarts or stops the instance's probe; with `repair`, also resets the
+    /// recorded health of an instance whose service has no check.
+    fn reconcile_instance(&mut self, view: &View, service: &ServiceName, id: &str, repair: bool) {
+        let key = (service.clone(), id.to_string());
+        let state = view.services.get(service);
+        let Some(instance) = state.and_then(|s| s.instances.get(id)) else {
+            self.running.remove(&key);
+            return;
+        };
+        let Some(check) = state.and_then(|s| s.spec.health_check.as_ref()) else {
+            self.running.remove(&key);
+            if repair && instance.health != Health::Unknown {
+                // Unchecked means `unknown`. The write may race a check added meanwhile:
+                // its probe compares every verdict with the recorded health, so it puts
+                // its own verdict back.
+                let registry = self.registry.clone();
+                tokio::spawn(async move {
+                    let (service, id) = key;
+                    if let Err(e) = registry.set_health(&service, &id, Health::Unknown).await {
+                        debug!(%service, %id, error = %e, "resetting health failed");
+                    } else {
+                        info!(%service, %id, "health reset to unknown: the service has no check");
+                    }
+                });
+            }
+            return;
+        };
+        let target = Target {
+            addr: instance.socket_addr(),
+            check: check.clone(),
+        };
+        if self.running.get(&key).is_some_and(|(t, _)| *t == target) {
+            return;
+        }
+        let task = tokio::spawn(probe_loop(
+            self.registry.clone(),
+            key.clone(),
+            target.clone(),
+        ));
+        self.running.insert(key, (target, Probe(task)));
     }
 }
 
@@ -412,7 +503,6 @@ async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey,
     let (service, id) = key;
     let check = &target.check;
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
-    let mut current: Option<Health> = None;
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -431,12 +521,22 @@ async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey,
                 (fail_streak >= check.unhealthy_threshold).then_some(Health::Unhealthy)
             }
         };
-        if let Some(health) = verdict {
-            if current != Some(health) {
-                info!(%service, %id, addr = %target.addr, ?health, reason = ?result.err(), "instance health changed");
-                if registry.set_health(&service, &id, health).await.is_ok() {
-                    current = Some(health);
-                }
+        let Some(health) = verdict else { continue };
+        // Compared with what is recorded, not with what this task last wrote: anything
+        // else that wrote the instance (a re-registration, a reset) is corrected too.
+        // Only while the check this task runs is still the service's.
+        let view = registry.view();
+        let Some(state) = view.services.get(&service) else {
+            continue;
+        };
+        if state.spec.health_check.as_ref() != Some(check) {
+            continue;
+        }
+        let recorded = state.instances.get(&id).map(|i| i.health);
+        if recorded.is_some_and(|r| r != health) {
+            info!(%service, %id, addr = %target.addr, ?health, reason = ?result.err(), "instance health changed");
+            if let Err(e) = registry.set_health(&service, &id, health).await {
+                debug!(%service, %id, error = %e, "recording health failed");
             }
         }
     }

@@ -87,6 +87,9 @@ pub struct Registry<S> {
     store: S,
     view: watch::Receiver<Arc<View>>,
     changes: broadcast::Sender<Arc<Change>>,
+    /// The services whose spec was written or deleted, as applied (instance changes go to
+    /// `changes`).
+    specs: broadcast::Sender<ServiceName>,
     updater: tokio::task::JoinHandle<()>,
 }
 
@@ -114,12 +117,14 @@ impl<S: Store + Clone> Registry<S> {
         );
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
         let (changes, _) = broadcast::channel(4096);
+        let (specs, _) = broadcast::channel(1024);
         let watch = store.watch("/malla/", revision)?;
-        let updater = tokio::spawn(follow(watch, view_tx, changes.clone()));
+        let updater = tokio::spawn(follow(watch, view_tx, changes.clone(), specs.clone()));
         Ok(Registry {
             store,
             view: view_rx,
             changes,
+            specs,
             updater,
         })
     }
@@ -135,6 +140,13 @@ impl<S: Store + Clone> Registry<S> {
         // view and in the stream, and the receiver skips it by revision.
         let rx = self.changes.subscribe();
         (self.view(), rx)
+    }
+
+    /// The names of services whose spec changes (written, replaced or deleted), as the
+    /// view applies them: what instance [`Change`]s do not say. Subscribe before reading
+    /// the view, as with [`Self::subscribe`].
+    pub fn subscribe_specs(&self) -> broadcast::Receiver<ServiceName> {
+        self.specs.subscribe()
     }
 
     pub fn store(&self) -> &S {
@@ -345,6 +357,7 @@ async fn follow(
     mut watch: crate::store::Watch,
     view_tx: watch::Sender<Arc<View>>,
     changes: broadcast::Sender<Arc<Change>>,
+    specs: broadcast::Sender<ServiceName>,
 ) {
     while let Some(event) = watch.events.recv().await {
         let event = match event {
@@ -364,6 +377,11 @@ async fn follow(
             EventKind::Delete => Ok(next.apply_delete(&event.kv.key)),
         };
         next.revision = revision;
+        let spec = event
+            .kv
+            .key
+            .strip_prefix(SERVICES_PREFIX)
+            .and_then(|name| ServiceName::new(name).ok());
         match change {
             Ok(Some(change)) => {
                 let change = Arc::new(Change { revision, ..change });
@@ -377,6 +395,9 @@ async fn follow(
                 warn!(key = %event.kv.key, error = %e, "ignoring an unreadable registry key");
                 view_tx.send_replace(Arc::new(next));
             }
+        }
+        if let Some(name) = spec {
+            let _ = specs.send(name);
         }
     }
 }

@@ -184,3 +184,73 @@ async fn stopping_the_control_plane_stops_probing() {
         peer.requests() - settled + 1
     );
 }
+
+/// A wrong check marks every instance unhealthy; removing the check (`PUT` of a spec
+/// without one) gives them back their unchecked health, `unknown`, which serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_check_resets_health_to_unknown() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let peer = HttpPeer::http1("app");
+    api.put_service(
+        "app",
+        &check(
+            json!({"kind": "http", "path": "/wrong", "expect_status": 299}),
+            1,
+            1,
+        ),
+    )
+    .await;
+    for id in ["a", "b"] {
+        api.register("app", id, &registration(peer.addr().port(), &[]))
+            .await;
+    }
+    for id in ["a", "b"] {
+        assert_eventually!(api.health("app", id).await.as_deref() == Some("unhealthy"));
+    }
+    api.put_service("app", &json!({})).await;
+    for id in ["a", "b"] {
+        assert_eventually!(api.health("app", id).await.as_deref() == Some("unknown"));
+    }
+    assert_eq!(
+        ids(&api.list("app", "", "serving=true").await.ok()),
+        ["a", "b"]
+    );
+}
+
+/// A store that records an instance as unhealthy under a service with no check (as the
+/// defect left it, or as an older version wrote it) is repaired when the control plane
+/// opens it: the instance is `unknown` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_health_without_a_check_is_reset_on_open() {
+    use malla_control::store::{embedded::EmbeddedStore, Precondition, Store};
+    let mut control = TestControl::start_without_dns().await;
+    control.stop().await;
+    let store = EmbeddedStore::open(control.data_dir()).await.unwrap();
+    store
+        .put(
+            "/malla/services/app",
+            b"{}".to_vec(),
+            None,
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    let stale = json!({"id": "a", "service": "app", "address": "127.0.0.1", "port": 9,
+                       "health": "unhealthy"});
+    store
+        .put(
+            "/malla/instances/app/a",
+            serde_json::to_vec(&stale).unwrap(),
+            None,
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+
+    control.start_again().await;
+    let api = control.api();
+    assert_eventually!(api.health("app", "a").await.as_deref() == Some("unknown"));
+    assert_eq!(ids(&api.list("app", "", "serving=true").await.ok()), ["a"]);
+}
