@@ -918,3 +918,136 @@ async fn control_takes_host_port_and_errors_name_what_was_typed() {
         stderr(&out)
     );
 }
+
+/// A `malla` process running in the background, its stdout and stderr collected as they
+/// come. Killed when dropped, if still running.
+struct Background {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Background {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Background {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_malla"))
+            .args(args)
+            .env_remove("MALLA_CONTROL")
+            .env_remove("MALLA_REQUEST_TIMEOUT")
+            .env_remove("MALLA_LOG")
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the malla binary");
+        let collect = |mut from: Box<dyn std::io::Read + Send>| {
+            let into = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let to = into.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    to.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            into
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Background {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until `what` holds of (stdout, stderr).
+    async fn wait_for(&self, description: &str, what: impl Fn(&str, &str) -> bool) {
+        for _ in 0..600 {
+            if what(&self.stdout(), &self.stderr()) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!(
+            "{description}: not seen within 60 s\nstdout:\n{}\nstderr:\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) with kill(1).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the exit; its code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the collecting threads read what is left.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                return status.code();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!(
+            "malla did not exit within 60 s\nstdout:\n{}\nstderr:\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_carry_no_colour() {
+    let dir = TempDir::new("cli-logs");
+    let data = dir.path().join("data");
+    let mut control = Background::start(
+        &[
+            "control",
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    control
+        .wait_for("the ready log line", |_, err| err.contains("control plane ready"))
+        .await;
+    control.signal("TERM");
+    assert_eq!(control.exit_code().await, Some(0), "{}", control.stderr());
+    let logs = control.stderr();
+    // Its stderr is a pipe and NO_COLOR is unset: plain text all the same.
+    assert!(logs.contains("INFO"), "{logs}");
+    assert!(!logs.contains("\x1b["), "{logs:?}");
+}
