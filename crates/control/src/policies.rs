@@ -262,49 +262,54 @@ fn decode(
     })
 }
 
-/// Applies store events to the view, one at a time, and broadcasts them.
+/// Applies store events to the view and broadcasts them; the view is published once per
+/// watch item (whole revisions).
 async fn follow(
     mut watch: crate::store::Watch,
     view_tx: watch::Sender<Arc<PolicyView>>,
     changes: broadcast::Sender<Arc<PolicyChange>>,
 ) {
-    while let Some(event) = watch.events.recv().await {
-        let event = match event {
+    while let Some(events) = watch.events.recv().await {
+        let events = match events {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "policy watch failed; policies are frozen until restart");
                 return;
             }
         };
-        let revision = event.kv.mod_revision;
         let mut next = (**view_tx.borrow()).clone();
-        next.revision = revision;
-        let change = match event.kind {
-            EventKind::Put => match decode(&event.kv.key, &event.kv.value, revision) {
-                Ok(stored) => {
-                    next.policies.insert(stored.service.clone(), stored.clone());
-                    Some(PolicyChange {
+        let mut applied = Vec::new();
+        for event in events {
+            let revision = event.kv.mod_revision;
+            next.revision = revision;
+            let change = match event.kind {
+                EventKind::Put => match decode(&event.kv.key, &event.kv.value, revision) {
+                    Ok(stored) => {
+                        next.policies.insert(stored.service.clone(), stored.clone());
+                        Some(PolicyChange {
+                            revision,
+                            service: stored.service.clone(),
+                            policy: Some(stored),
+                        })
+                    }
+                    Err(e) => {
+                        warn!(key = %event.kv.key, error = %e, "ignoring an unreadable policy");
+                        None
+                    }
+                },
+                EventKind::Delete => service_of(&event.kv.key).ok().map(|service| {
+                    next.policies.remove(&service);
+                    PolicyChange {
                         revision,
-                        service: stored.service.clone(),
-                        policy: Some(stored),
-                    })
-                }
-                Err(e) => {
-                    warn!(key = %event.kv.key, error = %e, "ignoring an unreadable policy");
-                    None
-                }
-            },
-            EventKind::Delete => service_of(&event.kv.key).ok().map(|service| {
-                next.policies.remove(&service);
-                PolicyChange {
-                    revision,
-                    service,
-                    policy: None,
-                }
-            }),
-        };
+                        service,
+                        policy: None,
+                    }
+                }),
+            };
+            applied.extend(change);
+        }
         view_tx.send_replace(Arc::new(next));
-        if let Some(change) = change {
+        for change in applied {
             let _ = changes.send(Arc::new(change));
         }
     }

@@ -26,7 +26,9 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 pub use self::view::{Change, ServiceState, View};
-use crate::store::{EventKind, LeaseId, Precondition, Revision, Store, StoreError};
+use futures_util::StreamExt;
+
+use crate::store::{EventKind, LeaseId, Precondition, Revision, Store, StoreError, Txn, TxnOp};
 
 pub const SERVICES_PREFIX: &str = "/malla/services/";
 pub const INSTANCES_PREFIX: &str = "/malla/instances/";
@@ -67,6 +69,14 @@ pub struct Registered {
     pub lease: LeaseId,
     pub ttl_seconds: u64,
     pub revision: Revision,
+}
+
+/// What deleting a service did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceDeleted {
+    /// The one revision of the deletion.
+    pub revision: Revision,
+    pub instances_removed: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,32 +187,42 @@ impl<S: Store + Clone> Registry<S> {
         Ok(rev)
     }
 
-    /// Deletes a service and all its instances.
-    pub async fn delete_service(&self, name: &ServiceName) -> Result<Revision> {
-        let view = self.view();
-        let state = view
-            .services
-            .get(name)
-            .ok_or_else(|| RegistryError::NotFound(format!("service {name}")))?;
-        let mut last = view.revision;
-        for id in state.instances.keys() {
-            if let Some(rev) = self
-                .store
-                .delete(&instance_key(name, id), Precondition::None)
-                .await?
-            {
-                last = rev;
-            }
+    /// Deletes a service and all its instances in one write (one revision: watchers see
+    /// every removal at once, and a crash leaves all of it or none), then revokes the
+    /// instances' leases, so that their heartbeats fail and their agents learn the
+    /// registration is gone.
+    pub async fn delete_service(&self, name: &ServiceName) -> Result<ServiceDeleted> {
+        if !self.view().services.contains_key(name) {
+            return Err(RegistryError::NotFound(format!("service {name}")));
         }
-        if let Some(rev) = self
+        let prefix = format!("{INSTANCES_PREFIX}{name}/");
+        let (kvs, _) = self.store.range(&prefix).await?;
+        let leases: Vec<LeaseId> = kvs.iter().filter_map(|kv| kv.lease).collect();
+        let result = self
             .store
-            .delete(&service_key(name), Precondition::None)
-            .await?
-        {
-            last = rev;
-        }
-        self.caught_up(last).await?;
-        Ok(last)
+            .txn(Txn {
+                compare: Vec::new(),
+                ops: vec![
+                    TxnOp::DeletePrefix { prefix },
+                    TxnOp::Delete {
+                        key: service_key(name),
+                    },
+                ],
+            })
+            .await?;
+        self.caught_up(result.revision).await?;
+        // Keyless now; a lease renewed meanwhile by a re-registration is that one's.
+        let revokes = leases.into_iter().map(|lease| async move {
+            let _ = self.store.revoke_lease(lease).await;
+        });
+        futures_util::stream::iter(revokes)
+            .buffer_unordered(256)
+            .collect::<()>()
+            .await;
+        Ok(ServiceDeleted {
+            revision: result.revision,
+            instances_removed: result.deleted.first().copied().unwrap_or(0),
+        })
     }
 
     /// Registers (or re-registers) an instance under a new lease.
@@ -352,15 +372,17 @@ impl<S: Store + Clone> Registry<S> {
     }
 }
 
-/// Applies store events to the view, one at a time, and broadcasts them.
+/// Applies store events to the view and broadcasts them. The view is published once per
+/// watch item, which holds whole revisions: a reader never sees part of a revision (half
+/// of a deleted service), and [`Registry::caught_up`] on a revision means all of it.
 async fn follow(
     mut watch: crate::store::Watch,
     view_tx: watch::Sender<Arc<View>>,
     changes: broadcast::Sender<Arc<Change>>,
     specs: broadcast::Sender<ServiceName>,
 ) {
-    while let Some(event) = watch.events.recv().await {
-        let event = match event {
+    while let Some(events) = watch.events.recv().await {
+        let events = match events {
             Ok(e) => e,
             Err(e) => {
                 // The store lost our place (compaction after a long stall): the
@@ -370,33 +392,34 @@ async fn follow(
             }
         };
         let mut next = (**view_tx.borrow()).clone();
-        let revision = event.kv.mod_revision;
-        let change = match event.kind {
-            _ if !is_registry_key(&event.kv.key) => Ok(None),
-            EventKind::Put => next.apply_put(&event.kv.key, &event.kv.value),
-            EventKind::Delete => Ok(next.apply_delete(&event.kv.key)),
-        };
-        next.revision = revision;
-        let spec = event
-            .kv
-            .key
-            .strip_prefix(SERVICES_PREFIX)
-            .and_then(|name| ServiceName::new(name).ok());
-        match change {
-            Ok(Some(change)) => {
-                let change = Arc::new(Change { revision, ..change });
-                view_tx.send_replace(Arc::new(next));
-                let _ = changes.send(change);
+        let mut applied = Vec::new();
+        let mut touched_specs = Vec::new();
+        for event in events {
+            let revision = event.kv.mod_revision;
+            next.revision = revision;
+            let key = &event.kv.key;
+            let change = match event.kind {
+                _ if !is_registry_key(key) => Ok(None),
+                EventKind::Put => next.apply_put(key, &event.kv.value),
+                EventKind::Delete => Ok(next.apply_delete(key)),
+            };
+            match change {
+                Ok(Some(change)) => applied.push(Arc::new(Change { revision, ..change })),
+                Ok(None) => {}
+                Err(e) => warn!(key = %key, error = %e, "ignoring an unreadable registry key"),
             }
-            Ok(None) => {
-                view_tx.send_replace(Arc::new(next));
-            }
-            Err(e) => {
-                warn!(key = %event.kv.key, error = %e, "ignoring an unreadable registry key");
-                view_tx.send_replace(Arc::new(next));
+            if let Some(name) = key
+                .strip_prefix(SERVICES_PREFIX)
+                .and_then(|name| ServiceName::new(name).ok())
+            {
+                touched_specs.push(name);
             }
         }
-        if let Some(name) = spec {
+        view_tx.send_replace(Arc::new(next));
+        for change in applied {
+            let _ = changes.send(change);
+        }
+        for name in touched_specs {
             let _ = specs.send(name);
         }
     }

@@ -5,14 +5,18 @@
 //! etcd-backed store for several control-plane replicas are interchangeable:
 //!
 //! - Every successful write bumps one global **revision**; each key remembers the revision
-//!   that created it and the one that last changed it.
+//!   that created it and the one that last changed it. A write may change several keys at
+//!   once ([`Store::txn`], a lease revoke or expiry): it is still one revision, and all its
+//!   events carry that revision as their `mod_revision`, in the write's order.
 //! - Writes can be conditional (**compare-and-set** on the key's modification revision, or
 //!   on its absence), which is how concurrent updaters avoid lost updates.
 //! - A **lease** has a TTL; keys attached to it are deleted when it expires or is revoked.
 //!   Keep-alives renew it. Leases survive restarts with their remaining time.
 //! - A **watch** streams every change under a prefix from a given revision on, with no gap
 //!   and no duplicate, so a watcher can resume exactly where it stopped (or learns that the
-//!   history it asks for was compacted and must re-read a snapshot).
+//!   history it asks for was compacted and must re-read a snapshot). Like etcd's watch
+//!   responses, each item of the stream holds whole revisions: a reader that applies an
+//!   item at a time never sees half of a transaction.
 //! - A write is acknowledged only once durable: a crash at any point loses no acknowledged
 //!   write.
 
@@ -105,9 +109,78 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A watch: a snapshot-free stream of events under a prefix, from `start_revision` on.
-/// Dropping it cancels the watch.
+/// Each item holds the events (under the prefix) of one or more whole revisions, in order;
+/// a revision is never split across items. Dropping it cancels the watch.
 pub struct Watch {
-    pub events: mpsc::Receiver<Result<Event>>,
+    pub events: mpsc::Receiver<Result<Vec<Event>>>,
+    /// What [`Watch::next_event`] has taken from `events` and not handed out yet.
+    buffered: std::collections::VecDeque<Event>,
+}
+
+impl Watch {
+    pub fn new(events: mpsc::Receiver<Result<Vec<Event>>>) -> Watch {
+        Watch {
+            events,
+            buffered: Default::default(),
+        }
+    }
+
+    /// The next event, one at a time, for readers that do not care where revisions end;
+    /// `None` once the stream has ended.
+    pub async fn next_event(&mut self) -> Option<Result<Event>> {
+        loop {
+            if let Some(event) = self.buffered.pop_front() {
+                return Some(Ok(event));
+            }
+            match self.events.recv().await? {
+                Ok(events) => self.buffered.extend(events),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// One write of a [`Txn`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    /// Deletes the key if it exists.
+    Delete { key: String },
+    /// Deletes every key starting with `prefix` (etcd: a DeleteRange up to the prefix's
+    /// range end).
+    DeletePrefix { prefix: String },
+}
+
+/// Several writes applied atomically, as one revision, if every comparison holds: etcd's
+/// `Txn` with `compare` as its `If` and `ops` as its `Then` (a failed comparison is
+/// [`StoreError::Conflict`] and changes nothing, where etcd answers `succeeded: false`).
+/// A key may be written by one op only (as etcd requires).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compare: Vec<(String, Precondition)>,
+    pub ops: Vec<TxnOp>,
+}
+
+/// What a [`Txn`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnResult {
+    /// The revision of the transaction: every event it made carries it. When it changed
+    /// nothing (only deletes of absent keys), the store's revision at the time.
+    pub revision: Revision,
+    /// For each op, in order, how many keys it deleted (0 for a put), as etcd's
+    /// `DeleteRangeResponse.deleted`.
+    pub deleted: Vec<usize>,
+}
+
+impl TxnResult {
+    /// Keys deleted by every op together.
+    pub fn total_deleted(&self) -> usize {
+        self.deleted.iter().sum()
+    }
 }
 
 /// The storage contract. Implementations are cheap to clone handles.
@@ -138,12 +211,15 @@ pub trait Store: Send + Sync + 'static {
         precondition: Precondition,
     ) -> impl Future<Output = Result<Option<Revision>>> + Send;
 
+    /// Applies a [`Txn`]: all of it, as one revision, or nothing.
+    fn txn(&self, txn: Txn) -> impl Future<Output = Result<TxnResult>> + Send;
+
     fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<Lease>> + Send;
 
     /// Renews a lease to its full TTL.
     fn keep_alive(&self, id: LeaseId) -> impl Future<Output = Result<Lease>> + Send;
 
-    /// Revokes a lease, deleting every key attached to it.
+    /// Revokes a lease, deleting every key attached to it in one revision.
     fn revoke_lease(&self, id: LeaseId) -> impl Future<Output = Result<()>> + Send;
 
     fn lease(&self, id: LeaseId) -> impl Future<Output = Result<Lease>> + Send;

@@ -287,7 +287,9 @@ impl WatchState {
 
     /// Notes one change (those already in the snapshot, or of other services, are skipped).
     fn apply(&mut self, change: &Change) {
-        if change.revision <= self.revision {
+        // Several changes may share a revision (a service deleted in one write), and one
+        // already in the snapshot is harmless to note again: `flush` sends only what differs.
+        if change.revision < self.revision {
             return;
         }
         self.revision = change.revision;

@@ -270,8 +270,8 @@ async fn delete_service<S: Store + Clone>(
     Path(service): Path<String>,
 ) -> ApiResult {
     let name = service_name(&service)?;
-    let revision = reg.delete_service(&name).await?;
-    Ok(Json(json!({"revision": revision})).into_response())
+    let deleted = reg.delete_service(&name).await?;
+    Ok(Json(deleted).into_response())
 }
 
 #[derive(Deserialize)]

@@ -17,13 +17,14 @@
 //!   durability (fsync) before any caller is answered: an acknowledged write survives
 //!   `kill -9` and power loss. A burst of concurrent writes costs a few fsyncs, not one each.
 //!   A write whose caller stops waiting may still be applied, as in etcd.
-//! - **Revisions.** One global counter; every key change is one revision and one event: a
-//!   put, a delete, and each key deleted by a lease revoke or expiry (a lease with three keys
-//!   costs three revisions, in key order). `create_revision`, `mod_revision` and `version`
+//! - **Revisions.** One global counter; every write is one revision: a put, a delete, a
+//!   transaction ([`Store::txn`], whatever number of keys it changes, in one redb
+//!   transaction), and a lease revoke or expiry (all the lease's keys, in key order). Each
+//!   changed key is one event with the write's revision. `create_revision`, `mod_revision` and `version`
 //!   follow etcd; a delete event carries the key, an empty value, `mod_revision` = the
 //!   delete's revision, `create_revision` = `version` = 0, and the deleted state in `prev`.
 //!   Granting and renewing leases does not bump the revision.
-//! - **Event log.** Every event is kept by revision ([`tables`]) for watches that start in
+//! - **Event log.** Every event is kept by (revision, index) ([`tables`]) for watches that start in
 //!   the past. At least the last [`EVENT_HISTORY`] revisions are kept; older ones are deleted
 //!   in chunks, and a watch from before them gets [`StoreError::Compacted`].
 //! - **Leases.** The writer owns an in-memory schedule on `tokio::time` (so tests can pause
@@ -62,7 +63,8 @@ use tokio::time::Instant;
 use self::tables::{get_kv, meta, range_kv, DbResult, KV, META, META_REVISION};
 use self::writer::{Reply, Request, Writer};
 use super::{
-    Event, KeyValue, Lease, LeaseId, Precondition, Result, Revision, Store, StoreError, Watch,
+    Event, KeyValue, Lease, LeaseId, Precondition, Result, Revision, Store, StoreError, Txn, TxnOp,
+    TxnResult, Watch,
 };
 
 /// The database file inside the data directory.
@@ -141,7 +143,7 @@ struct Inner {
 
 struct Open {
     db: Arc<Database>,
-    events: broadcast::Sender<Arc<Event>>,
+    events: broadcast::Sender<Arc<[Event]>>,
 }
 
 impl Inner {
@@ -153,7 +155,7 @@ impl Inner {
         }
     }
 
-    fn subscribe(&self) -> Result<broadcast::Receiver<Arc<Event>>> {
+    fn subscribe(&self) -> Result<broadcast::Receiver<Arc<[Event]>>> {
         let open = self.open.read().unwrap_or_else(PoisonError::into_inner);
         match open.as_ref() {
             Some(open) => Ok(open.events.subscribe()),
@@ -365,6 +367,65 @@ fn check_value(key: &str, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The most ops a transaction may carry (etcd's default `--max-txn-ops` is 128; deleting a
+/// service with every instance needs more, and a prefix delete counts as one).
+pub const MAX_TXN_OPS: usize = 10_000;
+
+/// Keys and values in range, and no key written by two ops (etcd refuses both).
+fn check_txn(txn: &Txn) -> Result<()> {
+    if txn.ops.len() > MAX_TXN_OPS {
+        return Err(StoreError::Invalid(format!(
+            "the transaction has {} ops; the limit is {MAX_TXN_OPS}: split it, or delete by \
+             prefix",
+            txn.ops.len()
+        )));
+    }
+    for (key, _) in &txn.compare {
+        check_key(key)?;
+    }
+    let mut written = std::collections::BTreeSet::new();
+    let mut prefixes = Vec::new();
+    for op in &txn.ops {
+        match op {
+            TxnOp::Put { key, value, .. } => {
+                check_key(key)?;
+                check_value(key, value)?;
+                if !written.insert(key.as_str()) {
+                    return Err(duplicate(key));
+                }
+            }
+            TxnOp::Delete { key } => {
+                check_key(key)?;
+                if !written.insert(key.as_str()) {
+                    return Err(duplicate(key));
+                }
+            }
+            TxnOp::DeletePrefix { prefix } => {
+                if prefix.is_empty() {
+                    return Err(StoreError::Invalid(
+                        "a prefix delete needs a prefix: an empty one would delete every key"
+                            .into(),
+                    ));
+                }
+                check_key(prefix)?;
+                prefixes.push(prefix.as_str());
+            }
+        }
+    }
+    for prefix in &prefixes {
+        if let Some(key) = written.iter().find(|k| k.starts_with(prefix)) {
+            return Err(duplicate(key));
+        }
+    }
+    Ok(())
+}
+
+fn duplicate(key: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "the transaction writes {key:?} more than once: a key may be written by one op only"
+    ))
+}
+
 fn check_ttl(ttl: Duration) -> Result<()> {
     if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
         return Err(StoreError::Invalid(format!(
@@ -425,6 +486,11 @@ impl Store for EmbeddedStore {
             reply,
         })
         .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        check_txn(&txn)?;
+        self.call(|reply| Request::Txn { txn, reply }).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {

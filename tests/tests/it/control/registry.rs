@@ -205,3 +205,77 @@ async fn watchers_see_changes() {
     assert!(removed.after.is_none());
     assert!(removed.revision > added.revision);
 }
+
+/// Deleting a service removes its instances in one write: one revision whose events a
+/// watcher receives together, the answer says how many went, and the instances' leases
+/// are revoked (their heartbeats fail, so their agents learn the registration is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_service_with_10000_instances_is_one_write() {
+    use malla_control::store::{Store, Txn, TxnOp};
+    const INSTANCES: usize = 10_000;
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let leases = register_two(&api).await;
+    // The rest written straight into the store, in one transaction: fast to set up.
+    let store = control.registry().store().clone();
+    let ops = (2..INSTANCES)
+        .map(|i| TxnOp::Put {
+            key: format!("/malla/instances/big/i-{i:05}"),
+            value: json!({"id": format!("i-{i:05}"), "service": "big",
+                          "address": "127.0.0.1", "port": 8080})
+            .to_string()
+            .into_bytes(),
+            lease: None,
+        })
+        .collect();
+    store
+        .txn(Txn {
+            compare: vec![],
+            ops,
+        })
+        .await
+        .unwrap();
+    api.register("small", "s-1", &registration(9000, &[])).await;
+    let mut listed = None;
+    malla_tests::assert_eventually!(
+        {
+            listed = Some(api.instances("big", "").await.len());
+            listed == Some(INSTANCES)
+        },
+        "listed {listed:?}"
+    );
+    let before = store.revision();
+    let mut watch = store.watch("/malla/", before).unwrap();
+
+    let deleted = api.delete("/v1/services/big").await.ok();
+    assert_eq!(deleted["instances_removed"], INSTANCES, "{deleted}");
+    let rev = revision(&deleted);
+    assert_eq!(rev, before + 1, "one revision: {deleted}");
+    let item = within("the deletion's events", watch.events.recv())
+        .await
+        .expect("the watch ended")
+        .expect("the watch failed");
+    assert_eq!(
+        item.len(),
+        INSTANCES + 1,
+        "every removal, and the service key"
+    );
+    assert!(item.iter().all(|e| e.kv.mod_revision == rev));
+
+    api.get("/v1/services/big").await.error(404, "not_found");
+    assert_eq!(api.instance_ids("small", "").await, ["s-1"]);
+    for lease in leases {
+        api.keepalive(lease).await.error(404, "lease_not_found");
+    }
+    api.delete("/v1/services/big").await.error(404, "not_found");
+}
+
+/// Two instances of `big` registered over the API, with leases; their lease ids.
+async fn register_two(api: &malla_tests::control::api::Api) -> Vec<u64> {
+    let mut leases = Vec::new();
+    for id in ["i-00000", "i-00001"] {
+        let registered = api.register("big", id, &registration(8080, &[])).await;
+        leases.push(registered["lease"].as_u64().unwrap());
+    }
+    leases
+}

@@ -6,11 +6,12 @@
 //! | `meta`       | name (`&str`)    | `u64`: `revision`, `next_lease`, `compacted` |
 //! | `leases`     | lease id         | (ttl ms, expiry as wall-clock unix ms)  |
 //! | `lease_keys` | (lease id, key)  | `()`: the keys attached to a lease      |
-//! | `events`     | revision         | [`codec::encode_event`] record          |
+//! | `log`        | (revision, n)    | [`codec::encode_event`] record: the n-th event of the revision |
+//!
+//! (Before transactions, the log was `events`, keyed by revision alone; opening such a
+//! file moves it to `log`: see [`migrate_events`].)
 
-use std::ops::Bound;
-
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
 
 use super::codec;
 use crate::store::{Event, KeyValue, LeaseId, Revision};
@@ -19,7 +20,9 @@ pub(super) const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(super) const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
 pub(super) const LEASE_KEYS: TableDefinition<(u64, &str), ()> = TableDefinition::new("lease_keys");
-pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(super) const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("log");
+/// The log of older versions: one event per revision.
+const EVENTS_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
 /// The revision of the last write.
 pub(super) const META_REVISION: &str = "revision";
@@ -91,14 +94,16 @@ pub(super) struct LogChunk {
     pub(super) last: Option<Revision>,
     /// How many events were read.
     pub(super) read: usize,
+    /// Whether the log holds more after this chunk.
+    pub(super) more: bool,
     /// The compaction floor in the same snapshot.
     pub(super) compacted: Revision,
 }
 
-/// Reads at most `limit` events with a revision above `after`, keeping those under
-/// `prefix`.
+/// Reads the events with a revision above `after`, whole revisions only, stopping at the
+/// first revision boundary after `limit` events; keeps those under `prefix`.
 pub(super) fn read_log(
-    events: &impl ReadableTable<u64, &'static [u8]>,
+    events: &impl ReadableTable<(u64, u32), &'static [u8]>,
     meta_table: &impl ReadableTable<&'static str, u64>,
     after: Revision,
     prefix: &str,
@@ -108,26 +113,48 @@ pub(super) fn read_log(
         events: Vec::new(),
         last: None,
         read: 0,
+        more: false,
         compacted: meta(meta_table, META_COMPACTED)?,
     };
     if after < chunk.compacted {
         return Ok(chunk);
     }
-    for entry in events.range::<u64>((Bound::Excluded(after), Bound::Unbounded))? {
-        let (revision, bytes) = entry?;
-        let revision = revision.value();
+    let start = after.checked_add(1).unwrap_or(u64::MAX);
+    for entry in events.range::<(u64, u32)>((start, 0)..)? {
+        let (key, bytes) = entry?;
+        let (revision, _) = key.value();
+        if chunk.read >= limit && chunk.last != Some(revision) {
+            chunk.more = true;
+            break;
+        }
         let event = codec::decode_event(bytes.value())
-            .map_err(|e| corrupt(&format!("the event of revision {revision}"), e))?;
+            .map_err(|e| corrupt(&format!("an event of revision {revision}"), e))?;
         chunk.last = Some(revision);
         chunk.read += 1;
         if event.kv.key.starts_with(prefix) {
             chunk.events.push(event);
         }
-        if chunk.read >= limit {
-            break;
-        }
     }
     Ok(chunk)
+}
+
+/// Moves the log of a file written by an older version (`events`, one event per revision)
+/// to `log`, each event as the only one of its revision.
+pub(super) fn migrate_events(txn: &WriteTransaction) -> DbResult<()> {
+    let exists = txn.list_tables()?.any(|t| t.name() == EVENTS_V1.name());
+    if !exists {
+        return Ok(());
+    }
+    {
+        let old = txn.open_table(EVENTS_V1)?;
+        let mut new = txn.open_table(EVENTS)?;
+        for entry in old.iter()? {
+            let (revision, bytes) = entry?;
+            new.insert((revision.value(), 0), bytes.value())?;
+        }
+    }
+    txn.delete_table(EVENTS_V1)?;
+    Ok(())
 }
 
 fn corrupt(what: &str, e: String) -> redb::Error {
@@ -140,7 +167,7 @@ pub(super) struct Tables<'t> {
     pub(super) meta: Table<'t, &'static str, u64>,
     pub(super) leases: Table<'t, u64, (u64, u64)>,
     pub(super) lease_keys: Table<'t, (u64, &'static str), ()>,
-    pub(super) events: Table<'t, u64, &'static [u8]>,
+    pub(super) events: Table<'t, (u64, u32), &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {

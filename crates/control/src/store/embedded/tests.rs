@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{EmbeddedStore, Options, MAX_KEY_BYTES, MAX_VALUE_BYTES};
-use crate::store::{Event, EventKind, Precondition, Store, StoreError, Watch};
+use crate::store::{Event, EventKind, Precondition, Store, StoreError, Txn, TxnOp, Watch};
 
 mod crash;
 mod perf;
@@ -35,7 +35,7 @@ impl Drop for TempDir {
 }
 
 pub(super) async fn recv(watch: &mut Watch) -> Event {
-    tokio::time::timeout(Duration::from_secs(30), watch.events.recv())
+    tokio::time::timeout(Duration::from_secs(30), watch.next_event())
         .await
         .expect("no event within 30 s")
         .expect("the watch ended")
@@ -263,7 +263,7 @@ async fn leases_keep_alive_and_expire() {
         );
         assert_eq!(event.prev.unwrap().lease, Some(lease.id));
     }
-    assert_eq!(store.revision(), 5, "one revision per expired key");
+    assert_eq!(store.revision(), 4, "one revision for the lease's keys");
     assert_eq!(store.get("svc/a").await.unwrap(), None);
     assert!(store.get("svc/c").await.unwrap().is_some());
     assert!(
@@ -310,7 +310,8 @@ async fn revoke_deletes_keys_with_events() {
                 second.kv.mod_revision
             )
         ],
-        [(EventKind::Delete, "x/a", 3), (EventKind::Delete, "x/b", 4)]
+        // One revision for the whole revoke, as in etcd.
+        [(EventKind::Delete, "x/a", 3), (EventKind::Delete, "x/b", 3)]
     );
     assert_eq!(first.kv.value, b"");
     assert_eq!(first.prev.unwrap().value, b"a");
@@ -325,7 +326,7 @@ async fn revoke_deletes_keys_with_events() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::LeaseNotFound(999)), "{err:?}");
-    assert_eq!(store.revision(), 4);
+    assert_eq!(store.revision(), 3);
     store.close().await.unwrap();
 }
 
@@ -533,7 +534,7 @@ async fn a_watcher_left_behind_by_compaction_ends_with_compacted() {
     }
     let mut last = 0;
     loop {
-        let item = tokio::time::timeout(Duration::from_secs(30), watch.events.recv())
+        let item = tokio::time::timeout(Duration::from_secs(30), watch.next_event())
             .await
             .expect("the watch neither delivered nor ended");
         match item {
@@ -692,4 +693,166 @@ async fn open_names_the_directory_it_cannot_create() {
         err.contains("cannot create the data directory") && err.contains("file/data"),
         "{err}"
     );
+}
+
+fn put_op(key: &str, value: &[u8]) -> TxnOp {
+    TxnOp::Put {
+        key: key.into(),
+        value: value.to_vec(),
+        lease: None,
+    }
+}
+
+/// A transaction is one revision: every event carries it, a watcher receives them in one
+/// item, and a prefix delete removes every key under the prefix.
+#[tokio::test]
+async fn a_transaction_is_one_revision() {
+    let dir = TempDir::new("txn");
+    let store = EmbeddedStore::open(dir.path()).await.unwrap();
+    for i in 0..100 {
+        store
+            .put(&format!("svc/a/{i:03}"), vec![1], None, none())
+            .await
+            .unwrap();
+    }
+    store.put("svc/b/0", vec![1], None, none()).await.unwrap();
+    store.put("spec/a", vec![1], None, none()).await.unwrap();
+    let before = store.revision();
+    let mut watch = store.watch("", before).unwrap();
+    let result = store
+        .txn(Txn {
+            compare: vec![("spec/a".into(), Precondition::ModRevision(before))],
+            ops: vec![
+                TxnOp::DeletePrefix {
+                    prefix: "svc/a/".into(),
+                },
+                TxnOp::Delete {
+                    key: "spec/a".into(),
+                },
+                put_op("note", b"deleted a"),
+                TxnOp::Delete {
+                    key: "absent".into(),
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!(result.revision, before + 1);
+    assert_eq!(result.deleted, [100, 1, 0, 0]);
+    assert_eq!(store.revision(), before + 1);
+    let item = tokio::time::timeout(Duration::from_secs(30), watch.events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(item.len(), 102, "the whole revision in one item");
+    assert!(item.iter().all(|e| e.kv.mod_revision == before + 1));
+    assert_eq!(item[101].kv.key, "note");
+    assert_eq!(item[101].kv.create_revision, before + 1);
+    let (left, _) = store.range("svc/").await.unwrap();
+    assert_eq!(
+        left.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        ["svc/b/0"]
+    );
+
+    // From the log too: a watch from the past gets the revision whole.
+    let mut past = store.watch("svc/", before).unwrap();
+    let item = tokio::time::timeout(Duration::from_secs(30), past.events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(item.len(), 100);
+    store.close().await.unwrap();
+}
+
+/// A failed comparison, an unknown lease or a key written twice change nothing.
+#[tokio::test]
+async fn a_refused_transaction_changes_nothing() {
+    let dir = TempDir::new("txn-refused");
+    let store = EmbeddedStore::open(dir.path()).await.unwrap();
+    store.put("a", vec![1], None, none()).await.unwrap();
+    let revision = store.revision();
+    let conflict = store
+        .txn(Txn {
+            compare: vec![("a".into(), Precondition::Absent)],
+            ops: vec![TxnOp::Delete { key: "a".into() }],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&conflict, StoreError::Conflict { key, .. } if key == "a"),
+        "{conflict}"
+    );
+    let lease = store
+        .txn(Txn {
+            compare: vec![],
+            ops: vec![
+                TxnOp::Delete { key: "a".into() },
+                TxnOp::Put {
+                    key: "b".into(),
+                    value: vec![],
+                    lease: Some(42),
+                },
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(lease, StoreError::LeaseNotFound(42)), "{lease}");
+    let twice = store
+        .txn(Txn {
+            compare: vec![],
+            ops: vec![
+                TxnOp::DeletePrefix { prefix: "a".into() },
+                put_op("ab", b""),
+            ],
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(twice.contains("more than once"), "{twice}");
+    assert_eq!(store.revision(), revision);
+    assert!(store.get("a").await.unwrap().is_some());
+    store.close().await.unwrap();
+}
+
+/// A file written before transactions (its log in `events`, one event per revision) opens
+/// with its history intact.
+#[tokio::test]
+async fn an_older_event_log_is_migrated() {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    let dir = TempDir::new("migrate");
+    let store = EmbeddedStore::open(dir.path()).await.unwrap();
+    for key in ["a", "b", "c"] {
+        store.put(key, vec![1], None, none()).await.unwrap();
+    }
+    store.close().await.unwrap();
+    // Rewrite the log in the old shape.
+    {
+        let db = redb::Database::open(dir.path().join(super::DB_FILE)).unwrap();
+        let old: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+        let txn = db.begin_write().unwrap();
+        {
+            let log = txn.open_table(super::tables::EVENTS).unwrap();
+            let mut events = txn.open_table(old).unwrap();
+            for entry in log.iter().unwrap() {
+                let (key, bytes) = entry.unwrap();
+                events.insert(key.value().0, bytes.value()).unwrap();
+            }
+        }
+        txn.delete_table(super::tables::EVENTS).unwrap();
+        txn.commit().unwrap();
+        let read = db.begin_read().unwrap();
+        assert!(read.open_table(super::tables::EVENTS).is_err());
+    }
+    let store = EmbeddedStore::open(dir.path()).await.unwrap();
+    let mut watch = store.watch("", 0).unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(recv(&mut watch).await.kv.key);
+    }
+    assert_eq!(keys, ["a", "b", "c"]);
+    store.put("d", vec![], None, none()).await.unwrap();
+    assert_eq!(recv(&mut watch).await.kv.mod_revision, 4);
+    store.close().await.unwrap();
 }

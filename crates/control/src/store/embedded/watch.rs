@@ -1,9 +1,10 @@
 //! Watches: history from the event log, then live events from the writer's broadcast.
 //!
 //! Each watch is a task that forwards into the watch's bounded channel. It keeps `last`,
-//! the revision of the last event it has accounted for (delivered, or skipped because its
-//! key is outside the prefix); since every revision is exactly one event, the next one it
-//! needs is always `last + 1`.
+//! the last revision it has accounted for (delivered, or skipped because no key of it is
+//! under the prefix). The writer broadcasts each revision whole (all the events of a
+//! transaction or a lease revoke together), the log is read in whole revisions, and
+//! revisions are consecutive, so the next one it needs is always `last + 1`.
 //!
 //! **Hand-off.** The task subscribes to the broadcast *before* it reads the log. An event
 //! committed before the log read is in the log (and, if it is broadcast after the
@@ -29,7 +30,8 @@ use super::tables::{read_log, LogChunk, EVENTS, META};
 use super::{Inner, Shared};
 use crate::store::{Event, Result, Revision, StoreError, Watch};
 
-/// Events read from the log per read transaction when catching up.
+/// Events read from the log per read transaction when catching up (more when a revision
+/// holds more: revisions are read whole).
 const CHUNK: usize = 1024;
 
 pub(super) fn start(inner: &Arc<Inner>, prefix: &str, after: Revision) -> Result<Watch> {
@@ -50,7 +52,7 @@ pub(super) fn start(inner: &Arc<Inner>, prefix: &str, after: Revision) -> Result
         tx,
     };
     inner.runtime.spawn(watcher.run(live, after < current));
-    Ok(Watch { events })
+    Ok(Watch::new(events))
 }
 
 fn compacted_error(after: Revision, compacted: Revision) -> StoreError {
@@ -69,11 +71,11 @@ struct Watcher {
     shared: Arc<Shared>,
     prefix: Arc<str>,
     last: Revision,
-    tx: mpsc::Sender<Result<Event>>,
+    tx: mpsc::Sender<Result<Vec<Event>>>,
 }
 
 impl Watcher {
-    async fn run(mut self, mut live: broadcast::Receiver<Arc<Event>>, history: bool) {
+    async fn run(mut self, mut live: broadcast::Receiver<Arc<[Event]>>, history: bool) {
         if history && self.catch_up().await.is_err() {
             return;
         }
@@ -84,12 +86,12 @@ impl Watcher {
                 received = live.recv() => received,
             };
             let flow = match received {
-                Ok(event) => {
-                    let revision = event.kv.mod_revision;
+                Ok(events) => {
+                    let revision = events.first().map_or(0, |e| e.kv.mod_revision);
                     if revision <= self.last {
                         Ok(())
                     } else if revision == self.last + 1 {
-                        self.deliver(&event).await
+                        self.deliver(revision, &events).await
                     } else {
                         self.catch_up().await
                     }
@@ -118,10 +120,20 @@ impl Watcher {
         }
     }
 
-    async fn deliver(&mut self, event: &Event) -> std::result::Result<(), Stop> {
-        self.last = event.kv.mod_revision;
-        if event.kv.key.starts_with(&*self.prefix) {
-            self.tx.send(Ok(event.clone())).await.map_err(|_| Stop)?;
+    /// Delivers the events of `revision` that are under the prefix, if any.
+    async fn deliver(
+        &mut self,
+        revision: Revision,
+        events: &[Event],
+    ) -> std::result::Result<(), Stop> {
+        self.last = revision;
+        let mine: Vec<Event> = events
+            .iter()
+            .filter(|e| e.kv.key.starts_with(&*self.prefix))
+            .cloned()
+            .collect();
+        if !mine.is_empty() {
+            self.tx.send(Ok(mine)).await.map_err(|_| Stop)?;
         }
         Ok(())
     }
@@ -143,13 +155,14 @@ impl Watcher {
                     .await;
                 return Err(Stop);
             }
-            for event in chunk.events {
-                self.tx.send(Ok(event)).await.map_err(|_| Stop)?;
+            // The chunk holds whole revisions: one item.
+            if !chunk.events.is_empty() {
+                self.tx.send(Ok(chunk.events)).await.map_err(|_| Stop)?;
             }
             if let Some(last) = chunk.last {
                 self.last = last;
             }
-            if chunk.read < CHUNK {
+            if !chunk.more {
                 return Ok(());
             }
         }

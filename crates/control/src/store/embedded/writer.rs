@@ -27,12 +27,20 @@ use tokio::time::Instant;
 
 use super::leases::{LeaseState, Leases, Undo};
 use super::tables::{
-    get_kv, lease_keys, meta, DbResult, Tables, META_COMPACTED, META_NEXT_LEASE, META_REVISION,
+    get_kv, lease_keys, meta, migrate_events, range_kv, DbResult, Tables, META_COMPACTED,
+    META_NEXT_LEASE, META_REVISION,
 };
 use super::{codec, Options, Shared};
 use crate::store::{
-    Event, EventKind, KeyValue, Lease, LeaseId, Precondition, Result, Revision, StoreError,
+    Event, EventKind, KeyValue, Lease, LeaseId, Precondition, Result, Revision, StoreError, Txn,
+    TxnOp, TxnResult,
 };
+
+/// One op of a transaction, with what it found.
+enum Planned {
+    Put(String, Vec<u8>, Option<LeaseId>, Option<KeyValue>),
+    Delete(KeyValue),
+}
 
 /// A batch stops draining the queue once its values add up to this much.
 const MAX_BATCH_BYTES: usize = 16 << 20;
@@ -68,6 +76,10 @@ pub(super) enum Request {
         id: LeaseId,
         reply: Reply<()>,
     },
+    Txn {
+        txn: Txn,
+        reply: Reply<TxnResult>,
+    },
     /// Reads the lease schedule, which only the writer holds.
     Lease {
         id: LeaseId,
@@ -84,6 +96,15 @@ impl Request {
         match self {
             Request::Put { key, value, .. } => key.len() + value.len(),
             Request::Delete { key, .. } => key.len(),
+            Request::Txn { txn, .. } => txn
+                .ops
+                .iter()
+                .map(|op| match op {
+                    TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                    TxnOp::Delete { key } => key.len(),
+                    TxnOp::DeletePrefix { prefix } => prefix.len(),
+                })
+                .sum(),
             _ => 0,
         }
     }
@@ -102,6 +123,7 @@ impl Request {
             | Request::KeepAlive { reply, .. }
             | Request::Lease { reply, .. } => drop(reply.send(Err(err()))),
             Request::Revoke { reply, .. } => drop(reply.send(Err(err()))),
+            Request::Txn { reply, .. } => drop(reply.send(Err(err()))),
             Request::Close { reply } => return Some(reply),
         }
         None
@@ -114,6 +136,7 @@ enum Done {
     Deleted(Reply<Option<Revision>>, Result<Option<Revision>>),
     Lease(Reply<Lease>, Result<Lease>),
     Revoked(Reply<()>, Result<()>),
+    Txn(Reply<TxnResult>, Result<TxnResult>),
 }
 
 impl Done {
@@ -124,6 +147,7 @@ impl Done {
             Done::Deleted(reply, r) => drop(reply.send(r)),
             Done::Lease(reply, r) => drop(reply.send(r)),
             Done::Revoked(reply, r) => drop(reply.send(r)),
+            Done::Txn(reply, r) => drop(reply.send(r)),
         }
     }
 
@@ -136,6 +160,7 @@ impl Done {
             Done::Deleted(reply, _) => drop(reply.send(Err(err()))),
             Done::Lease(reply, _) => drop(reply.send(Err(err()))),
             Done::Revoked(reply, _) => drop(reply.send(Err(err()))),
+            Done::Txn(reply, _) => drop(reply.send(Err(err()))),
         }
     }
 }
@@ -170,7 +195,10 @@ struct Batch {
     now: Instant,
     wall_ms: u64,
     undo: Undo,
-    events: Vec<Arc<Event>>,
+    /// The events of the batch, in revision order.
+    events: Vec<Event>,
+    /// The index the next event of the current revision gets in the log.
+    index: u32,
     done: Vec<Done>,
     closing: Vec<oneshot::Sender<()>>,
     expired: usize,
@@ -187,7 +215,7 @@ pub(super) struct Writer {
     path: Arc<Path>,
     options: Options,
     shared: Arc<Shared>,
-    events: broadcast::Sender<Arc<Event>>,
+    events: broadcast::Sender<Arc<[Event]>>,
     revision: Revision,
     next_lease: LeaseId,
     compacted: Revision,
@@ -213,7 +241,7 @@ impl Writer {
         path: Arc<Path>,
         options: Options,
         shared: Arc<Shared>,
-        events: broadcast::Sender<Arc<Event>>,
+        events: broadcast::Sender<Arc<[Event]>>,
         now: Instant,
         wall_ms: u64,
     ) -> Result<Box<Writer>> {
@@ -255,6 +283,7 @@ impl Writer {
     fn load(&mut self, now: Instant, wall_ms: u64) -> DbResult<()> {
         let txn = self.db.begin_write()?;
         {
+            migrate_events(&txn)?;
             // Opening the tables in a write transaction creates them in a new file.
             let t = Tables::open(&txn)?;
             self.revision = meta(&t.meta, META_REVISION)?;
@@ -297,6 +326,7 @@ impl Writer {
             wall_ms,
             undo: Undo::new(),
             events: Vec::new(),
+            index: 0,
             done: Vec::with_capacity(batch.len()),
             closing: Vec::new(),
             expired: 0,
@@ -325,9 +355,13 @@ impl Writer {
                 if b.expired > 0 {
                     tracing::debug!(leases = b.expired, "leases expired");
                 }
-                for event in b.events {
-                    // No receiver is not an error: nobody watches.
-                    let _ = self.events.send(event);
+                // One message per revision, so watchers never see half of one. No receiver
+                // is not an error: nobody watches.
+                for revision in b
+                    .events
+                    .chunk_by(|a, b| a.kv.mod_revision == b.kv.mod_revision)
+                {
+                    let _ = self.events.send(Arc::from(revision));
                 }
                 for done in b.done {
                     done.send();
@@ -408,6 +442,10 @@ impl Writer {
                         let outcome = self.revoke(&mut t, b, id);
                         finish(&mut b.done, reply, outcome, Done::Revoked)?;
                     }
+                    Request::Txn { txn, reply } => {
+                        let outcome = self.txn(&mut t, b, txn);
+                        finish(&mut b.done, reply, outcome, Done::Txn)?;
+                    }
                     Request::Lease { id, reply } => {
                         b.done.push(Done::Lease(reply, self.lease_info(id, b.now)));
                     }
@@ -421,6 +459,13 @@ impl Writer {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Starts a new revision: the events recorded until the next one carry it.
+    fn next_revision(&mut self, b: &mut Batch) -> Revision {
+        self.revision += 1;
+        b.index = 0;
+        self.revision
     }
 
     fn put(
@@ -441,7 +486,22 @@ impl Writer {
                 return Ok(Err(StoreError::LeaseNotFound(id)));
             }
         }
-        let revision = self.revision + 1;
+        let revision = self.next_revision(b);
+        self.put_key(t, b, key, value, lease, prev)?;
+        Ok(Ok(revision))
+    }
+
+    /// Writes a key at the current revision (the caller checked the lease exists).
+    fn put_key(
+        &mut self,
+        t: &mut Tables<'_>,
+        b: &mut Batch,
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        prev: Option<KeyValue>,
+    ) -> DbResult<()> {
+        let revision = self.revision;
         let old_lease = prev.as_ref().and_then(|p| p.lease);
         if old_lease != lease {
             if let Some(old) = old_lease {
@@ -460,7 +520,6 @@ impl Writer {
             lease,
         };
         t.kv.insert(kv.key.as_str(), codec::encode_kv(&kv).as_slice())?;
-        self.revision = revision;
         self.record(
             t,
             b,
@@ -469,8 +528,7 @@ impl Writer {
                 kv,
                 prev,
             },
-        )?;
-        Ok(Ok(revision))
+        )
     }
 
     fn delete(
@@ -486,21 +544,20 @@ impl Writer {
         }
         match prev {
             None => Ok(Ok(None)),
-            Some(prev) => Ok(Ok(Some(self.delete_key(t, b, prev)?))),
+            Some(prev) => {
+                let revision = self.next_revision(b);
+                self.delete_key(t, b, prev)?;
+                Ok(Ok(Some(revision)))
+            }
         }
     }
 
-    fn delete_key(
-        &mut self,
-        t: &mut Tables<'_>,
-        b: &mut Batch,
-        prev: KeyValue,
-    ) -> DbResult<Revision> {
+    /// Deletes a key at the current revision.
+    fn delete_key(&mut self, t: &mut Tables<'_>, b: &mut Batch, prev: KeyValue) -> DbResult<()> {
         t.kv.remove(prev.key.as_str())?;
         if let Some(id) = prev.lease {
             t.lease_keys.remove((id, prev.key.as_str()))?;
         }
-        self.revision += 1;
         let kv = KeyValue {
             key: prev.key.clone(),
             value: Vec::new(),
@@ -517,17 +574,71 @@ impl Writer {
                 kv,
                 prev: Some(prev),
             },
-        )?;
-        Ok(self.revision)
+        )
     }
 
     fn record(&mut self, t: &mut Tables<'_>, b: &mut Batch, event: Event) -> DbResult<()> {
         t.events.insert(
-            event.kv.mod_revision,
+            (event.kv.mod_revision, b.index),
             codec::encode_event(&event).as_slice(),
         )?;
-        b.events.push(Arc::new(event));
+        b.index += 1;
+        b.events.push(event);
         Ok(())
+    }
+
+    /// A transaction: every comparison and lease is checked before anything is written, so
+    /// a refusal changes nothing; then every op is applied at one new revision.
+    fn txn(&mut self, t: &mut Tables<'_>, b: &mut Batch, txn: Txn) -> Op<TxnResult> {
+        for (key, precondition) in &txn.compare {
+            let current = get_kv(&t.kv, key)?;
+            if let Err(e) = check(key, current.as_ref(), *precondition) {
+                return Ok(Err(e));
+            }
+        }
+        // What each op finds, read before any is applied (ops never overlap).
+        let mut plan = Vec::with_capacity(txn.ops.len());
+        let mut deleted = Vec::with_capacity(txn.ops.len());
+        for op in txn.ops {
+            match op {
+                TxnOp::Put { key, value, lease } => {
+                    if let Some(id) = lease {
+                        if self.leases.get(id).is_none() {
+                            return Ok(Err(StoreError::LeaseNotFound(id)));
+                        }
+                    }
+                    let prev = get_kv(&t.kv, &key)?;
+                    plan.push(Planned::Put(key, value, lease, prev));
+                    deleted.push(0);
+                }
+                TxnOp::Delete { key } => {
+                    let prev = get_kv(&t.kv, &key)?;
+                    deleted.push(usize::from(prev.is_some()));
+                    plan.extend(prev.map(Planned::Delete));
+                }
+                TxnOp::DeletePrefix { prefix } => {
+                    let found = range_kv(&t.kv, &prefix)?;
+                    deleted.push(found.len());
+                    plan.extend(found.into_iter().map(Planned::Delete));
+                }
+            }
+        }
+        if plan.is_empty() {
+            return Ok(Ok(TxnResult {
+                revision: self.revision,
+                deleted,
+            }));
+        }
+        let revision = self.next_revision(b);
+        for planned in plan {
+            match planned {
+                Planned::Put(key, value, lease, prev) => {
+                    self.put_key(t, b, key, value, lease, prev)?
+                }
+                Planned::Delete(prev) => self.delete_key(t, b, prev)?,
+            }
+        }
+        Ok(Ok(TxnResult { revision, deleted }))
     }
 
     fn grant(&mut self, t: &mut Tables<'_>, b: &mut Batch, ttl: Duration) -> Op<Lease> {
@@ -576,11 +687,16 @@ impl Writer {
         Ok(Ok(()))
     }
 
-    /// Deletes a lease and its keys, one revision and one event per key, in key order.
+    /// Deletes a lease and its keys: one revision (none without keys), one event per key,
+    /// in key order, as etcd does.
     fn remove_lease(&mut self, t: &mut Tables<'_>, b: &mut Batch, id: LeaseId) -> DbResult<()> {
+        let mut revision = None;
         for key in lease_keys(&t.lease_keys, id)? {
             match get_kv(&t.kv, &key)? {
                 Some(prev) => {
+                    if revision.is_none() {
+                        revision = Some(self.next_revision(b));
+                    }
                     self.delete_key(t, b, prev)?;
                 }
                 None => {
@@ -612,7 +728,9 @@ impl Writer {
         }
         let floor = self.revision - history;
         t.events
-            .retain_in::<u64, _>((self.compacted + 1)..=floor, |_, _| false)?;
+            .retain_in::<(u64, u32), _>((self.compacted + 1, 0)..=(floor, u32::MAX), |_, _| {
+                false
+            })?;
         self.compacted = floor;
         Ok(())
     }
