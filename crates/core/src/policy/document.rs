@@ -13,8 +13,12 @@ use std::{fmt, ops::Range};
 
 use serde::Deserialize;
 
+use toml::de::{DeTable, DeValue};
+
 use super::{unknown, Policy};
 use unknown::line_col;
+
+mod recover;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,25 +62,48 @@ impl fmt::Display for DocumentError {
 }
 
 /// Parses and validates the policies in `text`; `source_name` (the file) names it in errors.
+/// Every problem is reported, not only the first: a value the reader refuses is recorded
+/// and read past (see [`recover`]).
 pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError> {
     let fail = |problems| DocumentError {
         source_name: source_name.to_string(),
         problems,
     };
-    let toml_error = |e: toml::de::Error| {
-        let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
-        fail(vec![Problem {
+    let located = |span: Option<Range<usize>>, message: String| {
+        let (line, column) = span.as_ref().map_or((0, 0), |s| line_col(text, s.start));
+        Problem {
             line,
             column,
-            field: e.span().and_then(|s| field_at(text, s.start)),
-            message: e.message().trim_end().to_string(),
-        }])
+            field: span.and_then(|s| field_at(text, s.start)),
+            message,
+        }
     };
-    let de = toml::Deserializer::parse(text).map_err(toml_error)?;
+    let root = DeTable::parse(text)
+        .map_err(|e| fail(vec![located(e.span(), e.message().trim_end().to_string())]))?;
+    // Where each `[[policy]]` starts, before any is taken out: a policy's index is its
+    // place in the file.
+    let starts: Vec<usize> = match root.get_ref().get("policy").map(|v| v.get_ref()) {
+        Some(DeValue::Array(items)) => items.iter().map(|p| p.span().start).collect(),
+        _ => Vec::new(),
+    };
     // The policy types accept unknown fields (a sidecar must, from a newer control
     // plane); in an operator's document each one is a typo, located at its key.
-    let (document, unknown): (Document, _) = unknown::deserialize(de).map_err(toml_error)?;
-    if document.policy.is_empty() {
+    let read = recover::read::<Document>(root);
+    let mut problems: Vec<Problem> = read
+        .errors
+        .into_iter()
+        .map(|e| located(e.span, e.message))
+        .collect();
+    let Some(document) = read.value else {
+        return Err(fail(problems));
+    };
+    // The fields taken out (now at their defaults): checks must not complain about them.
+    let removed: Vec<String> = read
+        .removed
+        .iter()
+        .filter_map(|&at| field_at(text, at))
+        .collect();
+    if document.policy.is_empty() && problems.is_empty() {
         return Err(fail(vec![Problem {
             line: 0,
             column: 0,
@@ -84,23 +111,36 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             message: "no [[policy]] in this document".into(),
         }]));
     }
-    let mut problems = Vec::new();
-    for path in &unknown {
-        let (line, column) = unknown::toml_line_col(text, path).unwrap_or((0, 0));
+    for (path, at) in &read.unknown {
+        let (line, column) = at.map_or((0, 0), |at| line_col(text, at));
         problems.push(Problem {
             line,
             column,
-            field: Some(path.to_string()),
+            // Read from the text: the path's indices are the tree's, which may have lost
+            // an element.
+            field: Some(
+                at.and_then(|at| field_at(text, at))
+                    .unwrap_or_else(|| path.to_string()),
+            ),
             message: unknown::message(path),
         });
     }
     let mut seen: Vec<&str> = Vec::new();
-    // A policy's text runs from its `[[policy]]` to the next one (the reader's span of an
-    // array-of-tables element covers only its header).
-    let starts: Vec<usize> = document.policy.iter().map(|p| p.span().start).collect();
-    for (i, spanned) in document.policy.iter().enumerate() {
-        let span = starts[i]..starts.get(i + 1).copied().unwrap_or(text.len());
+    for spanned in &document.policy {
+        let start = spanned.span().start;
+        let i = starts.iter().position(|&s| s == start).unwrap_or(0);
+        // A policy's text runs from its `[[policy]]` to the next one (the reader's span of
+        // an array-of-tables element covers only its header).
+        let span = start..starts.get(i + 1).copied().unwrap_or(text.len());
         let policy = spanned.get_ref();
+        let follows_removal = |field: &str, message: &str| {
+            let full = format!("policy[{i}].{field}");
+            removed.iter().any(|r| {
+                full.starts_with(r.as_str())
+                    || r.strip_prefix(&format!("policy[{i}]."))
+                        .is_some_and(|rel| message.contains(rel))
+            })
+        };
         let at = |field: &str, message: String| {
             let (line, column) = locate(text, span.clone(), field);
             Problem {
@@ -111,6 +151,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             }
         };
         match policy.service.as_deref() {
+            None if follows_removal("service", "") => {}
             None => problems.push(at(
                 "service",
                 "missing: name the service whose callers follow this policy".into(),
@@ -122,7 +163,9 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             Some(service) => seen.push(service),
         }
         for e in policy.validate() {
-            problems.push(at(&e.field, e.message));
+            if !follows_removal(&e.field, &e.message) {
+                problems.push(at(&e.field, e.message));
+            }
         }
     }
     if problems.is_empty() {
@@ -132,6 +175,8 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             .map(|p| p.into_inner())
             .collect())
     } else {
+        // In the order of the text, as a compiler lists them.
+        problems.sort_by_key(|p| (p.line, p.column));
         Err(fail(problems))
     }
 }
@@ -360,6 +405,79 @@ service = "billing"
             assert!(err.starts_with(prefix), "{text:?}: {err}");
             assert!(err.contains(says), "{text:?}: {err}");
         }
+    }
+
+    /// Every problem of a document, not the first: a wrong type, an unknown field and a
+    /// bad duration in three policies give three problems, in the order of the text, and
+    /// a value read past does not give follow-on problems (a "missing field" for the key
+    /// taken out, a missing service, a cross-field check against its default).
+    #[test]
+    fn every_problem_of_a_document_is_reported() {
+        let text = r#"[[policy]]
+service = "a"
+[policy.retries]
+max_attempts = "three"
+backoff_max = "1x"
+
+[[policy]]
+service = "b"
+[policy.outlier]
+consecutive_failurez = 3
+
+[[policy]]
+service = "c"
+[policy.timeouts]
+request = "soon"
+[[policy.rate_limit]]
+requests_per_second = "many"
+
+[[policy]]
+service = 7
+polcy = 1
+"#;
+        let err = parse(text, "mesh.toml").unwrap_err();
+        let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 7, "{err}");
+        assert!(
+            lines[0].starts_with("mesh.toml:4:16: policy[0].retries.max_attempts: "),
+            "{err}"
+        );
+        assert!(
+            lines[1].starts_with("mesh.toml:5:15: policy[0].retries.backoff_max: "),
+            "{err}"
+        );
+        assert_eq!(
+            lines[2],
+            "mesh.toml:10:1: policy[1].outlier.consecutive_failurez: unknown field `consecutive_failurez`"
+        );
+        assert!(
+            lines[3].starts_with("mesh.toml:15:11: policy[2].timeouts.request: "),
+            "{err}"
+        );
+        assert!(
+            lines[4].starts_with("mesh.toml:17:23: policy[2].rate_limit[0].requests_per_second: "),
+            "{err}"
+        );
+        assert!(lines[5].starts_with("mesh.toml:20:11: policy[3].service: "), "{err}");
+        // `polcy` sits inside the last [[policy]] table: an unknown field of that policy.
+        assert_eq!(
+            lines[6],
+            "mesh.toml:21:1: policy[3].polcy: unknown field `polcy`"
+        );
+        assert!(!err.to_string().contains("missing"), "{err}");
+    }
+
+    /// A document with a great many bad values still ends, with a bounded report.
+    #[test]
+    fn a_document_full_of_problems_is_read_in_bounded_time() {
+        let mut text = String::new();
+        for i in 0..300 {
+            text.push_str(&format!(
+                "[[policy]]\nservice = \"s{i}\"\n[policy.retries]\nmax_attempts = \"x\"\n"
+            ));
+        }
+        let err = parse(&text, "big.toml").unwrap_err();
+        assert!(!err.problems.is_empty() && err.problems.len() <= 101, "{}", err.problems.len());
     }
 
     /// Bad input never panics: thousands of byte-level mutations of a full document each
