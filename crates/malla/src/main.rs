@@ -8,10 +8,14 @@
 mod client;
 mod control_cmd;
 mod demo;
+mod describe_cmd;
+mod get_cmd;
 mod output;
 mod policy_cmd;
 mod proxy_cmd;
+mod register_cmd;
 mod registry_cmd;
+mod yaml;
 
 use std::process::ExitCode;
 
@@ -33,24 +37,31 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy.
     Proxy(proxy_cmd::ProxyArgs),
-    /// Run the control plane (registry, health checks, HTTP API, DNS).
+    /// Run the control plane (registry, health checks, HTTP and gRPC APIs, DNS).
     Control(control_cmd::ControlArgs),
-    /// List the services in the registry.
-    Services(registry_cmd::ServicesArgs),
-    /// List the instances of a service, optionally filtered by a label selector.
-    Instances(registry_cmd::InstancesArgs),
-    /// Register an instance (kept alive by heartbeats until Ctrl-C with --keep-alive).
-    Register(registry_cmd::RegisterArgs),
+    /// Show resources: `get services`, `get service NAME`, `get instances SERVICE`,
+    /// `get policies`, `get policy NAME`, `get proxies`.
+    Get(get_cmd::GetArgs),
+    /// Show everything about one resource: `describe service NAME`.
+    Describe(describe_cmd::DescribeArgs),
+    /// Delete a resource: `delete service NAME`, `delete policy NAME`.
+    Delete(get_cmd::DeleteArgs),
+    /// Set or remove annotations: `annotate service NAME KEY=VALUE... KEY-`.
+    Annotate(get_cmd::AnnotateArgs),
+    /// Register an instance (with --keep-alive, kept alive by heartbeats until Ctrl-C or
+    /// SIGTERM; with --static, kept until deregistered).
+    Register(register_cmd::RegisterArgs),
     /// Remove an instance from the registry at once.
     Deregister(registry_cmd::DeregisterArgs),
     /// Apply resilience policies from TOML files (all checked before any is applied).
     Apply(policy_cmd::ApplyArgs),
-    /// Show resilience policies: `get policies`, `get policy NAME`.
-    Get(policy_cmd::GetArgs),
-    /// Delete a resilience policy: `delete policy NAME`.
-    Delete(policy_cmd::DeleteArgs),
-    /// Show the resilience events sidecars reported (ejections, limits hit...), newest last.
+    /// Show the events the control plane and sidecars reported (ejections, limits hit,
+    /// health changes...), newest last.
     Events(policy_cmd::EventsArgs),
+    /// List the services in the registry (the same as `get services`).
+    Services(registry_cmd::ServicesArgs),
+    /// List the instances of a service (the same as `get instances SERVICE`).
+    Instances(registry_cmd::InstancesArgs),
     /// Start demo services behind a sidecar, send traffic, and show where it went.
     Demo(demo::DemoArgs),
 }
@@ -73,11 +84,13 @@ fn main() -> ExitCode {
         Command::Control(args) => control_cmd::run(args),
         Command::Services(args) => registry_cmd::services(args),
         Command::Instances(args) => registry_cmd::instances(args),
-        Command::Register(args) => registry_cmd::register(args),
+        Command::Register(args) => register_cmd::register(args),
         Command::Deregister(args) => registry_cmd::deregister(args),
         Command::Apply(args) => policy_cmd::apply(args),
-        Command::Get(args) => policy_cmd::get(args),
-        Command::Delete(args) => policy_cmd::delete(args),
+        Command::Get(args) => get_cmd::get(args),
+        Command::Describe(args) => describe_cmd::describe(args),
+        Command::Delete(args) => get_cmd::delete(args),
+        Command::Annotate(args) => get_cmd::annotate(args),
         Command::Events(args) => policy_cmd::events(args),
         Command::Demo(args) => demo::run(args),
     };

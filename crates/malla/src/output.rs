@@ -75,29 +75,41 @@ pub fn rows(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String
         .unwrap_or_default()
 }
 
-/// Columns aligned with two spaces between them, as kubectl prints. Widths count
-/// characters, not bytes, so that UTF-8 annotations line up.
+/// Columns aligned with two spaces between them, as kubectl prints, the headers first.
 pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) -> io::Result<()> {
-    let width = |s: &str| s.chars().count();
-    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(width(cell));
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            out.push_str(cell);
-            if i + 1 < cells.len() {
-                out.extend(std::iter::repeat_n(' ', w - width(cell) + 2));
-            }
-        }
-        outln!("{}", out.trim_end())
-    };
-    line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
-    for r in &rows {
-        line(r)?;
+    let mut all = Vec::with_capacity(rows.len() + 1);
+    all.push(headers.iter().map(|h| h.to_string()).collect());
+    all.extend(rows);
+    for line in align(&all) {
+        outln!("{line}")?;
     }
     Ok(())
+}
+
+/// Rows aligned into columns two spaces apart. Widths count characters, not bytes, so
+/// that UTF-8 annotations line up.
+pub fn align(rows: &[Vec<String>]) -> Vec<String> {
+    let width = |s: &str| s.chars().count();
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| width(s))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let mut line = String::new();
+            for (c, cell) in r.iter().enumerate() {
+                line.push_str(cell);
+                if c + 1 < r.len() {
+                    line.extend(std::iter::repeat_n(' ', widths[c] - width(cell) + 2));
+                }
+            }
+            line.trim_end().to_string()
+        })
+        .collect()
 }

@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use crate::{
     client::{Client, ControlArg},
-    output::{errln, out, outln, print_json, print_table, rows, text},
-    registry_cmd::encode,
+    output::{errln, out, outln, print_json, rows, text},
+    registry_cmd::{encode, show, Common, Output},
 };
 
 #[derive(clap::Args)]
@@ -42,70 +42,20 @@ pub struct ApplyArgs {
     control: ControlArg,
 }
 
-/// How `get` prints.
-#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+/// How `get policies` and `get policy` print.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PolicyOutput {
     /// A summary, for people.
     #[default]
     Table,
+    /// The summary with more columns.
+    Wide,
     /// The API's answer, for scripts.
     Json,
+    /// The API's answer as YAML.
+    Yaml,
     /// A document `malla apply -f` takes back.
     Toml,
-}
-
-#[derive(clap::Args)]
-pub struct GetArgs {
-    #[command(subcommand)]
-    what: GetWhat,
-}
-
-#[derive(clap::Subcommand)]
-enum GetWhat {
-    /// Every policy, with its version.
-    Policies {
-        /// How to print.
-        #[arg(long, short = 'o', value_enum, default_value = "table")]
-        output: PolicyOutput,
-        #[command(flatten)]
-        control: ControlArg,
-    },
-    /// The policy of one service.
-    #[command(after_help = "Example:\n  malla get policy shipping-quote -o toml > shipping.toml")]
-    Policy {
-        /// The service.
-        name: String,
-        /// How to print.
-        #[arg(long, short = 'o', value_enum, default_value = "table")]
-        output: PolicyOutput,
-        #[command(flatten)]
-        control: ControlArg,
-    },
-}
-
-#[derive(clap::Args)]
-pub struct DeleteArgs {
-    #[command(subcommand)]
-    what: DeleteWhat,
-}
-
-#[derive(clap::Subcommand)]
-enum DeleteWhat {
-    /// Delete the policy of a service: its callers go back to their local policy or the
-    /// defaults.
-    Policy {
-        /// The service.
-        name: String,
-        #[command(flatten)]
-        control: ControlArg,
-    },
-}
-
-#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
-pub enum EventsOutput {
-    #[default]
-    Table,
-    Json,
 }
 
 #[derive(clap::Args)]
@@ -124,11 +74,8 @@ pub struct EventsArgs {
     /// At most this many (the newest), 1-10000.
     #[arg(long, default_value_t = 100)]
     limit: usize,
-    /// `table` for people, `json` (the API's answer) for scripts.
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
-    output: EventsOutput,
     #[command(flatten)]
-    control: ControlArg,
+    common: Common,
 }
 
 /// One file's text, with the name its problems are reported under.
@@ -260,53 +207,73 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn get(args: GetArgs) -> anyhow::Result<()> {
-    match args.what {
-        GetWhat::Policies { output, control } => {
-            let client = Client::new(&control)?;
-            let v = client.get("/v1/policies")?;
-            let list = v["policies"].as_array().cloned().unwrap_or_default();
-            print_policies(&v, &list, output)
-        }
-        GetWhat::Policy {
-            name,
-            output,
-            control,
-        } => {
-            let client = Client::new(&control)?;
-            let v = client.get(&format!("/v1/policies/{}", encode(&name)))?;
-            print_policies(&v, std::slice::from_ref(&v), output)
-        }
-    }
+/// `get policies`.
+pub fn get_policies(output: PolicyOutput, control: &ControlArg) -> anyhow::Result<()> {
+    let client = Client::new(control)?;
+    let v = client.get("/v1/policies")?;
+    let list = v["policies"].as_array().cloned().unwrap_or_default();
+    print_policies(&v, &list, output)
+}
+
+/// `get policy NAME`.
+pub fn get_policy(name: &str, output: PolicyOutput, control: &ControlArg) -> anyhow::Result<()> {
+    let client = Client::new(control)?;
+    let v = client.get(&format!("/v1/policies/{}", encode(name)))?;
+    print_policies(&v, std::slice::from_ref(&v), output)
 }
 
 /// Prints `list` (`[{service, version, policy}]`); `answer` is what the API said.
 fn print_policies(answer: &Value, list: &[Value], output: PolicyOutput) -> anyhow::Result<()> {
+    let mut headers = vec![
+        "SERVICE",
+        "VERSION",
+        "RETRIES",
+        "TIMEOUT",
+        "OUTLIER",
+        "LIMITS",
+        "RATE-LIMITS",
+        "FAULTS",
+    ];
+    let wide = output == PolicyOutput::Wide;
+    if wide {
+        headers.extend(["PER-TRY", "RETRY-ON", "FAILOVER"]);
+    }
+    let table = |rows| show(answer, Output::Table, &headers, rows, "No policies found.");
     match output {
         PolicyOutput::Json => print_json(answer)?,
-        PolicyOutput::Toml => out!("{}", to_toml(list)?)?,
-        PolicyOutput::Table => {
-            let rows = rows(&Value::Array(list.to_vec()), summary);
-            print_table(
-                &[
-                    "SERVICE",
-                    "VERSION",
-                    "RETRIES",
-                    "TIMEOUT",
-                    "OUTLIER",
-                    "LIMITS",
-                    "RATE-LIMITS",
-                    "FAULTS",
-                ],
-                rows,
-            )?;
+        PolicyOutput::Yaml => crate::yaml::print(answer)?,
+        PolicyOutput::Toml => {
+            if list.is_empty() {
+                errln!("No policies found.");
+            }
+            out!("{}", to_toml(list)?)?
         }
+        PolicyOutput::Table => table(rows(&Value::Array(list.to_vec()), summary))?,
+        PolicyOutput::Wide => table(rows(&Value::Array(list.to_vec()), |p| {
+            let mut row = summary(p);
+            let spec = &p["policy"];
+            row.push(text(&spec["timeouts"]["per_try"]));
+            row.push(
+                spec["retries"]["on"]
+                    .as_array()
+                    .map(|on| on.iter().map(text).collect::<Vec<_>>().join(","))
+                    .unwrap_or_else(|| "-".into()),
+            );
+            row.push(if spec["failover"]["enabled"] == false {
+                "off".into()
+            } else {
+                spec["failover"]["prefer"]
+                    .as_str()
+                    .map_or_else(|| "locality".into(), |p| format!("prefer {p}"))
+            });
+            row
+        }))?,
     }
     Ok(())
 }
 
 /// One table row: what a person wants to see first.
-fn summary(p: &Value) -> Vec<String> {
+pub fn summary(p: &Value) -> Vec<String> {
     let spec = &p["policy"];
     let retries = &spec["retries"];
     let outlier = &spec["outlier"];
@@ -376,19 +343,16 @@ fn to_toml(list: &[Value]) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub fn delete(args: DeleteArgs) -> anyhow::Result<()> {
-    match args.what {
-        DeleteWhat::Policy { name, control } => {
-            let client = Client::new(&control)?;
-            client.delete(&format!("/v1/policies/{}", encode(&name)))?;
-            outln!("policy/{name} deleted")?;
-        }
-    }
+/// `delete policy NAME`.
+pub fn delete_policy(name: &str, control: &ControlArg) -> anyhow::Result<()> {
+    let client = Client::new(control)?;
+    client.delete(&format!("/v1/policies/{}", encode(name)))?;
+    outln!("policy/{name} deleted")?;
     Ok(())
 }
 
 pub fn events(args: EventsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.control)?;
+    let client = Client::new(&args.common.control)?;
     let mut query = vec![format!("limit={}", args.limit)];
     if let Some(s) = &args.service {
         query.push(format!("service={}", encode(s)));
@@ -397,47 +361,54 @@ pub fn events(args: EventsArgs) -> anyhow::Result<()> {
         query.push(format!("kind={}", encode(k)));
     }
     let v = client.get(&format!("/v1/events?{}", query.join("&")))?;
-    match args.output {
-        EventsOutput::Json => print_json(&v)?,
-        EventsOutput::Table => {
-            let rows = rows(&v["events"], |e| {
-                let reporter = match (
-                    e["reporter"]["service"].as_str(),
-                    e["reporter"]["instance_id"].as_str(),
-                ) {
-                    (_, Some(id)) => id.to_string(),
-                    (Some(service), None) => service.to_string(),
-                    (None, None) => "-".to_string(),
-                };
-                vec![
-                    time(&e["at_ms"]),
-                    text(&e["service"]),
-                    text(&e["upstream"]),
-                    text(&e["endpoint"]),
-                    if e["audit"] == true {
-                        format!("{} (audit)", text(&e["kind"]))
-                    } else {
-                        text(&e["kind"])
-                    },
-                    text(&e["count"]),
-                    reporter,
-                    text(&e["detail"]),
-                ]
-            });
-            print_table(
-                &[
-                    "TIME", "SERVICE", "UPSTREAM", "ENDPOINT", "KIND", "COUNT", "REPORTER",
-                    "DETAIL",
-                ],
-                rows,
-            )?;
+    let wide = args.common.output == Output::Wide;
+    let rows = rows(&v["events"], |e| {
+        let mut row = event_row(e);
+        if wide {
+            row.push(time(&e["received_at_ms"]));
+            row.push(text(&e["seq"]));
         }
+        row
+    });
+    let mut headers = EVENT_HEADERS.to_vec();
+    if wide {
+        headers.extend(["RECEIVED", "SEQ"]);
     }
-    Ok(())
+    show(&v, args.common.output, &headers, rows, "No events found.")
+}
+
+pub const EVENT_HEADERS: [&str; 8] = [
+    "TIME", "SERVICE", "UPSTREAM", "ENDPOINT", "KIND", "COUNT", "REPORTER", "DETAIL",
+];
+
+/// One event as a table row under [`EVENT_HEADERS`].
+pub fn event_row(e: &Value) -> Vec<String> {
+    let reporter = match (
+        e["reporter"]["service"].as_str(),
+        e["reporter"]["instance_id"].as_str(),
+    ) {
+        (_, Some(id)) => id.to_string(),
+        (Some(service), None) => service.to_string(),
+        (None, None) => "-".to_string(),
+    };
+    vec![
+        time(&e["at_ms"]),
+        text(&e["service"]),
+        text(&e["upstream"]),
+        text(&e["endpoint"]),
+        if e["audit"] == true {
+            format!("{} (audit)", text(&e["kind"]))
+        } else {
+            text(&e["kind"])
+        },
+        text(&e["count"]),
+        reporter,
+        text(&e["detail"]),
+    ]
 }
 
 /// Milliseconds since the epoch as an RFC 3339 time (UTC, to the millisecond).
-fn time(ms: &Value) -> String {
+pub fn time(ms: &Value) -> String {
     ms.as_u64()
         .map(|ms| {
             humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

@@ -1,0 +1,207 @@
+//! `malla describe service NAME`: everything about one service on one page, as
+//! `kubectl describe` prints it: its settings and annotations, each instance with its
+//! lease, age and who registered it, the resilience policy its callers follow, and its
+//! recent events (health changes among them), newest last.
+//!
+//! It reads `GET /v1/services/{name}`, which gathers all of it in one answer.
+
+use serde_json::Value;
+
+use crate::{
+    client::{Client, ControlArg},
+    get_cmd::age,
+    output::{align, outln, print_json, text},
+    policy_cmd::{summary, time},
+    registry_cmd::{encode, endpoint, pairs, Output},
+};
+
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  malla describe service shipping-quote")]
+pub struct DescribeArgs {
+    #[command(subcommand)]
+    what: DescribeWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum DescribeWhat {
+    /// A service: settings, annotations, instances (lease, TTL, age, registered by,
+    /// health), policy and recent events.
+    Service {
+        /// The service.
+        name: String,
+        /// How to print: table (the description; wide is the same), json or yaml (the API's
+        /// answer).
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+pub fn describe(args: DescribeArgs) -> anyhow::Result<()> {
+    let DescribeWhat::Service {
+        name,
+        output,
+        control,
+    } = args.what;
+    let client = Client::new(&control)?;
+    let v = client.get(&format!("/v1/services/{}", encode(&name)))?;
+    match output {
+        Output::Json => print_json(&v)?,
+        Output::Yaml => crate::yaml::print(&v)?,
+        Output::Table | Output::Wide => outln!("{}", render(&v).trim_end())?,
+    }
+    Ok(())
+}
+
+/// The description of one service answer (`GET /v1/services/{name}`).
+pub fn render(v: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!("Name:          {}", text(&v["name"])));
+    line(format!("Revision:      {}", text(&v["revision"])));
+    annotations(&v["spec"]["annotations"], "Annotations:   ", &mut line);
+    line(format!(
+        "Health check:  {}",
+        health_check(&v["spec"]["health_check"])
+    ));
+
+    let instances = v["instances"].as_array().cloned().unwrap_or_default();
+    let serving = instances
+        .iter()
+        .filter(|i| i["health"] != "unhealthy")
+        .count();
+    line(format!(
+        "Instances:     {} ({serving} serving)",
+        instances.len()
+    ));
+    if !instances.is_empty() {
+        let mut rows = vec![[
+            "ID", "ADDRESS", "PROTOCOL", "HEALTH", "LEASE", "TTL", "REMAINING", "AGE",
+            "REGISTERED-BY", "LABELS",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for i in &instances {
+            let l = &i["lease"];
+            rows.push(vec![
+                text(&i["id"]),
+                endpoint(&i["address"], &i["port"]),
+                text(&i["protocol"]),
+                text(&i["health"]),
+                if l.is_null() {
+                    "static".into()
+                } else {
+                    text(&l["id"])
+                },
+                if l.is_null() {
+                    "-".into()
+                } else {
+                    format!("{}s", text(&l["ttl_seconds"]))
+                },
+                l["remaining_seconds"]
+                    .as_f64()
+                    .map_or_else(|| "-".into(), |s| format!("{s:.1}s")),
+                age(&i["registered_at"]),
+                text(&i["registered_by"]),
+                pairs(&i["labels"]),
+            ]);
+        }
+        for r in align(&rows) {
+            line(format!("  {r}"));
+        }
+        for i in &instances {
+            if i["annotations"].as_object().is_some_and(|a| !a.is_empty()) {
+                let prefix = format!("  {} annotations: ", text(&i["id"]));
+                annotations(&i["annotations"], &prefix, &mut line);
+            }
+        }
+    }
+
+    let policy = &v["policy"];
+    if policy.is_null() {
+        line("Policy:        <none> (callers use their local policy or the defaults)".into());
+    } else {
+        let s = summary(policy);
+        line(format!(
+            "Policy:        version {}: retries {}, timeout {}, outlier {}, limits {}, {} rate limit(s), {} fault(s)",
+            s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+        ));
+    }
+
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        line("Events:        <none>".into());
+    } else {
+        line("Events:        (newest last)".into());
+        let mut rows = vec![["TIME", "KIND", "ENDPOINT", "COUNT", "REPORTER", "DETAIL"]
+            .map(String::from)
+            .to_vec()];
+        for e in &events {
+            let reporter = e["reporter"]["instance_id"]
+                .as_str()
+                .or(e["reporter"]["service"].as_str())
+                .unwrap_or("control plane")
+                .to_string();
+            rows.push(vec![
+                time(&e["at_ms"]),
+                text(&e["kind"]),
+                text(&e["endpoint"]),
+                text(&e["count"]),
+                reporter,
+                text(&e["detail"]),
+            ]);
+        }
+        for r in align(&rows) {
+            line(format!("  {r}"));
+        }
+    }
+    out
+}
+
+/// `KEY=VALUE` lines, the first after `prefix`, the others aligned under it.
+fn annotations(map: &Value, prefix: &str, line: &mut impl FnMut(String)) {
+    let items: Vec<String> = map
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if items.is_empty() {
+        line(format!("{prefix}<none>"));
+        return;
+    }
+    let indent = " ".repeat(prefix.chars().count());
+    for (n, item) in items.into_iter().enumerate() {
+        line(format!("{}{item}", if n == 0 { prefix } else { &indent }));
+    }
+}
+
+/// `http /healthz every 5s (timeout 1s, 2 up / 3 down)`, `<none>`.
+fn health_check(check: &Value) -> String {
+    if check.is_null() {
+        return "<none> (instances are trusted while their leases live)".into();
+    }
+    let mut s = text(&check["kind"]);
+    if let Some(path) = check["path"].as_str() {
+        s.push_str(&format!(" {path}"));
+    }
+    s.push_str(&format!(
+        " every {}s (timeout {}s, {} up / {} down)",
+        text(&check["interval"]),
+        text(&check["timeout"]),
+        text(&check["healthy_threshold"]),
+        text(&check["unhealthy_threshold"])
+    ));
+    s
+}
