@@ -1,7 +1,9 @@
 //! The control plane under test: [`TestControl`] runs `malla_control::server::Control`
 //! in-process, its HTTP API and DNS on `127.0.0.1:0`, its store in a fresh temporary
 //! directory ([`TempDir`], removed when dropped), and offers a small JSON client for the API
-//! ([`api::Api`]). The gRPC API listens on `127.0.0.1:0` too ([`TestControl::grpc_addr`]).
+//! ([`api::Api`]). The APIs (HTTP/JSON and gRPC) are served on one port
+//! ([`TestControl::http_addr`]) and again on the port kept for sidecars configured with the
+//! old gRPC address ([`TestControl::grpc_addr`]): tests may use either for either API.
 //!
 //! ```ignore
 //! let mut control = TestControl::start().await;
@@ -31,6 +33,7 @@ use malla_control::{
     policies::Policies,
     registry::Registry,
     server::{Control, ControlConfig, DnsSettings},
+    serving::ServeSettings,
     store::embedded::EmbeddedStore,
 };
 
@@ -79,6 +82,7 @@ pub struct TestControl {
     grpc_addr: SocketAddr,
     dns_addr: Option<SocketAddr>,
     dns: bool,
+    serving: ServeSettings,
     // Declared last: dropped after the control plane.
     dir: TempDir,
 }
@@ -88,6 +92,7 @@ impl std::fmt::Debug for TestControl {
         f.debug_struct("TestControl")
             .field("running", &self.control.is_some())
             .field("http_addr", &self.http_addr)
+            .field("grpc_addr", &self.grpc_addr)
             .field("dns_addr", &self.dns_addr)
             .field("dir", &self.dir.path)
             .finish()
@@ -110,14 +115,25 @@ impl TestControl {
         Self::start_in(TempDir::new("control"), false).await
     }
 
+    /// A control plane without DNS whose serving limits are `serving` (a short head
+    /// timeout, a small connection limit...).
+    pub async fn start_serving(serving: ServeSettings) -> TestControl {
+        Self::start_with(TempDir::new("control"), false, serving).await
+    }
+
     /// A control plane over `dir` (which may hold the store of an earlier run).
     pub async fn start_in(dir: TempDir, dns: bool) -> TestControl {
+        Self::start_with(dir, dns, ServeSettings::default()).await
+    }
+
+    async fn start_with(dir: TempDir, dns: bool, serving: ServeSettings) -> TestControl {
         let mut control = TestControl {
             control: None,
             http_addr: any_port(),
             grpc_addr: any_port(),
             dns_addr: None,
             dns,
+            serving,
             dir,
         };
         control.start_again().await;
@@ -143,7 +159,7 @@ impl TestControl {
                 dns_addr: self.dns.then(any_port),
                 dns: DnsSettings::default(),
             };
-            match Control::start(config).await {
+            match Control::start_with(config, self.serving.clone()).await {
                 Ok(control) => break control,
                 // The previous address may linger for a moment: retry, then take any.
                 Err(e) if http_addr.port() != 0 && attempt < 50 => {
@@ -187,7 +203,7 @@ impl TestControl {
         self.control.is_some()
     }
 
-    /// A client for the HTTP API at its current address.
+    /// A client for the HTTP API at its current address (the one port of both APIs).
     pub fn api(&self) -> Api {
         Api::new(self.http_addr)
     }
@@ -196,7 +212,8 @@ impl TestControl {
         self.http_addr
     }
 
-    /// The gRPC API's address (new on every start).
+    /// The second address of both APIs, the gRPC port of earlier versions (new on every
+    /// start). The gRPC API is on [`http_addr`](Self::http_addr) too.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }

@@ -6,13 +6,15 @@ pub mod http;
 
 use std::sync::Arc;
 
-use crate::{events::EventRing, policies::Policies, registry::Registry};
+use crate::{events::EventRing, metrics::Metrics, policies::Policies, registry::Registry};
 
 /// What every API serves.
 pub struct Backend<S> {
     pub registry: Arc<Registry<S>>,
     pub policies: Arc<Policies<S>>,
     pub events: Arc<EventRing>,
+    /// The control plane's own metrics (`GET /metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 // By hand: a derive would ask for `S: Clone`, and only the `Arc`s are cloned.
@@ -22,6 +24,7 @@ impl<S> Clone for Backend<S> {
             registry: self.registry.clone(),
             policies: self.policies.clone(),
             events: self.events.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }

@@ -13,8 +13,10 @@ use crate::{
     dns::{Catalog, DnsConfig, DnsServer, Pick},
     events::EventRing,
     health::HealthChecker,
+    metrics::Metrics,
     policies::Policies,
     registry::Registry,
+    serving::{Apis, ServeSettings, Server},
     store::{embedded::EmbeddedStore, Store},
 };
 
@@ -29,8 +31,9 @@ const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
     pub data_dir: PathBuf,
+    /// The APIs, HTTP/JSON and gRPC on one port (`--addr`, alias `--http-addr`).
     pub http_addr: SocketAddr,
-    /// The gRPC API for sidecars (register, heartbeat, deregister, watch).
+    /// The same APIs on a second port, the gRPC port of earlier versions (`--grpc-addr`).
     pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
     pub dns: DnsSettings,
@@ -58,7 +61,10 @@ pub struct Control {
     pub policies: Arc<Policies<EmbeddedStore>>,
     /// The resilience events sidecars reported (in memory).
     pub events: Arc<EventRing>,
+    /// The address of the APIs (`--addr`): HTTP/JSON and gRPC.
     pub http_addr: SocketAddr,
+    /// The same APIs on the gRPC address kept for sidecars configured with it
+    /// (`--grpc-addr`).
     pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
     health: Option<HealthChecker>,
@@ -69,12 +75,23 @@ pub struct Control {
 }
 
 impl Control {
+    /// Starts with the default serving limits ([`ServeSettings::default`]).
     pub async fn start(config: ControlConfig) -> anyhow::Result<Control> {
+        Self::start_with(config, ServeSettings::default()).await
+    }
+
+    pub async fn start_with(
+        config: ControlConfig,
+        serving: ServeSettings,
+    ) -> anyhow::Result<Control> {
         // A port in use must fail before the store is opened (and its file locked), so that
         // a retry with another port finds the data directory free.
-        let listener = TcpListener::bind(config.http_addr)
+        let http = TcpListener::bind(config.http_addr)
             .await
-            .with_context(|| format!("cannot listen on {} (--http-addr)", config.http_addr))?;
+            .with_context(|| format!("cannot listen on {} (--addr)", config.http_addr))?;
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (--grpc-addr)", config.grpc_addr))?;
         let store = EmbeddedStore::open(&config.data_dir)
             .await
             .with_context(|| {
@@ -90,11 +107,12 @@ impl Control {
                 registry,
                 policies,
                 events: Arc::new(EventRing::default()),
+                metrics: Arc::new(Metrics::default()),
             })
         }
         .await;
         let started = match opened {
-            Ok(backend) => Self::serve(&config, backend.clone(), listener).await,
+            Ok(backend) => Self::serve(&config, serving, backend.clone(), [http, grpc]).await,
             Err(e) => Err(e),
         };
         if started.is_err() {
@@ -111,21 +129,16 @@ impl Control {
     /// failure leaves nothing running.
     async fn serve(
         config: &ControlConfig,
+        serving: ServeSettings,
         backend: Backend<EmbeddedStore>,
-        listener: TcpListener,
+        [http_listener, grpc_listener]: [TcpListener; 2],
     ) -> anyhow::Result<Control> {
         let registry = backend.registry.clone();
-        let (stop, mut stopped) = watch::channel(false);
-        let (grpc_addr, grpc) =
-            api::grpc::bind(config.grpc_addr, backend.clone(), stop.subscribe())
-                .await
-                .with_context(|| format!("cannot listen on {} (--grpc-addr)", config.grpc_addr))?;
-        info!(addr = %grpc_addr, "gRPC API listening");
-
+        let (stop, _) = watch::channel(false);
         let dns = match config.dns_addr {
             Some(addr) => {
                 let catalog: Arc<dyn Catalog> = Arc::new(RegistryCatalog(registry.clone()));
-                let started = DnsServer::start(
+                let server = DnsServer::start(
                     DnsConfig {
                         addr,
                         domain: config.dns.domain.clone(),
@@ -133,36 +146,26 @@ impl Control {
                     },
                     catalog,
                 )
-                .await;
-                match started {
-                    Ok(server) => {
-                        info!(addr = %server.local_addr(), "DNS listening");
-                        Some(server)
-                    }
-                    Err(e) => {
-                        stop.send_replace(true);
-                        grpc.abort();
-                        return Err(e.context(format!("cannot serve DNS on {addr} (--dns-addr)")));
-                    }
-                }
+                .await
+                .map_err(|e| e.context(format!("cannot serve DNS on {addr} (--dns-addr)")))?;
+                info!(addr = %server.local_addr(), "DNS listening");
+                Some(server)
             }
             None => None,
         };
 
-        let http_addr = listener.local_addr()?;
-        let app = api::http::router(backend.clone());
-        let http = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "HTTP API stopped");
-            }
-        });
-        info!(addr = %http_addr, "HTTP API listening");
+        let http_addr = http_listener.local_addr()?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let apis = Apis::new(
+            api::http::router(backend.clone()),
+            api::grpc::routes(backend.clone(), stop.subscribe()),
+            backend.metrics.clone(),
+        );
+        let server = Server::new(apis, serving, stop.subscribe());
+        let http = tokio::spawn(server.clone().serve(http_listener));
+        let grpc = tokio::spawn(server.serve(grpc_listener));
+        info!(addr = %http_addr, "HTTP and gRPC APIs listening");
+        info!(addr = %grpc_addr, "HTTP and gRPC APIs listening (--grpc-addr)");
         let health = HealthChecker::start(registry.clone());
 
         Ok(Control {

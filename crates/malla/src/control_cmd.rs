@@ -1,26 +1,54 @@
 //! `malla control`: the control plane.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use malla_control::server::{Control, ControlConfig, DnsSettings};
+use malla_control::{
+    server::{Control, ControlConfig, DnsSettings},
+    serving::{ServeSettings, DEFAULT_MAX_CONNECTIONS},
+};
 
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  malla control --data-dir /var/lib/malla\n\n\
-    The CLI verbs (malla services, instances, register...) find it through --control or MALLA_CONTROL.")]
+    The CLI verbs (malla services, instances, register...) and sidecars (malla proxy --control)\n\
+    find it at --addr: the HTTP/JSON API and the gRPC API share that one port.")]
 pub struct ControlArgs {
     /// Where the embedded store keeps its file (created if missing).
     #[arg(long, value_name = "DIR", default_value = "malla-data")]
     data_dir: PathBuf,
-    /// The HTTP/JSON API (CLI, dashboard, clients outside the mesh).
-    #[arg(long, value_name = "HOST:PORT", default_value = malla_control::server::DEFAULT_HTTP_ADDR)]
-    http_addr: SocketAddr,
-    /// The gRPC API for sidecars (`malla proxy --control`): register, heartbeat, watch.
+    /// The APIs: HTTP/JSON (CLI, dashboard, clients outside the mesh) and gRPC (sidecars)
+    /// on one port, told apart by each request's content type.
+    #[arg(
+        long = "addr",
+        visible_alias = "http-addr",
+        value_name = "HOST:PORT",
+        default_value = malla_control::server::DEFAULT_HTTP_ADDR
+    )]
+    addr: SocketAddr,
+    /// A second port serving the same APIs: the gRPC port of earlier versions, kept so
+    /// sidecars configured with it still connect.
     #[arg(long, value_name = "HOST:PORT", default_value = malla_control::server::DEFAULT_GRPC_ADDR)]
     grpc_addr: SocketAddr,
     /// DNS (UDP and TCP): `SERVICE.svc.malla.` and label filters; see docs/dns.md.
     #[arg(long, value_name = "HOST:PORT", default_value = malla_control::server::DEFAULT_DNS_ADDR)]
     dns_addr: SocketAddr,
+    /// Most connections open at once over both ports; beyond it new connections are closed
+    /// at once (and logged). Keep `ulimit -n` above it.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// How long a client has to send a request's head (and an idle HTTP/1 connection to
+    /// send its next request) before its connection is closed, e.g. `10s`.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = head_timeout)]
+    head_timeout: Duration,
+}
+
+fn head_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 10s, 1m)"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err(format!("{s} is out of range: use 100ms to 1h"));
+    }
+    Ok(d)
 }
 
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
@@ -29,15 +57,21 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let control = Control::start(ControlConfig {
-            data_dir: args.data_dir,
-            http_addr: args.http_addr,
-            grpc_addr: args.grpc_addr,
-            dns_addr: Some(args.dns_addr),
-            dns: DnsSettings::default(),
-        })
+        let control = Control::start_with(
+            ControlConfig {
+                data_dir: args.data_dir,
+                http_addr: args.addr,
+                grpc_addr: args.grpc_addr,
+                dns_addr: Some(args.dns_addr),
+                dns: DnsSettings::default(),
+            },
+            ServeSettings {
+                head_timeout: args.head_timeout,
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            },
+        )
         .await?;
-        tracing::info!(http = %control.http_addr, grpc = %control.grpc_addr, "control plane ready");
+        tracing::info!(addr = %control.http_addr, grpc_addr = %control.grpc_addr, "control plane ready");
         // SIGTERM (service managers, `kill`) and SIGINT (Ctrl-C) both stop it cleanly: the
         // APIs close, watch streams end with UNAVAILABLE so sidecars reconnect, the store
         // is closed.

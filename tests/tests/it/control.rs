@@ -10,6 +10,7 @@
 //! | `restart` | registrations, specs and leases survive a restart on the same data dir |
 //! | `bad_input` | every API refuses bad input with a precise 4xx in the JSON error shape |
 //! | `dns` | the DNS interface through `dig` |
+//! | `serving` | both APIs on each port, 405s, head timeout, connection limit |
 //!
 //! The CLI verbs and a `kill -9` of the real binary are tested in `crates/malla/tests/`,
 //! where Cargo provides the binary.
@@ -20,6 +21,7 @@ mod health;
 mod leases;
 mod registry;
 mod restart;
+mod serving;
 
 use serde_json::{json, Value};
 

@@ -31,22 +31,20 @@ pub mod policies;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::{collections::BTreeMap, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use malla_api::{pb, ConversionError, PoliciesServer, Registration, RegistryServer, WatchTarget};
 use malla_core::{service::valid_instance_id, Instance, ServiceName};
-use tokio::{
-    net::TcpListener,
-    sync::{
-        broadcast::{self, error::RecvError, error::TryRecvError},
-        mpsc, watch,
-    },
+use tokio::sync::{
+    broadcast::{self, error::RecvError, error::TryRecvError},
+    mpsc, watch,
 };
 use tonic::{codegen::tokio_stream::Stream, Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     api::Backend,
+    metrics::{Metrics, WatchKind},
     registry::{self, Change, Registry, RegistryError, View},
     store::{Store, StoreError},
 };
@@ -55,62 +53,43 @@ use crate::{
 pub const STREAM_BUFFER: usize = 64;
 /// Most queued changes coalesced into one update.
 const MAX_BATCH: usize = 1024;
-/// HTTP/2 pings on idle connections, so a vanished sidecar's streams are cleaned up.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The service implementation.
 pub struct RegistryGrpc<S> {
     registry: Arc<Registry<S>>,
+    metrics: Arc<Metrics>,
     /// Turns `true` when the control plane stops: every watch stream ends.
     stop: watch::Receiver<bool>,
 }
 
 impl<S: Store + Clone> RegistryGrpc<S> {
-    pub fn new(registry: Arc<Registry<S>>, stop: watch::Receiver<bool>) -> Self {
-        RegistryGrpc { registry, stop }
+    pub fn new(
+        registry: Arc<Registry<S>>,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        RegistryGrpc {
+            registry,
+            metrics,
+            stop,
+        }
     }
 }
 
-/// Serves the API on `listener` until `stop` turns `true`.
-pub async fn serve<S: Store + Clone>(
-    listener: TcpListener,
+/// Both gRPC services, to be served by [`crate::serving`] (on the same connections as the
+/// HTTP API); every watch stream ends when `stop` turns `true`.
+pub fn routes<S: Store + Clone>(
     backend: Backend<S>,
     stop: watch::Receiver<bool>,
-) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut stopped = stop.clone();
-    let shutdown = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(RegistryServer::new(RegistryGrpc::new(
-            backend.registry.clone(),
-            stop.clone(),
-        )))
-        .add_service(PoliciesServer::new(policies::PoliciesGrpc::new(
-            backend, stop,
-        )))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-}
-
-/// Binds `addr` and serves the API there; returns the bound address.
-pub async fn bind<S: Store + Clone>(
-    addr: SocketAddr,
-    backend: Backend<S>,
-    stop: watch::Receiver<bool>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = serve(listener, backend, stop).await {
-            warn!(error = %e, "gRPC API stopped");
-        }
-    });
-    Ok((bound, task))
+) -> tonic::service::Routes {
+    tonic::service::Routes::new(RegistryServer::new(RegistryGrpc::new(
+        backend.registry.clone(),
+        backend.metrics.clone(),
+        stop.clone(),
+    )))
+    .add_service(PoliciesServer::new(policies::PoliciesGrpc::new(
+        backend, stop,
+    )))
 }
 
 /// Maps registry errors to gRPC statuses; the message says what to do.
@@ -216,7 +195,11 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
     ) -> Result<Response<WatchStream>, Status> {
         let target = WatchTarget::try_from(request.into_inner()).map_err(invalid)?;
         let registry = self.registry.clone();
-        streaming(&self.stop, |tx, stop| run_watch(registry, target, tx, stop))
+        let open = self.metrics.watch_opened(WatchKind::Registry);
+        streaming(&self.stop, |tx, stop| async move {
+            run_watch(registry, target, tx, stop).await;
+            drop(open);
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::{
     body::Bytes,
-    extract::{DefaultBodyLimit, FromRef, Path, Query, State},
+    extract::{DefaultBodyLimit, FromRef, MatchedPath, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, put},
@@ -38,9 +38,10 @@ impl<S> FromRef<Backend<S>> for Arc<Registry<S>> {
 }
 
 pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(|| async { "ready\n" }))
+        .route("/metrics", get(metrics::<S>))
         .route("/v1/status", get(status::<S>))
         .route("/v1/services", get(list_services::<S>))
         .route(
@@ -70,9 +71,41 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
                 "no such route; see docs/control.md",
             )
         })
+        .route_layer(axum::middleware::from_fn(note_route))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(backend);
+    // `json_errors` wraps the whole router rather than each route (`Router::layer`): axum
+    // adds a 405's `Allow` header outside a route's own layers, where a per-route
+    // middleware would not see it and could not list the methods.
+    Router::new()
+        .fallback_service(routes)
         .layer(axum::middleware::from_fn(json_errors))
-        .with_state(backend)
+}
+
+/// The route template a request matched (`/v1/services/{service}`), on its answer: the
+/// metrics label requests by it (`crate::serving` reads it), never by the raw path.
+#[derive(Clone, Debug)]
+pub struct RouteTemplate(pub MatchedPath);
+
+async fn note_route(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(req).await;
+    if let Some(matched) = matched {
+        response.extensions_mut().insert(RouteTemplate(matched));
+    }
+    response
+}
+
+/// `GET /metrics`: the control plane's own metrics, Prometheus text format.
+async fn metrics<S: Store + Clone>(State(backend): State<Backend<S>>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        backend.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// Gives the error answers that axum makes itself (a method the route does not take, a body

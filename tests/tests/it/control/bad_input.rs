@@ -191,24 +191,27 @@ fn cases() -> Vec<Case> {
             "not_found",
         ),
         case(M::GET, "/v1/leases/1", "", 404, "not_found"),
-        case(M::POST, "/v1/services", "{}", 405, "method_not_allowed"),
+        // A 405 lists the methods the route takes.
+        case(M::POST, "/v1/services", "{}", 405, "method_not_allowed").says("it takes GET,HEAD"),
         case(
             M::POST,
             "/v1/services/orders",
             "{}",
             405,
             "method_not_allowed",
-        ),
-        case(M::PATCH, INSTANCE, "{}", 405, "method_not_allowed"),
-        case(M::GET, INSTANCE, "", 405, "method_not_allowed"),
+        )
+        .says("it takes GET,HEAD,PUT,DELETE"),
+        case(M::PATCH, INSTANCE, "{}", 405, "method_not_allowed").says("it takes PUT,DELETE"),
+        case(M::GET, INSTANCE, "", 405, "method_not_allowed").says("it takes PUT,DELETE"),
         case(
             M::GET,
             "/v1/leases/1/keepalive",
             "",
             405,
             "method_not_allowed",
-        ),
-        case(M::DELETE, "/v1/status", "", 405, "method_not_allowed"),
+        )
+        .says("it takes PUT"),
+        case(M::DELETE, "/v1/status", "", 405, "method_not_allowed").says("it takes GET,HEAD"),
         // Query strings.
         case(
             M::GET,

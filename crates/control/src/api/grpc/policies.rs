@@ -22,6 +22,7 @@ use tracing::debug;
 use crate::{
     api::Backend,
     events,
+    metrics::WatchKind,
     policies::{PolicyView, StoredPolicy},
     store::Store,
 };
@@ -98,6 +99,7 @@ async fn run_watch<S: Store + Clone>(
     tx: Sender,
     mut stop: watch::Receiver<bool>,
 ) {
+    let _open = backend.metrics.watch_opened(WatchKind::Policy);
     let policies = &backend.policies;
     let (view, mut changes) = policies.subscribe();
     // The revision the client is up to: changes at or below it are already in what it has.
