@@ -508,6 +508,7 @@ async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey,
     loop {
         ticker.tick().await;
         let result = probe(&check.kind, target.addr, check.timeout).await;
+        crate::metrics::process().health_check(result.is_ok());
         let verdict = match &result {
             Ok(()) => {
                 ok_streak += 1;

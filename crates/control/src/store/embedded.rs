@@ -28,10 +28,10 @@
 //!   the past. At least the last [`EVENT_HISTORY`] revisions are kept; older ones are deleted
 //!   in chunks, and a watch from before them gets [`StoreError::Compacted`].
 //! - **Leases.** The writer owns an in-memory schedule on `tokio::time` (so tests can pause
-//!   time) and persists each deadline as wall-clock unix milliseconds. On open, a lease
-//!   resumes with the time it had left (its wall-clock deadline minus now: downtime counts),
-//!   and a lease whose deadline passed while the store was closed expires at once, with
-//!   delete events in the log.
+//!   time) and persists each deadline as wall-clock unix milliseconds. On open, every lease
+//!   gets its full TTL from now, as etcd does when a leader takes over: a control plane that
+//!   was down longer than a TTL does not expire every registration at once before their
+//!   agents can renew (see `Writer::load`); a lease nobody renews expires one TTL later.
 //! - **Watches** ([`watch`]): subscribe to the live broadcast, then read history, then go
 //!   live; a watcher that lags behind the broadcast catches up from the log.
 //!
@@ -56,7 +56,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use redb::{Database, DatabaseError, ReadTransaction, ReadableDatabase, StorageError};
+use redb::{
+    Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, StorageError,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -302,6 +304,38 @@ impl EmbeddedStore {
             .await
             .map_err(|e| fail(&e))?
             .map_err(|e| fail(&e))
+    }
+
+    /// For tests of what a long outage does: moves every lease's persisted wall-clock
+    /// deadline `by` into the past, in the closed store in `dir` (as if the control plane had
+    /// been down that much longer). Returns how many leases it moved.
+    #[doc(hidden)]
+    pub fn age_leases_while_closed(dir: &Path, by: Duration) -> Result<usize> {
+        let path = dir.join(DB_FILE);
+        let fail = |e: &dyn fmt::Display| {
+            StoreError::Backend(format!("ageing the leases in {}: {e}", path.display()))
+        };
+        let db = Database::open(&path).map_err(|e| fail(&e))?;
+        let by_ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        let txn = db.begin_write().map_err(|e| fail(&e))?;
+        let mut moved = 0;
+        {
+            let mut leases = txn.open_table(tables::LEASES).map_err(|e| fail(&e))?;
+            let all: Vec<(u64, (u64, u64))> = leases
+                .iter()
+                .map_err(|e| fail(&e))?
+                .map(|entry| entry.map(|(id, record)| (id.value(), record.value())))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| fail(&e))?;
+            for (id, (ttl_ms, expiry_ms)) in all {
+                leases
+                    .insert(id, (ttl_ms, expiry_ms.saturating_sub(by_ms)))
+                    .map_err(|e| fail(&e))?;
+                moved += 1;
+            }
+        }
+        txn.commit().map_err(|e| fail(&e))?;
+        Ok(moved)
     }
 
     /// How many times a watcher fell behind the live broadcast and caught up from the log.

@@ -617,37 +617,50 @@ async fn restart_keeps_keys_revision_leases_and_history() {
     store.close().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_lease_that_ran_out_while_closed_expires_on_open() {
-    let dir = TempDir::new("expired-while-closed");
+/// A lease whose deadline passed while the store was closed (an outage longer than its
+/// TTL) is not expired on open: every lease gets its full TTL from the open, as etcd gives
+/// them when a leader takes over, and can be renewed; one nobody renews expires one TTL
+/// after the open. Time is paused: the deadlines are exact.
+#[tokio::test(start_paused = true)]
+async fn leases_get_their_full_ttl_on_open() {
+    let dir = TempDir::new("lease-grace");
     let store = EmbeddedStore::open(dir.path()).await.unwrap();
-    let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    let renewed = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+    let forgotten = store.grant_lease(Duration::from_secs(10)).await.unwrap();
     store
-        .put("inst/a", b"a".to_vec(), Some(lease.id), none())
+        .put("inst/a", b"a".to_vec(), Some(renewed.id), none())
         .await
         .unwrap();
     store
-        .put("keep", b"k".to_vec(), None, none())
+        .put("inst/b", b"b".to_vec(), Some(forgotten.id), none())
         .await
         .unwrap();
     store.close().await.unwrap();
-    // The TTL itself: the lease's wall-clock deadline passes while the store is closed.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Down for an hour, as far as the persisted deadlines say.
+    let moved =
+        EmbeddedStore::age_leases_while_closed(dir.path(), Duration::from_secs(3600)).unwrap();
+    assert_eq!(moved, 2);
 
     let store = EmbeddedStore::open(dir.path()).await.unwrap();
-    assert_eq!(store.get("inst/a").await.unwrap(), None);
-    assert!(store.get("keep").await.unwrap().is_some());
-    assert!(matches!(
-        store.lease(lease.id).await,
-        Err(StoreError::LeaseNotFound(_))
-    ));
-    assert_eq!(store.revision(), 3);
+    assert_eq!(store.revision(), 2, "nothing expired on open");
+    for lease in [renewed.id, forgotten.id] {
+        assert_eq!(
+            store.lease(lease).await.unwrap().remaining,
+            Duration::from_secs(10)
+        );
+    }
     let mut watch = store.watch("inst/", 2).unwrap();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(store.get("inst/b").await.unwrap().is_some());
+    store.keep_alive(renewed.id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let event = recv(&mut watch).await;
     assert_eq!(
         (event.kind, event.kv.key.as_str(), event.kv.mod_revision),
-        (EventKind::Delete, "inst/a", 3)
+        (EventKind::Delete, "inst/b", 3)
     );
+    assert_eq!(store.get("inst/b").await.unwrap(), None);
+    assert!(store.get("inst/a").await.unwrap().is_some());
     store.close().await.unwrap();
 }
 

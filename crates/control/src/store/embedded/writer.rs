@@ -233,9 +233,9 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Writer {
-    /// Loads the state of the database and expires, with events in the log, the leases whose
-    /// wall-clock expiry passed while the store was closed. `now` and `wall_ms` are the same
-    /// moment on the two clocks.
+    /// Loads the state of the database. Every lease starts with its full TTL from `now`,
+    /// whatever its persisted deadline (see [`Writer::load`]). `now` and `wall_ms` are the
+    /// same moment on the two clocks.
     pub(super) fn open(
         db: Arc<Database>,
         path: Arc<Path>,
@@ -256,56 +256,61 @@ impl Writer {
             compacted: 0,
             leases: Leases::default(),
         });
-        writer
+        let overdue = writer
             .load(now, wall_ms)
             .map_err(|e| writer.backend("loading the store state", e))?;
-        let overdue = writer.leases.due(now).len();
-        if overdue > 0 {
-            let applied = writer.apply(Vec::new(), now, wall_ms);
-            if applied.failed {
-                return Err(StoreError::Backend(format!(
-                    "expiring the {overdue} leases that ran out while the store was closed \
-                     failed in {}: see the error logged above",
-                    writer.path.display()
-                )));
-            }
-        }
         tracing::info!(
             path = %writer.path.display(),
             revision = writer.revision,
             leases = writer.leases.len(),
-            expired_while_closed = overdue,
-            "store opened"
+            deadline_passed_while_closed = overdue,
+            "store opened; every lease has its full TTL from now"
         );
         Ok(writer)
     }
 
-    fn load(&mut self, now: Instant, wall_ms: u64) -> DbResult<()> {
+    /// Reads the revision counters and the leases; returns how many leases' deadlines
+    /// passed while the store was closed.
+    ///
+    /// **Grace on open.** Each lease gets its full TTL from now, as etcd gives every lease
+    /// when a new leader takes over: after an outage longer than a TTL, expiring the leases
+    /// whose deadline passed would empty the registry at once, before the agents that hold
+    /// them (alive all along, retrying) have had a chance to renew, and a client that
+    /// resyncs in that moment would drop every endpoint. A lease nobody renews still
+    /// expires, one TTL after the open. The new deadlines are persisted.
+    fn load(&mut self, now: Instant, wall_ms: u64) -> DbResult<usize> {
         let txn = self.db.begin_write()?;
+        let mut overdue = 0;
         {
             migrate_events(&txn)?;
             // Opening the tables in a write transaction creates them in a new file.
-            let t = Tables::open(&txn)?;
+            let mut t = Tables::open(&txn)?;
             self.revision = meta(&t.meta, META_REVISION)?;
             self.next_lease = meta(&t.meta, META_NEXT_LEASE)?.max(1);
             self.compacted = meta(&t.meta, META_COMPACTED)?;
             let mut undo = Undo::new();
+            let mut renewed = Vec::new();
             for entry in t.leases.iter()? {
                 let (id, record) = entry?;
                 let (ttl_ms, expiry_ms) = record.value();
-                let ttl = Duration::from_millis(ttl_ms);
-                // Never more than the TTL, even if the wall clock went back while closed.
-                let remaining = Duration::from_millis(expiry_ms.saturating_sub(wall_ms)).min(ttl);
+                if expiry_ms <= wall_ms {
+                    overdue += 1;
+                }
+                renewed.push((id.value(), ttl_ms));
+            }
+            for (id, ttl_ms) in renewed {
+                t.leases
+                    .insert(id, (ttl_ms, wall_ms.saturating_add(ttl_ms)))?;
                 let state = LeaseState {
-                    ttl,
-                    deadline: now + remaining,
+                    ttl: Duration::from_millis(ttl_ms),
+                    deadline: now + Duration::from_millis(ttl_ms),
                 };
-                self.leases.set(id.value(), Some(state), &mut undo);
+                self.leases.set(id, Some(state), &mut undo);
             }
         }
         txn.commit()?;
         self.publish();
-        Ok(())
+        Ok(overdue)
     }
 
     fn publish(&self) {
@@ -354,6 +359,7 @@ impl Writer {
                 self.publish();
                 if b.expired > 0 {
                     tracing::debug!(leases = b.expired, "leases expired");
+                    crate::metrics::process().leases_expired(b.expired);
                 }
                 // One message per revision, so watchers never see half of one. No receiver
                 // is not an error: nobody watches.
@@ -399,6 +405,7 @@ impl Writer {
         b: &mut Batch,
         pending: &mut std::vec::IntoIter<Request>,
     ) -> DbResult<()> {
+        let _timer = crate::metrics::process().store_write();
         let txn = self.db.begin_write()?;
         {
             let mut t = Tables::open(&txn)?;
