@@ -237,6 +237,7 @@ impl<S: Store + Clone> Registry<S> {
                 "invalid instance id {id:?}: use 1-128 letters, digits, '.', '_', ':' or '-'"
             )));
         }
+        malla_core::service::check_endpoint_address(reg.address).map_err(RegistryError::Invalid)?;
         if reg.port == 0 {
             return Err(RegistryError::Invalid(
                 "port must be from 1 to 65535".into(),

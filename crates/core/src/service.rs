@@ -112,6 +112,24 @@ impl Instance {
     }
 }
 
+/// Whether `address` can be an instance's endpoint, one that other instances connect to;
+/// the error says why not and what to register instead. Refused: the unspecified addresses
+/// (`0.0.0.0`, `::`: a listening socket's "every interface", not a destination), multicast
+/// addresses and the IPv4 broadcast address (not one instance). IPv4-mapped IPv6 addresses
+/// are judged as the IPv4 address they carry.
+pub fn check_endpoint_address(address: IpAddr) -> Result<(), String> {
+    let what = match address.to_canonical() {
+        a if a.is_unspecified() => "the unspecified address (\"every interface\" for a listening socket, not a destination)",
+        a if a.is_multicast() => "a multicast address (a group, not one instance)",
+        IpAddr::V4(v4) if v4.is_broadcast() => "the broadcast address (every host, not one instance)",
+        _ => return Ok(()),
+    };
+    Err(format!(
+        "address {address} is {what}: register the address other instances reach this one \
+         at, such as its pod, host or interface IP (127.0.0.1 or ::1 for a local test)"
+    ))
+}
+
 /// Instance ids: 1-128 characters of `[A-Za-z0-9._:-]`, so they fit keys, URLs and DNS.
 pub fn valid_instance_id(id: &str) -> bool {
     !id.is_empty()
@@ -133,6 +151,27 @@ mod tests {
         }
         assert!(valid_instance_id("quote-1.eu:8080"));
         assert!(!valid_instance_id("a/b"));
+    }
+
+    #[test]
+    fn endpoint_addresses() {
+        for ok in ["10.0.0.5", "127.0.0.1", "fd00::5", "::1", "192.168.1.255"] {
+            assert_eq!(check_endpoint_address(ok.parse().unwrap()), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("::ffff:0.0.0.0", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let e = check_endpoint_address(bad.parse().unwrap()).unwrap_err();
+            assert!(
+                e.contains(says) && e.contains("register the address"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

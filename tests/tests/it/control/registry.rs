@@ -279,3 +279,55 @@ async fn register_two(api: &malla_tests::control::api::Api) -> Vec<u64> {
     }
     leases
 }
+
+/// An address no one can connect to as one instance (unspecified, multicast, broadcast) is
+/// refused by both APIs, with a message that says what to register instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_addresses_are_refused_by_both_apis() {
+    use malla_api::{pb, RegistryClient};
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", control.grpc_addr()))
+        .expect("a valid URI")
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = RegistryClient::new(channel);
+    for (address, says) in [
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.251", "multicast"),
+        ("ff02::fb", "multicast"),
+        ("255.255.255.255", "broadcast"),
+    ] {
+        let reply = api
+            .put(
+                "/v1/services/app/instances/a",
+                &json!({"address": address, "port": 8080}),
+            )
+            .await;
+        let message = reply.error(400, "invalid_argument");
+        assert!(
+            message.contains(says) && message.contains("register the address"),
+            "{address}: {message}"
+        );
+        let status = grpc
+            .register(pb::RegisterRequest {
+                service: "app".into(),
+                id: "a".into(),
+                address: address.into(),
+                port: 8080,
+                protocol: pb::Protocol::Http.into(),
+                labels: Default::default(),
+                ttl_seconds: 30,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{address}");
+        assert!(status.message().contains(says), "{address}: {status:?}");
+    }
+    api.get("/v1/services/app").await.error(404, "not_found");
+    // An IPv6 unicast endpoint is fine.
+    api.register("app", "v6", &json!({"address": "fd00::5", "port": 8080}))
+        .await;
+}
