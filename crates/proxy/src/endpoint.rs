@@ -13,7 +13,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -22,7 +22,11 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use crate::{http2, metrics::EndpointMetrics, resilience::outlier::Breaker};
+use crate::{
+    http2,
+    metrics::EndpointMetrics,
+    resilience::outlier::{self, Breaker},
+};
 
 /// Latency assumed for an endpoint that has not answered yet (as Linkerd does).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -40,6 +44,16 @@ pub struct Endpoint {
     pub(crate) metrics: EndpointMetrics,
     /// The endpoint's circuit breaker (outlier detection).
     pub(crate) breaker: Breaker,
+    /// The control plane marks the instance behind it unhealthy (its health checks): it
+    /// takes no traffic unless the upstream is in panic (see [`crate::upstream`]).
+    control_unhealthy: AtomicBool,
+    /// When the endpoint last made progress: a response head, an opened connection, a
+    /// failure that was not a timeout, bytes of a TCP stream from it (ms on
+    /// [`outlier::now_ms`]'s clock; 0: never). Read by the stall check
+    /// ([`crate::resilience::stall`]) off the request path.
+    progress_ms: AtomicU64,
+    /// When a TCP stream last sent it bytes (same clock; 0: never).
+    sent_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -64,6 +78,45 @@ impl Endpoint {
             h2: http2::EndpointClient::default(),
             metrics,
             breaker: Breaker::default(),
+            control_unhealthy: AtomicBool::new(false),
+            progress_ms: AtomicU64::new(0),
+            sent_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the control plane marks the instance behind this endpoint unhealthy.
+    pub fn control_unhealthy(&self) -> bool {
+        self.control_unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// Records the control plane's verdict; `true` when it changed.
+    pub(crate) fn set_control_unhealthy(&self, unhealthy: bool) -> bool {
+        self.control_unhealthy.swap(unhealthy, Ordering::Relaxed) != unhealthy
+    }
+
+    /// When the endpoint last made progress (ms on [`outlier::now_ms`]'s clock; 0: never).
+    pub(crate) fn progress_ms(&self) -> u64 {
+        self.progress_ms.load(Ordering::Relaxed)
+    }
+
+    /// When a TCP stream last sent it bytes (same clock; 0: never).
+    pub(crate) fn sent_ms(&self) -> u64 {
+        self.sent_ms.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint made progress at `ms`. At most one store, and none when the value is
+    /// already there (several answers in the same millisecond, from several workers,
+    /// leave the cache line shared).
+    pub(crate) fn note_progress(&self, ms: u64) {
+        if self.progress_ms.load(Ordering::Relaxed) != ms {
+            self.progress_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// A TCP stream sent the endpoint bytes at `ms`.
+    pub(crate) fn note_sent(&self, ms: u64) {
+        if self.sent_ms.load(Ordering::Relaxed) != ms {
+            self.sent_ms.store(ms, Ordering::Relaxed);
         }
     }
 
@@ -111,8 +164,12 @@ impl Endpoint {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
+        self.observe_at(Instant::now(), rtt);
+    }
+
+    fn observe_at(&self, now: Instant, rtt: Duration) {
         if let Ok(mut e) = self.ewma.lock() {
             e.observe(now, rtt.as_nanos() as f64);
         }
@@ -138,21 +195,31 @@ impl InFlight {
 
     /// The endpoint answered (a response head arrived): feeds its latency estimate.
     pub fn answered(&self, status: u16) {
-        let rtt = self.started.elapsed();
-        self.endpoint.observe(rtt);
+        let now = Instant::now();
+        let rtt = now.saturating_duration_since(self.started);
+        self.endpoint.observe_at(now, rtt);
+        self.endpoint.note_progress(outlier::ms_at(now));
         self.endpoint.metrics.response(status, rtt);
     }
 
     /// A connection to the endpoint opened (opaque TCP): feeds its latency estimate.
     pub fn connected(&self) {
-        self.endpoint.observe(self.started.elapsed());
+        let now = Instant::now();
+        self.endpoint
+            .observe_at(now, now.saturating_duration_since(self.started));
+        self.endpoint.note_progress(outlier::ms_at(now));
     }
 
     /// The endpoint failed before answering; failures count as slow so that P2C steers
-    /// away from it (a fast failure must not look attractive).
+    /// away from it (a fast failure must not look attractive). A failure other than a
+    /// timeout (`504`) is the endpoint answering, badly: not a stall.
     pub fn failed(&self, status: u16) {
+        let now = Instant::now();
         self.endpoint
-            .observe(DEFAULT_RTT.max(self.started.elapsed()) * 4);
+            .observe_at(now, DEFAULT_RTT.max(now.saturating_duration_since(self.started)) * 4);
+        if status != 504 {
+            self.endpoint.note_progress(outlier::ms_at(now));
+        }
         self.endpoint.metrics.local_response(status);
     }
 }

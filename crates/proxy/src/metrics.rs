@@ -74,6 +74,9 @@ pub struct Metrics {
     latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     upstream_connections: Family<EndpointLabels, Gauge>,
     endpoints: Family<UpstreamLabels, Gauge>,
+    endpoints_unhealthy: Family<UpstreamLabels, Gauge>,
+    endpoints_stalled: Family<UpstreamLabels, Gauge>,
+    panic: Family<UpstreamLabels, Gauge>,
     errors: Family<ErrorLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     retry_budget_exhausted: Family<UpstreamLabels, Counter>,
@@ -171,6 +174,24 @@ impl Metrics {
             "Endpoints currently known for each upstream",
             endpoints.clone(),
         );
+        let endpoints_unhealthy = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_endpoints_unhealthy",
+            "Endpoints of each upstream the control plane marks unhealthy (its health checks); they take no traffic unless the upstream is in panic",
+            endpoints_unhealthy.clone(),
+        );
+        let endpoints_stalled = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_endpoints_stalled",
+            "Endpoints of each upstream with calls waiting and no progress (no response head, no bytes) for longer than the stall threshold (see docs/resilience.md)",
+            endpoints_stalled.clone(),
+        );
+        let panic = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_panic",
+            "1 while too few of an upstream's endpoints are available (ejected or unhealthy per the control plane) and it balances over all of them",
+            panic.clone(),
+        );
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "errors",
@@ -250,6 +271,9 @@ impl Metrics {
             latency,
             upstream_connections,
             endpoints,
+            endpoints_unhealthy,
+            endpoints_stalled,
+            panic,
             errors,
             retries,
             retry_budget_exhausted,
@@ -356,6 +380,9 @@ impl Metrics {
         UpstreamMetrics {
             name: upstream.to_string(),
             endpoints: self.endpoints.get_or_create(&labels).clone(),
+            endpoints_unhealthy: self.endpoints_unhealthy.get_or_create(&labels).clone(),
+            endpoints_stalled: self.endpoints_stalled.get_or_create(&labels).clone(),
+            panic: self.panic.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
             retry_budget_exhausted: self.retry_budget_exhausted.get_or_create(&labels).clone(),
             policy_version: self.policy_version.get_or_create(&labels).clone(),
@@ -406,6 +433,12 @@ impl EndpointMetrics {
 pub(crate) struct UpstreamMetrics {
     name: String,
     pub endpoints: Gauge,
+    /// Endpoints the control plane marks unhealthy.
+    pub endpoints_unhealthy: Gauge,
+    /// Endpoints stalled (see [`crate::resilience::stall`]).
+    pub endpoints_stalled: Gauge,
+    /// 1 while in panic.
+    pub panic: Gauge,
     retries: Counter,
     retry_budget_exhausted: Counter,
     pub policy_version: Gauge,

@@ -169,16 +169,30 @@ impl Upstream {
         self.set_labeled_endpoints(&labeled);
     }
 
+    /// Replaces the endpoint set, every endpoint healthy as far as the control plane goes.
+    pub fn set_labeled_endpoints(&self, endpoints: &[(SocketAddr, Labels)]) {
+        let discovered: Vec<_> = endpoints
+            .iter()
+            .map(|(addr, labels)| DiscoveredEndpoint {
+                addr: *addr,
+                labels: labels.clone(),
+                unhealthy: false,
+            })
+            .collect();
+        self.set_discovered_endpoints(&discovered);
+    }
+
     /// Replaces the endpoint set. Endpoints present before and after keep their state
     /// (load estimate, pooled connections, breaker); removed ones finish the requests they
-    /// carry.
+    /// carry. Endpoints the control plane marks unhealthy stay in the set, flagged: they
+    /// take no traffic unless too few endpoints are available (see [`Self::rebuild`]).
     ///
     /// A newcomer's latency estimate starts at the average of the endpoints already there,
     /// not at the 30 ms default: next to endpoints that answer in a millisecond, the default
     /// would keep it out of P2C's choices until their estimates had decayed (tens of
     /// seconds), and a new instance must take traffic within a second of registering. A
     /// slow newcomer gives itself away on its first answer (a peak replaces the estimate).
-    pub fn set_labeled_endpoints(&self, endpoints: &[(SocketAddr, Labels)]) {
+    pub fn set_discovered_endpoints(&self, endpoints: &[DiscoveredEndpoint]) {
         let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.endpoints.snapshot();
         let seed = (!current.is_empty()).then(|| {
@@ -188,16 +202,16 @@ impl Upstream {
             current.iter().map(|e| (e.addr, e)).collect();
         let mut next = Vec::with_capacity(endpoints.len());
         let mut labels = HashMap::with_capacity(endpoints.len());
-        for (addr, l) in endpoints {
-            if labels.insert(*addr, l.clone()).is_some() {
+        for d in endpoints {
+            if labels.insert(d.addr, d.labels.clone()).is_some() {
                 continue; // a duplicate in the input
             }
-            let endpoint = match existing.remove(addr) {
+            let endpoint = match existing.remove(&d.addr) {
                 Some(e) => e.clone(),
                 None => {
                     let endpoint = Arc::new(Endpoint::new(
-                        *addr,
-                        self.metrics.endpoint(&self.config.name, &addr.to_string()),
+                        d.addr,
+                        self.metrics.endpoint(&self.config.name, &d.addr.to_string()),
                     ));
                     if let Some(seed) = seed {
                         endpoint.seed_rtt_estimate(seed);
@@ -205,6 +219,7 @@ impl Upstream {
                     endpoint
                 }
             };
+            endpoint.set_control_unhealthy(d.unhealthy);
             next.push(endpoint);
         }
         for gone in existing.keys() {
@@ -212,6 +227,9 @@ impl Upstream {
                 .forget_endpoint(&self.config.name, &gone.to_string());
         }
         self.upstream_metrics.endpoints.set(next.len() as i64);
+        self.upstream_metrics
+            .endpoints_unhealthy
+            .set(next.iter().filter(|e| e.control_unhealthy()).count() as i64);
         *self.labels.lock().unwrap_or_else(|e| e.into_inner()) = labels;
         self.endpoints.store(next);
         self.rebuild();
@@ -221,32 +239,37 @@ impl Upstream {
         self.endpoints.snapshot()
     }
 
-    /// Rebuilds the available set from the endpoints, their breakers and labels, and the
-    /// policy. Called with `update_lock` held.
+    /// Rebuilds the available set from the endpoints, their breakers, the control plane's
+    /// health and labels, and the policy. Called with `update_lock` held.
+    ///
+    /// An endpoint is unavailable when its breaker ejected it or the control plane marks
+    /// it unhealthy. When fewer than the policy's `panic_threshold` share of all endpoints
+    /// is available, counting both reasons, the upstream is in panic and balances over
+    /// every endpoint, as Envoy does: a service most of whose instances look bad is more
+    /// likely judged wrongly (a wrong health-check path, a shared dependency down) than
+    /// sick instance by instance. The threshold holds whether outlier detection is on or
+    /// not (Envoy's is a load-balancer setting, not an outlier one), and registry health
+    /// alone never empties an upstream: when no endpoint is available and the control
+    /// plane marks any unhealthy, the upstream is in panic whatever the threshold.
     fn rebuild(&self) {
         let all = self.endpoints.snapshot();
         let resilience = self.resilience();
         let policy = &resilience.policy;
-        let open = |e: &Endpoint| e.breaker.state() != State::Ejected;
-        let available = all.iter().filter(|e| open(e)).count();
-        let panic = policy.outlier.enabled
-            && !all.is_empty()
-            && (available as f64) < policy.outlier.panic_threshold.fraction() * all.len() as f64;
+        let counts = Counts::of(&all);
+        let panic = counts.panic(policy.outlier.panic_threshold.fraction());
+        self.upstream_metrics.panic.set(i64::from(panic));
         if panic != self.panic.swap(panic, Ordering::Relaxed) {
             let (kind, detail) = if panic {
                 (
                     EventKind::PanicEntered,
                     format!(
-                        "{available} of {} endpoints available, below the panic threshold of {}%: balancing over all",
-                        all.len(),
+                        "{}, below the panic threshold of {}%: balancing over all",
+                        counts.describe(),
                         policy.outlier.panic_threshold.value()
                     ),
                 )
             } else {
-                (
-                    EventKind::PanicLeft,
-                    format!("{available} of {} endpoints available", all.len()),
-                )
+                (EventKind::PanicLeft, counts.describe())
             };
             self.event(Event::new(self.name(), kind, detail));
         }
@@ -258,12 +281,12 @@ impl Upstream {
         for e in all.iter() {
             let l = labels.get(&e.addr).unwrap_or(&empty);
             let level = locality::level(&self.local, l, &policy.failover);
-            if e.breaker.state() == State::HalfOpen {
+            if e.breaker.state() == State::HalfOpen && (panic || !e.control_unhealthy()) {
                 next_probes.push(e.clone());
             }
             let entry = levels.entry(level).or_default();
             entry.0 += 1;
-            if panic || open(e) {
+            if panic || available(e) {
                 entry.1.push(e.clone());
             }
         }
@@ -728,6 +751,7 @@ impl Upstream {
                 serde_json::json!({
                     "address": e.addr.to_string(),
                     "breaker": e.breaker.state().as_str(),
+                    "control_plane_health": if e.control_unhealthy() { "unhealthy" } else { "serving" },
                     "level": level,
                     "in_flight": e.in_flight(),
                     "requests": e.requests(),
@@ -737,6 +761,7 @@ impl Upstream {
             })
             .collect();
         let resilience = self.resilience();
+        let counts = Counts::of(&self.endpoints());
         serde_json::json!({
             "name": self.config.name,
             "balancer": self.balancer.kind().to_string(),
@@ -746,10 +771,71 @@ impl Upstream {
                 "spec": resilience.policy,
             },
             "panic": available.panic,
+            "endpoints_available": counts.available,
+            "endpoints_unhealthy": counts.unhealthy,
+            "endpoints_ejected": counts.ejected,
             "level_shares": available.cumulative,
             "limits_held": self.limits.snapshot(),
             "endpoints": endpoints,
         })
+    }
+}
+
+/// Whether an endpoint may take traffic outside panic: its breaker did not eject it and
+/// the control plane does not mark it unhealthy.
+fn available(e: &Endpoint) -> bool {
+    e.breaker.state() != State::Ejected && !e.control_unhealthy()
+}
+
+/// An endpoint as discovery gives it to [`Upstream::set_discovered_endpoints`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoveredEndpoint {
+    pub addr: SocketAddr,
+    /// For locality levels.
+    pub labels: Labels,
+    /// The control plane marks the instance unhealthy (its health checks).
+    pub unhealthy: bool,
+}
+
+/// Why the endpoints of an upstream are unavailable, for the panic decision and its
+/// events. An endpoint both ejected and marked unhealthy counts in both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    total: usize,
+    available: usize,
+    /// Marked unhealthy by the control plane.
+    unhealthy: usize,
+    /// Ejected by this sidecar's breakers.
+    ejected: usize,
+}
+
+impl Counts {
+    fn of(all: &[Arc<Endpoint>]) -> Self {
+        let mut c = Counts {
+            total: all.len(),
+            ..Counts::default()
+        };
+        for e in all {
+            c.available += usize::from(available(e));
+            c.unhealthy += usize::from(e.control_unhealthy());
+            c.ejected += usize::from(e.breaker.state() == State::Ejected);
+        }
+        c
+    }
+
+    /// Too few available endpoints (below `threshold`, a fraction of all of them), or none
+    /// at all only because of the control plane's health (see [`Upstream::rebuild`]).
+    fn panic(&self, threshold: f64) -> bool {
+        self.total > 0
+            && ((self.available as f64) < threshold * self.total as f64
+                || (self.available == 0 && self.unhealthy > 0))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} of {} endpoints available ({} unhealthy per the control plane, {} ejected)",
+            self.available, self.total, self.unhealthy, self.ejected
+        )
     }
 }
 

@@ -62,6 +62,7 @@ mod http1;
 mod http2;
 mod memory;
 mod policy;
+mod registry_health;
 mod requests;
 mod resilience;
 mod smuggling;

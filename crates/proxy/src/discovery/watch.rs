@@ -9,12 +9,12 @@ use std::{
 };
 
 use malla_api::{pb, ConversionError, RegistryClient, WatchEvent};
-use malla_core::{Instance, Labels};
+use malla_core::Instance;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::{backoff::Backoff, set_error, WatchStatus, RETRY_BASE, RETRY_MAX};
-use crate::upstream::Upstream;
+use crate::upstream::{DiscoveredEndpoint, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 enum WatchError {
@@ -37,9 +37,9 @@ const WATCH_START_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 struct Known {
     instances: BTreeMap<String, Instance>,
-    /// The addresses last given to the upstream, sorted.
-    /// The endpoints (with their labels, for locality) last given to the upstream.
-    applied: Vec<(SocketAddr, Labels)>,
+    /// The endpoints (with their labels, for locality, and the control plane's health)
+    /// last given to the upstream, sorted by address.
+    applied: Vec<DiscoveredEndpoint>,
 }
 
 impl Known {
@@ -61,30 +61,44 @@ impl Known {
                 }
             }
         }
-        let mut addrs: Vec<(SocketAddr, Labels)> = self
-            .instances
-            .values()
-            .filter(|i| i.health.serving())
-            .map(|i| (i.socket_addr(), i.labels.clone()))
-            .collect();
-        addrs.sort_unstable_by_key(|(addr, _)| *addr);
-        addrs.dedup_by_key(|(addr, _)| *addr);
+        let endpoints = endpoints(&self.instances);
+        let serving = endpoints.iter().filter(|e| !e.unhealthy).count();
         status
             .instances
             .store(self.instances.len(), Ordering::Relaxed);
-        status.serving.store(addrs.len(), Ordering::Relaxed);
+        status.serving.store(serving, Ordering::Relaxed);
         status
             .metrics
             .revision
             .set(i64::try_from(revision).unwrap_or(i64::MAX));
         status.metrics.last_update.touch();
         status.synced.store(true, Ordering::Release);
-        if addrs != self.applied {
-            upstream.set_labeled_endpoints(&addrs);
-            info!(upstream = %upstream.name(), revision, instances = self.instances.len(), serving = addrs.len(), "endpoints updated from the control plane");
-            self.applied = addrs;
+        if endpoints != self.applied {
+            upstream.set_discovered_endpoints(&endpoints);
+            info!(upstream = %upstream.name(), revision, instances = self.instances.len(), serving, "endpoints updated from the control plane");
+            self.applied = endpoints;
         }
     }
+}
+
+/// The endpoints of a set of instances, sorted by address. Instances the control plane
+/// marks unhealthy are kept, flagged: whether they take traffic is the upstream's
+/// decision (its panic threshold). Two instances on one address are one endpoint, healthy
+/// when either may serve.
+fn endpoints(instances: &BTreeMap<String, Instance>) -> Vec<DiscoveredEndpoint> {
+    let mut by_addr: BTreeMap<SocketAddr, DiscoveredEndpoint> = BTreeMap::new();
+    for i in instances.values() {
+        let unhealthy = !i.health.serving();
+        by_addr
+            .entry(i.socket_addr())
+            .and_modify(|e| e.unhealthy &= unhealthy)
+            .or_insert_with(|| DiscoveredEndpoint {
+                addr: i.socket_addr(),
+                labels: i.labels.clone(),
+                unhealthy,
+            });
+    }
+    by_addr.into_values().collect()
 }
 
 pub(super) async fn run(
@@ -201,8 +215,19 @@ mod tests {
         ports
     }
 
+    fn unhealthy(upstream: &Upstream) -> Vec<u16> {
+        let mut ports: Vec<u16> = upstream
+            .endpoints()
+            .iter()
+            .filter(|e| e.control_unhealthy())
+            .map(|e| e.addr.port())
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
     #[test]
-    fn snapshots_replace_updates_patch_and_unhealthy_instances_stay_out() {
+    fn snapshots_replace_updates_patch_and_unhealthy_instances_stay_flagged() {
         let metrics = std::sync::Arc::new(Metrics::new());
         let upstream = Upstream::new(
             UpstreamConfig::new("svc", Vec::new()),
@@ -236,7 +261,9 @@ mod tests {
             &upstream,
             &status,
         );
-        assert_eq!(addrs(&upstream), [1, 2]);
+        // The unhealthy instance stays, flagged: the upstream decides whether it serves.
+        assert_eq!(addrs(&upstream), [1, 2, 3]);
+        assert_eq!(unhealthy(&upstream), [3]);
         assert_eq!(status.instances.load(Ordering::Relaxed), 3);
         assert_eq!(status.serving.load(Ordering::Relaxed), 2);
         assert_eq!(status.metrics.revision.get(), 3);
@@ -258,18 +285,23 @@ mod tests {
             &status,
         );
         assert_eq!(addrs(&upstream), [2, 3, 4]);
+        assert!(unhealthy(&upstream).is_empty(), "c is healthy again");
 
-        // Two instances on one address are one endpoint.
+        // Two instances on one address are one endpoint, healthy when either serves.
         known.apply(
             WatchEvent::Update {
                 revision: 6,
-                upserted: vec![instance("e", 4, Health::Unknown)],
+                upserted: vec![
+                    instance("e", 4, Health::Unhealthy),
+                    instance("f", 5, Health::Unhealthy),
+                ],
                 removed: vec![],
             },
             &upstream,
             &status,
         );
-        assert_eq!(addrs(&upstream), [2, 3, 4]);
+        assert_eq!(addrs(&upstream), [2, 3, 4, 5]);
+        assert_eq!(unhealthy(&upstream), [5]);
 
         // A snapshot (after a reconnection) drops everything it does not list.
         known.apply(

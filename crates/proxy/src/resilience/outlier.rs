@@ -63,9 +63,14 @@ pub enum Verdict {
 
 /// Milliseconds on a process-wide monotonic clock.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// `t` in milliseconds on [`now_ms`]'s clock (for a caller that has just read the time).
+pub fn ms_at(t: Instant) -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     let base = *BASE.get_or_init(Instant::now);
-    Instant::now().saturating_duration_since(base).as_millis() as u64 + 1
+    t.saturating_duration_since(base).as_millis() as u64 + 1
 }
 
 #[derive(Debug, Default)]

@@ -144,3 +144,143 @@ fn locality_levels_keep_traffic_local_until_it_degrades() {
     let spilled = remote(&u);
     assert!((200..400).contains(&spilled), "{spilled}");
 }
+
+/// A discovered upstream balancing round robin, so that sequential picks see every
+/// endpoint the balancer may choose.
+fn round_robin() -> Upstream {
+    let mut config = UpstreamConfig::new("u", Vec::new());
+    config.balancer = crate::config::BalancerKind::RoundRobin;
+    Upstream::new(
+        config,
+        Arc::new(Metrics::new()),
+        Labels::new(),
+        Arc::new(EventLog::default()),
+    )
+    .unwrap()
+}
+
+fn discovered(ports: &[(u16, bool)]) -> Vec<DiscoveredEndpoint> {
+    ports
+        .iter()
+        .map(|&(port, unhealthy)| DiscoveredEndpoint {
+            addr: addr(port),
+            labels: Labels::new(),
+            unhealthy,
+        })
+        .collect()
+}
+
+fn picked_ports(u: &Upstream, n: usize) -> std::collections::BTreeSet<u16> {
+    (0..n)
+        .map(|_| u.pick(None).unwrap().endpoint().addr.port())
+        .collect()
+}
+
+fn kinds(u: &Upstream) -> Vec<(EventKind, String)> {
+    u.events
+        .drain(100)
+        .into_iter()
+        .map(|e| (e.kind, e.detail))
+        .collect()
+}
+
+#[test]
+fn endpoints_the_control_plane_marks_unhealthy_take_no_traffic_above_the_threshold() {
+    let u = round_robin();
+    u.set_discovered_endpoints(&discovered(&[(1, false), (2, true), (3, false)]));
+    assert_eq!(picked_ports(&u, 200), [1, 3].into());
+    assert!(!u.available.load().panic);
+    assert_eq!(u.upstream_metrics.endpoints_unhealthy.get(), 1);
+    assert_eq!(u.upstream_metrics.panic.get(), 0);
+    let state = u.state();
+    assert_eq!(state["endpoints_unhealthy"], 1);
+    assert_eq!(state["endpoints_available"], 2);
+    assert_eq!(state["endpoints"][1]["control_plane_health"], "unhealthy");
+    assert!(kinds(&u).is_empty(), "no panic, no event");
+}
+
+#[test]
+fn every_endpoint_unhealthy_per_the_control_plane_is_panic_over_all_of_them() {
+    let u = round_robin();
+    u.set_discovered_endpoints(&discovered(&[(1, true), (2, true), (3, true)]));
+    assert!(u.available.load().panic);
+    assert_eq!(picked_ports(&u, 200), [1, 2, 3].into());
+    assert_eq!(u.upstream_metrics.panic.get(), 1);
+    let events = kinds(&u);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, EventKind::PanicEntered);
+    assert!(
+        events[0]
+            .1
+            .contains("0 of 3 endpoints available (3 unhealthy per the control plane, 0 ejected)"),
+        "{}",
+        events[0].1
+    );
+    // Health restored: panic left, one event.
+    u.set_discovered_endpoints(&discovered(&[(1, false), (2, false), (3, true)]));
+    assert!(!u.available.load().panic);
+    assert_eq!(picked_ports(&u, 200), [1, 2].into());
+    let events = kinds(&u);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, EventKind::PanicLeft);
+    assert_eq!(u.upstream_metrics.panic.get(), 0);
+}
+
+#[test]
+fn the_panic_threshold_counts_ejections_and_registry_health_together() {
+    // 4 endpoints: one unhealthy per the control plane, one ejected: 2 of 4 available is
+    // not below 50%; a second ejection would be, but max_ejection_percent (50%) allows
+    // two of four.
+    let u = round_robin();
+    u.set_discovered_endpoints(&discovered(&[(1, true), (2, false), (3, false), (4, false)]));
+    let eject = |port: u16| {
+        let e = u
+            .endpoints()
+            .iter()
+            .find(|e| e.addr.port() == port)
+            .unwrap()
+            .clone();
+        for _ in 0..5 {
+            u.record(&e.start(false), Outcome::Status(503), false);
+        }
+        assert_eq!(e.breaker.state(), State::Ejected);
+    };
+    eject(2);
+    assert!(!u.available.load().panic);
+    assert_eq!(picked_ports(&u, 200), [3, 4].into());
+    eject(3);
+    assert!(u.available.load().panic, "1 of 4 available");
+    assert_eq!(picked_ports(&u, 400), [1, 2, 3, 4].into());
+    let entered: Vec<_> = kinds(&u)
+        .into_iter()
+        .filter(|(k, _)| *k == EventKind::PanicEntered)
+        .collect();
+    assert_eq!(entered.len(), 1);
+    assert!(
+        entered[0]
+            .1
+            .contains("1 of 4 endpoints available (1 unhealthy per the control plane, 2 ejected)"),
+        "{}",
+        entered[0].1
+    );
+}
+
+#[test]
+fn registry_health_obeys_the_threshold_with_outlier_detection_off() {
+    let u = round_robin();
+    let mut policy = Policy::default();
+    policy.outlier.enabled = false;
+    u.set_policy(Some((policy.clone(), 2)));
+    u.set_discovered_endpoints(&discovered(&[(1, true), (2, true), (3, false)]));
+    assert!(u.available.load().panic, "1 of 3 is below 50%");
+    assert_eq!(picked_ports(&u, 300), [1, 2, 3].into());
+    // A threshold of 0 turns panic off, but registry health alone never empties the
+    // upstream.
+    policy.outlier.panic_threshold = malla_core::policy::Percent::new(0.0).unwrap();
+    u.set_policy(Some((policy, 3)));
+    assert!(!u.available.load().panic);
+    assert_eq!(picked_ports(&u, 100), [3].into());
+    u.set_discovered_endpoints(&discovered(&[(1, true), (2, true), (3, true)]));
+    assert!(u.available.load().panic);
+    assert_eq!(picked_ports(&u, 300), [1, 2, 3].into());
+}
