@@ -6,7 +6,9 @@ pub mod http;
 
 use std::sync::Arc;
 
-use crate::{events::EventRing, metrics::Metrics, policies::Policies, registry::Registry};
+use crate::{
+    events::EventRing, metrics::Metrics, policies::Policies, proxies::Proxies, registry::Registry,
+};
 
 /// What every API serves.
 pub struct Backend<S> {
@@ -15,6 +17,8 @@ pub struct Backend<S> {
     pub events: Arc<EventRing>,
     /// The control plane's own metrics (`GET /metrics`).
     pub metrics: Arc<Metrics>,
+    /// The sidecars connected now (`GET /v1/proxies`).
+    pub proxies: Arc<Proxies>,
 }
 
 // By hand: a derive would ask for `S: Clone`, and only the `Arc`s are cloned.
@@ -25,6 +29,7 @@ impl<S> Clone for Backend<S> {
             policies: self.policies.clone(),
             events: self.events.clone(),
             metrics: self.metrics.clone(),
+            proxies: self.proxies.clone(),
         }
     }
 }

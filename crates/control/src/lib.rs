@@ -13,6 +13,7 @@ pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod policies;
+pub mod proxies;
 pub mod registry;
 pub mod server;
 pub mod serving;

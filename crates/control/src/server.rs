@@ -15,6 +15,7 @@ use crate::{
     health::HealthChecker,
     metrics::Metrics,
     policies::Policies,
+    proxies::Proxies,
     registry::Registry,
     serving::{Apis, ServeSettings, Server},
     store::{embedded::EmbeddedStore, Store},
@@ -108,6 +109,7 @@ impl Control {
                 policies,
                 events: Arc::new(EventRing::default()),
                 metrics: Arc::new(Metrics::default()),
+                proxies: Arc::new(Proxies::default()),
             })
         }
         .await;
@@ -160,6 +162,7 @@ impl Control {
             api::http::router(backend.clone()),
             api::grpc::routes(backend.clone(), stop.subscribe()),
             backend.metrics.clone(),
+            backend.proxies.clone(),
         );
         let server = Server::new(apis, serving, stop.subscribe());
         let http = tokio::spawn(server.clone().serve(http_listener));

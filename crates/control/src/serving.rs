@@ -55,6 +55,7 @@ use tracing::{debug, warn};
 
 use self::detect::{detect, Prefixed, Protocol};
 pub use self::dispatch::Apis;
+use crate::proxies::{Connection, Proxies};
 
 /// The default request head timeout (and HTTP/1 idle timeout).
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,7 +191,8 @@ impl Server {
             }
         };
         let io = TokioIo::new(Prefixed::new(prefix, stream));
-        let service = self.apis.for_connection(peer);
+        let tracked = Tracked::new(&self.apis.proxies, peer.remote);
+        let service = self.apis.for_connection(peer, tracked.0.clone());
         match protocol {
             Protocol::Http1 => {
                 let connection = http1::Builder::new()
@@ -212,6 +214,21 @@ impl Server {
                 drive(connection, stop, peer).await;
             }
         }
+    }
+}
+
+/// A connection's entry in the list of proxies, forgotten when the connection ends.
+struct Tracked(Arc<Connection>, Arc<Proxies>);
+
+impl Tracked {
+    fn new(proxies: &Arc<Proxies>, remote: SocketAddr) -> Self {
+        Tracked(proxies.opened(remote), proxies.clone())
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.1.closed(&self.0);
     }
 }
 

@@ -10,6 +10,8 @@
 //! | `restart` | registrations, specs and leases survive a restart on the same data dir |
 //! | `bad_input` | every API refuses bad input with a precise 4xx in the JSON error shape |
 //! | `dns` | the DNS interface through `dig` |
+//! | `metrics` | the control plane's own `/metrics` move with known traffic |
+//! | `proxies` | `GET /v1/proxies` lists connected sidecars |
 //! | `serving` | both APIs on each port, 405s, head timeout, connection limit |
 //!
 //! The CLI verbs and a `kill -9` of the real binary are tested in `crates/malla/tests/`,
@@ -19,6 +21,8 @@ mod bad_input;
 mod dns;
 mod health;
 mod leases;
+mod metrics;
+mod proxies;
 mod registry;
 mod restart;
 mod serving;

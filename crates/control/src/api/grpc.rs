@@ -45,6 +45,7 @@ use tracing::debug;
 use crate::{
     api::Backend,
     metrics::{Metrics, WatchKind},
+    proxies::Connection,
     registry::{self, Change, Registry, RegistryError, View},
     store::{Store, StoreError},
 };
@@ -126,6 +127,7 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let connection = connection(&request);
         let Registration { instance, ttl } =
             Registration::try_from(request.into_inner()).map_err(invalid)?;
         let registered = self
@@ -144,6 +146,9 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
             .await
             .map_err(status)?;
         debug!(service = %instance.service, id = %instance.id, lease = registered.lease, "registered over gRPC");
+        if let Some(connection) = connection {
+            connection.registered(&instance.service, &instance.id);
+        }
         Ok(Response::new(pb::RegisterResponse {
             lease: registered.lease,
             ttl_seconds: to_u32(registered.ttl_seconds),
@@ -170,6 +175,7 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let connection = connection(&request);
         let request = request.into_inner();
         let service = ServiceName::new(&request.service)
             .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
@@ -184,6 +190,9 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
             .deregister(&service, &request.id)
             .await
             .map_err(status)?;
+        if let Some(connection) = connection {
+            connection.deregistered(&service, &request.id);
+        }
         Ok(Response::new(pb::DeregisterResponse { revision }))
     }
 
@@ -193,14 +202,21 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let held = connection(&request).map(|c| c.watch_opened());
         let target = WatchTarget::try_from(request.into_inner()).map_err(invalid)?;
         let registry = self.registry.clone();
         let open = self.metrics.watch_opened(WatchKind::Registry);
         streaming(&self.stop, |tx, stop| async move {
             run_watch(registry, target, tx, stop).await;
-            drop(open);
+            drop((open, held));
         })
     }
+}
+
+/// The connection a call came on, as [`crate::serving`] hands it over (`None` only when
+/// the service is served some other way, as in a unit test of a handler).
+pub(super) fn connection<T>(request: &Request<T>) -> Option<Arc<Connection>> {
+    request.extensions().get::<Arc<Connection>>().cloned()
 }
 
 /// Starts a server-streaming call (refused once the control plane is stopping): `run`

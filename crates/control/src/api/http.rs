@@ -64,6 +64,7 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
                 .delete(policies::delete::<S>),
         )
         .route("/v1/events", get(policies::events::<S>))
+        .route("/v1/proxies", get(proxies::<S>))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -106,6 +107,11 @@ async fn metrics<S: Store + Clone>(State(backend): State<Backend<S>>) -> Respons
         backend.metrics.encode(),
     )
         .into_response()
+}
+
+/// `GET /v1/proxies`: the sidecars (gRPC clients) connected now.
+async fn proxies<S: Store + Clone>(State(backend): State<Backend<S>>) -> Response {
+    Json(json!({ "proxies": backend.proxies.list() })).into_response()
 }
 
 /// Gives the error answers that axum makes itself (a method the route does not take, a body

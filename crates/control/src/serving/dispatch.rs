@@ -16,7 +16,10 @@ use std::{
 
 use axum::{body::Body, extract::ConnectInfo};
 use bytes::Bytes;
-use http::{header::CONTENT_TYPE, HeaderMap, Request, Response};
+use http::{
+    header::{CONTENT_TYPE, USER_AGENT},
+    HeaderMap, Request, Response,
+};
 use http_body::Frame;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -24,7 +27,11 @@ use tonic::{transport::server::TcpConnectInfo, Code};
 use tower::ServiceExt as _;
 
 use super::Peer;
-use crate::{api::http::RouteTemplate, metrics::Metrics};
+use crate::{
+    api::http::RouteTemplate,
+    metrics::Metrics,
+    proxies::{Connection, Proxies},
+};
 
 /// Both APIs, ready to serve any number of connections.
 #[derive(Clone)]
@@ -32,21 +39,29 @@ pub struct Apis {
     http: axum::Router,
     grpc: tonic::service::Routes,
     pub(super) metrics: Arc<Metrics>,
+    pub(super) proxies: Arc<Proxies>,
 }
 
 impl Apis {
-    pub fn new(http: axum::Router, grpc: tonic::service::Routes, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        http: axum::Router,
+        grpc: tonic::service::Routes,
+        metrics: Arc<Metrics>,
+        proxies: Arc<Proxies>,
+    ) -> Self {
         Apis {
             http,
             grpc: grpc.prepare(),
             metrics,
+            proxies,
         }
     }
 
-    pub(super) fn for_connection(&self, peer: Peer) -> ConnectionService {
+    pub(super) fn for_connection(&self, peer: Peer, tracked: Arc<Connection>) -> ConnectionService {
         ConnectionService {
             apis: self.clone(),
             peer,
+            tracked,
         }
     }
 }
@@ -63,6 +78,8 @@ pub fn is_grpc<B>(request: &Request<B>) -> bool {
 pub(super) struct ConnectionService {
     apis: Apis,
     peer: Peer,
+    /// This connection's entry in the list of proxies.
+    tracked: Arc<Connection>,
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -82,6 +99,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         let started = Instant::now();
         let metrics = self.apis.metrics.clone();
         if is_grpc(&request) {
+            let user_agent = request
+                .headers()
+                .get(USER_AGENT)
+                .and_then(|v| v.to_str().ok());
+            self.apis.proxies.called(&self.tracked, user_agent);
+            request.extensions_mut().insert(self.tracked.clone());
             let grpc = self.apis.grpc.clone();
             let path = request.uri().path().to_string();
             Box::pin(async move {

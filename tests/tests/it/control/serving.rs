@@ -260,3 +260,21 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
         "no connection was served after one of the four closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_64_kib_is_refused_with_431() {
+    let control = TestControl::start_without_dns().await;
+    let request = format!(
+        "GET /v1/status HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let mut stream = TcpStream::connect(control.http_addr())
+        .await
+        .expect("connect");
+    // The server may answer and close before it has read everything: a failed write is fine.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = within("the answer", stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}

@@ -48,10 +48,14 @@ impl<S: Store + Clone> malla_api::PoliciesService for PoliciesGrpc<S> {
         &self,
         request: Request<pb::WatchPolicyRequest>,
     ) -> Result<Response<PolicyStream>, Status> {
+        let held = super::connection(&request).map(|c| c.watch_opened());
         let service = ServiceName::new(&request.into_inner().service)
             .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
         let backend = self.backend.clone();
-        super::streaming(&self.stop, |tx, stop| run_watch(backend, service, tx, stop))
+        super::streaming(&self.stop, |tx, stop| async move {
+            run_watch(backend, service, tx, stop).await;
+            drop(held);
+        })
     }
 
     async fn report_events(
