@@ -292,7 +292,15 @@ mod tests {
         ] {
             assert_eq!(parse_control(raw).as_deref(), Ok(want), "{raw}");
         }
-        for raw in ["", "127.0.0.1", "http://", "ftp://x:1", "x:y", "http://x:1/api", ":80"] {
+        for raw in [
+            "",
+            "127.0.0.1",
+            "http://",
+            "ftp://x:1",
+            "x:y",
+            "http://x:1/api",
+            ":80",
+        ] {
             let err = parse_control(raw).unwrap_err();
             assert!(err.starts_with("--control "), "{raw}: {err}");
         }

@@ -80,8 +80,16 @@ pub fn render(v: &Value) -> String {
     ));
     if !instances.is_empty() {
         let mut rows = vec![[
-            "ID", "ADDRESS", "PROTOCOL", "HEALTH", "LEASE", "TTL", "REMAINING", "AGE",
-            "REGISTERED-BY", "LABELS",
+            "ID",
+            "ADDRESS",
+            "PROTOCOL",
+            "HEALTH",
+            "LEASE",
+            "TTL",
+            "REMAINING",
+            "AGE",
+            "REGISTERED-BY",
+            "LABELS",
         ]
         .map(String::from)
         .to_vec()];

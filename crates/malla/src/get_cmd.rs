@@ -120,7 +120,10 @@ fn proxies(args: ProxiesArgs) -> anyhow::Result<()> {
 /// How long ago an RFC 3339 time was, the way kubectl prints an age (`45s`, `12m`,
 /// `3h`, `5d`); `-` when there is no time.
 pub fn age(at: &Value) -> String {
-    let Some(at) = at.as_str().and_then(|s| humantime::parse_rfc3339_weak(s).ok()) else {
+    let Some(at) = at
+        .as_str()
+        .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+    else {
         return "-".into();
     };
     let secs = SystemTime::now()
@@ -223,6 +226,9 @@ pub fn annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     }
     spec.insert("annotations".into(), Value::Object(annotations));
     let v = client.put(&path, &json!(spec))?;
-    outln!("service/{name} annotated (revision {})", text(&v["revision"]))?;
+    outln!(
+        "service/{name} annotated (revision {})",
+        text(&v["revision"])
+    )?;
     Ok(())
 }

@@ -187,8 +187,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 // Not reachable at all: the others will not fare better.
-                if e
-                    .downcast_ref::<crate::client::CallError>()
+                if e.downcast_ref::<crate::client::CallError>()
                     .is_some_and(|e| e.is_outage())
                 {
                     return Err(e);

@@ -223,9 +223,7 @@ pub fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
     match args.common.output {
         Output::Json => print_json(&v)?,
         Output::Yaml => crate::yaml::print(&v)?,
-        Output::Table | Output::Wide => {
-            outln!("deregistered {} of {}", args.id, args.service)?
-        }
+        Output::Table | Output::Wide => outln!("deregistered {} of {}", args.id, args.service)?,
     }
     Ok(())
 }
@@ -245,7 +243,12 @@ pub fn pairs(map: &Value) -> String {
         .as_object()
         .map(|m| {
             m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         })

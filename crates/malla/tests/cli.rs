@@ -882,7 +882,11 @@ async fn a_silent_control_plane_times_out_with_a_clear_error() {
     // A bad duration is a usage error naming the flag.
     let out = malla(&["services", "--request-timeout", "soon"], Some(&addr)).await;
     assert_exit(&out, 2);
-    assert!(stderr(&out).contains("--request-timeout"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--request-timeout"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -892,7 +896,12 @@ async fn control_takes_host_port_and_errors_name_what_was_typed() {
     // HOST:PORT, from the flag and from the environment.
     let out = malla(&["services", "-o", "json"], Some(&host_port)).await;
     assert_exit(&out, 0);
-    let out = malla_env(&["services", "-o", "json"], None, &[("MALLA_CONTROL", &host_port)]).await;
+    let out = malla_env(
+        &["services", "-o", "json"],
+        None,
+        &[("MALLA_CONTROL", &host_port)],
+    )
+    .await;
     assert_exit(&out, 0);
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["services"][0]["name"], "orders");
@@ -1046,7 +1055,9 @@ async fn logs_to_a_pipe_carry_no_colour() {
         &[],
     );
     control
-        .wait_for("the ready log line", |_, err| err.contains("control plane ready"))
+        .wait_for("the ready log line", |_, err| {
+            err.contains("control plane ready")
+        })
         .await;
     control.signal("TERM");
     assert_eq!(control.exit_code().await, Some(0), "{}", control.stderr());
@@ -1085,7 +1096,9 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
         &[],
     );
     agent
-        .wait_for("the registration", |out, _| out.contains("registered k-1 of orders"))
+        .wait_for("the registration", |out, _| {
+            out.contains("registered k-1 of orders")
+        })
         .await;
     let api = control.api();
     assert_eq!(api.instance_ids("orders", "").await, ["k-1"]);
@@ -1110,7 +1123,9 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
         .await
         .unwrap();
     agent
-        .wait_for("registering again", |_, err| err.contains("registered again"))
+        .wait_for("registering again", |_, err| {
+            err.contains("registered again")
+        })
         .await;
     malla_tests::assert_eventually!(api.instance_ids("orders", "").await == ["k-1"]);
 
@@ -1123,9 +1138,17 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
         })
         .await;
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    assert!(agent.child.try_wait().unwrap().is_none(), "{}", agent.stderr());
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "{}",
+        agent.stderr()
+    );
     control.start_again().await;
-    assert_eq!(control.url(), url, "the control plane came back on another port");
+    assert_eq!(
+        control.url(),
+        url,
+        "the control plane came back on another port"
+    );
     agent
         .wait_for("the recovery reported", |_, err| {
             err.contains("the control plane answers again")
@@ -1138,7 +1161,9 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
     agent.signal("TERM");
     assert_eq!(agent.exit_code().await, Some(0), "{}", agent.stderr());
     assert!(
-        agent.stdout().contains("SIGTERM: deregistered k-1 of orders"),
+        agent
+            .stdout()
+            .contains("SIGTERM: deregistered k-1 of orders"),
         "{}",
         agent.stdout()
     );
@@ -1172,7 +1197,9 @@ async fn apply_lists_every_problem_of_a_file() {
         format!("{bad}:9:1: policy[1].outlier.consecutive_failurez: unknown field `consecutive_failurez`")
     );
     assert!(
-        lines[2].starts_with(&format!("{bad}:14:11: policy[2].timeouts.request: invalid duration")),
+        lines[2].starts_with(&format!(
+            "{bad}:14:11: policy[2].timeouts.request: invalid duration"
+        )),
         "{err}"
     );
     assert_eq!(lines[3], "error: 3 problems found; nothing was applied");
@@ -1180,4 +1207,159 @@ async fn apply_lists_every_problem_of_a_file() {
         control.api().get("/v1/policies").await.ok()["policies"],
         json!([])
     );
+}
+
+/// Whether `yaml` (malla's `-o yaml`) reads, with an independent YAML parser (Python's),
+/// as the same data as `json` (its `-o json`).
+fn same_data_as_yaml(json: &str, yaml: &str) {
+    let dir = TempDir::new("cli-yaml");
+    let j = file(&dir, "a.json", json);
+    let y = file(&dir, "a.yaml", yaml);
+    let python = std::env::var("MALLA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+             j = json.load(open(sys.argv[1], encoding='utf-8'))\n\
+             y = yaml.safe_load(open(sys.argv[2], encoding='utf-8'))\n\
+             sys.exit(0 if j == y else 'differ: %r != %r' % (j, y))",
+            &j,
+            &y,
+        ])
+        .output()
+        .expect("run python3 (with the yaml module: apt-get install python3-yaml)");
+    assert!(
+        out.status.success(),
+        "{}\n{yaml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_verbs_and_output_formats() {
+    let control = seeded().await;
+    let url = control.url();
+    let api = control.api();
+    api.register(
+        "edge",
+        "e-1",
+        &json!({"address": "fd00::5", "port": 8080, "labels": {"tier": "yes", "v": "1.5", "on": "true", "n": "007"}}),
+    )
+    .await;
+    let dir = TempDir::new("cli-verbs");
+    let policy = file(&dir, "p.toml", GOOD);
+    assert_exit(&malla(&["apply", "-f", &policy], Some(&url)).await, 0);
+
+    // The old verbs and the new ones print the same.
+    for (old, new) in [
+        (&["services"][..], &["get", "services"][..]),
+        (&["instances", "orders"], &["get", "instances", "orders"]),
+    ] {
+        let a = malla(old, Some(&url)).await;
+        let b = malla(new, Some(&url)).await;
+        assert_exit(&a, 0);
+        assert_exit(&b, 0);
+        assert_eq!(stdout(&a), stdout(&b), "{old:?} vs {new:?}");
+    }
+
+    // IPv6 endpoints in brackets.
+    let out = malla(&["get", "instances", "edge"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains("[fd00::5]:8080"), "{}", stdout(&out));
+
+    // `get service NAME`: one row.
+    let out = malla(&["get", "service", "orders"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["orders", "3", "3", "-"]
+    );
+
+    // -o wide adds columns.
+    let out = malla(&["get", "instances", "orders", "-o", "wide"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let header = stdout(&out).lines().next().unwrap().to_string();
+    for column in ["ID", "LABELS", "LEASE", "REGISTERED-BY", "ANNOTATIONS"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let out = malla(&["get", "services", "-o", "wide"], Some(&url)).await;
+    assert!(stdout(&out).contains("ANNOTATIONS"), "{}", stdout(&out));
+    let out = malla(&["get", "policies", "-o", "wide"], Some(&url)).await;
+    assert!(stdout(&out).contains("RETRY-ON"), "{}", stdout(&out));
+
+    // -o yaml reads back (with another parser) as the same data as -o json.
+    for args in [
+        &["get", "services"][..],
+        &["get", "service", "orders"],
+        &["get", "instances", "edge"],
+        &["get", "instances", "orders", "-l", "env=prod"],
+        &["get", "policies"],
+        &["get", "policy", "billing"],
+        &["events"],
+    ] {
+        let json_out = malla(&[args, &["-o", "json"]].concat(), Some(&url)).await;
+        let yaml_out = malla(&[args, &["-o", "yaml"]].concat(), Some(&url)).await;
+        assert_exit(&json_out, 0);
+        assert_exit(&yaml_out, 0);
+        same_data_as_yaml(&stdout(&json_out), &stdout(&yaml_out));
+    }
+
+    // `delete service NAME`: the service and its instances.
+    let out = malla(&["delete", "service", "edge"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).starts_with("service/edge deleted"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(api.instance_ids("edge", "").await.is_empty());
+    let out = malla(&["delete", "service", "edge"], Some(&url)).await;
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("(HTTP 404)"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_result_says_so() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let cases: [(&[&str], &str); 6] = [
+        (&["get", "services"], "No services found."),
+        (&["services"], "No services found."),
+        (&["get", "policies"], "No policies found."),
+        (&["events"], "No events found."),
+        (
+            &["get", "instances", "lonely"],
+            "No instances of lonely found.",
+        ),
+        (
+            &["get", "instances", "lonely", "-l", "env=prod"],
+            "No instances of lonely match \"env=prod\".",
+        ),
+    ];
+    for (args, says) in cases {
+        if args.contains(&"lonely") {
+            api_service(&control, "lonely").await;
+        }
+        let out = malla(args, Some(&url)).await;
+        assert_exit(&out, 0);
+        assert_eq!(stdout(&out), "", "{args:?}");
+        assert_eq!(stderr(&out).trim(), says, "{args:?}");
+        // JSON is the answer, empty list and all, and nothing on stderr.
+        let out = malla(&[args, &["-o", "json"]].concat(), Some(&url)).await;
+        assert_exit(&out, 0);
+        assert!(serde_json::from_str::<Value>(&stdout(&out)).is_ok());
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}
+
+/// Makes `name` a service with no instances.
+async fn api_service(control: &TestControl, name: &str) {
+    let reply = control
+        .api()
+        .put(&format!("/v1/services/{name}"), &json!({}))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply);
 }

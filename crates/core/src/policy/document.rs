@@ -458,7 +458,10 @@ polcy = 1
             lines[4].starts_with("mesh.toml:17:23: policy[2].rate_limit[0].requests_per_second: "),
             "{err}"
         );
-        assert!(lines[5].starts_with("mesh.toml:20:11: policy[3].service: "), "{err}");
+        assert!(
+            lines[5].starts_with("mesh.toml:20:11: policy[3].service: "),
+            "{err}"
+        );
         // `polcy` sits inside the last [[policy]] table: an unknown field of that policy.
         assert_eq!(
             lines[6],
@@ -477,7 +480,11 @@ polcy = 1
             ));
         }
         let err = parse(&text, "big.toml").unwrap_err();
-        assert!(!err.problems.is_empty() && err.problems.len() <= 101, "{}", err.problems.len());
+        assert!(
+            !err.problems.is_empty() && err.problems.len() <= 101,
+            "{}",
+            err.problems.len()
+        );
     }
 
     /// Bad input never panics: thousands of byte-level mutations of a full document each

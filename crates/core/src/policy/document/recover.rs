@@ -125,10 +125,7 @@ pub(super) fn read<T: DeserializeOwned>(mut root: Spanned<DeTable<'_>>) -> Read<
 
 /// `missing field `x``: `x`.
 fn missing_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("missing field `")?
-        .split('`')
-        .next()
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
 /// A place in the tree: the path to a key or array element.
