@@ -13,6 +13,9 @@
 //!    (`GET /v1/services/S/instances`), and DNS queries per second against the real server
 //!    for a name with 10 instances and one with 10,000 (a truncated UDP answer).
 //!
+//! 3. **Write cost against the number of services**: registrations per second and their
+//!    p50 / p99, with 10 services present and with 10,000 (flat is the goal).
+//!
 //! It prints a markdown section and, with `--docs FILE`, writes it into FILE between
 //! `<!-- bench:control:start -->` and `<!-- bench:control:end -->`. Nothing here asserts a
 //! time: numbers are measured and written, and the goal (p99 under 100 ms for 1,000
@@ -25,6 +28,7 @@ mod dns;
 mod process;
 mod report;
 mod scale;
+mod services;
 mod watch;
 
 use std::path::PathBuf;
@@ -47,12 +51,21 @@ struct Args {
     /// Instances of the large service.
     #[arg(long, default_value_t = 10_000)]
     instances: usize,
+    /// Service counts for the write-cost measurement.
+    #[arg(long, value_delimiter = ',', default_value = "10,10000")]
+    services: Vec<usize>,
+    /// Registrations timed per service count (a quarter of them again one at a time).
+    #[arg(long, default_value_t = 4_000)]
+    service_registrations: usize,
     /// Seconds of DNS load per name.
     #[arg(long, default_value_t = 2.0)]
     dns_seconds: f64,
     /// A shorter run (10 registrations, 1,000 instances, 0.5 s of DNS); docs are left alone.
     #[arg(long)]
     quick: bool,
+    /// Run only these parts (`fanout`, `services`, `scale`); all when not given.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Write the section into this markdown file, between the bench:control markers.
     #[arg(long)]
     docs: Option<PathBuf>,
@@ -64,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         args.registrations = args.registrations.min(10);
         args.instances = args.instances.min(1_000);
         args.dns_seconds = args.dns_seconds.min(0.5);
+        args.services = vec![10, 1_000];
+        args.service_registrations = args.service_registrations.min(400);
         args.docs = None;
     }
     anyhow::ensure!(
@@ -91,7 +106,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: &Args) -> anyhow::Result<report::Results> {
     let mut results = report::Results::default();
-    for &n in &args.watchers {
+    let part = |name: &str| args.only.is_empty() || args.only.iter().any(|p| p == name);
+    for &n in args.watchers.iter().filter(|_| part("fanout")) {
         eprintln!(
             "fan-out to {n} watchers over gRPC ({} registrations)",
             args.registrations
@@ -107,8 +123,15 @@ async fn run(args: &Args) -> anyhow::Result<report::Results> {
             .fanout
             .push(watch::in_process(n, args.registrations).await?);
     }
-    eprintln!("registry with {} instances", args.instances);
-    results.scale = Some(scale::run(&args.malla, args.instances, args.dns_seconds).await?);
+    if part("services") {
+        eprintln!("write cost with {:?} services", args.services);
+        results.services =
+            Some(services::run(&args.malla, &args.services, args.service_registrations).await?);
+    }
+    if part("scale") {
+        eprintln!("registry with {} instances", args.instances);
+        results.scale = Some(scale::run(&args.malla, args.instances, args.dns_seconds).await?);
+    }
     Ok(results)
 }
 

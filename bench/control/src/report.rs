@@ -31,6 +31,7 @@ pub struct Fanout {
 pub struct Results {
     pub fanout: Vec<Fanout>,
     pub scale: Option<Scale>,
+    pub services: Option<crate::services::Services>,
 }
 
 /// The `p`-th percentile (nearest rank) of `samples`.
@@ -76,38 +77,40 @@ pub fn markdown(results: &Results, machine: &str) -> String {
         "Measured by `bench/control/run` on {machine}. One `malla control` (release build) and \
          the benchmark's clients share the machine's cores.\n\n"
     ));
-    md.push_str(
-        "**Watch fan-out.** One registration at a time; latency from just before the \
-         registration call until a watcher holds the new instance. *Per event*: every \
-         watcher's latency; *last watcher*: per registration, the latency of the slowest \
-         watcher. Over gRPC, the watchers are `Registry/Watch` streams of tonic clients \
-         (125 per HTTP/2 connection) and registrations are gRPC `Register` calls; \
-         in-process, they are receivers of `Registry::subscribe()` and calls of \
-         `Registry::register` (the registry's fan-out alone, without the wire).\n\n",
-    );
-    md.push_str(
-        "| watchers | path | HTTP/2 conns | registrations | per event p50 / p99 (ms) | last watcher p50 / p99 / max (ms) | register call p50 (ms) | missed |\n\
-         |---:|---|---:|---:|---|---|---:|---:|\n",
-    );
-    for f in &results.fanout {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} / {} | {} / {} / {} | {} | {} |\n",
-            thousands(f.watchers),
-            f.path,
-            if f.connections == 0 {
-                "—".to_string()
-            } else {
-                f.connections.to_string()
-            },
-            f.register_call.len(),
-            ms(percentile(&f.per_event, 50.0)),
-            ms(percentile(&f.per_event, 99.0)),
-            ms(percentile(&f.last_watcher, 50.0)),
-            ms(percentile(&f.last_watcher, 99.0)),
-            ms(percentile(&f.last_watcher, 100.0)),
-            ms(percentile(&f.register_call, 50.0)),
-            f.missed,
-        ));
+    if !results.fanout.is_empty() {
+        md.push_str(
+            "**Watch fan-out.** One registration at a time; latency from just before the \
+             registration call until a watcher holds the new instance. *Per event*: every \
+             watcher's latency; *last watcher*: per registration, the latency of the slowest \
+             watcher. Over gRPC, the watchers are `Registry/Watch` streams of tonic clients \
+             (125 per HTTP/2 connection) and registrations are gRPC `Register` calls; \
+             in-process, they are receivers of `Registry::subscribe()` and calls of \
+             `Registry::register` (the registry's fan-out alone, without the wire).\n\n",
+        );
+        md.push_str(
+            "| watchers | path | HTTP/2 conns | registrations | per event p50 / p99 (ms) | last watcher p50 / p99 / max (ms) | register call p50 (ms) | missed |\n\
+             |---:|---|---:|---:|---|---|---:|---:|\n",
+        );
+        for f in &results.fanout {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} / {} | {} / {} / {} | {} | {} |\n",
+                thousands(f.watchers),
+                f.path,
+                if f.connections == 0 {
+                    "—".to_string()
+                } else {
+                    f.connections.to_string()
+                },
+                f.register_call.len(),
+                ms(percentile(&f.per_event, 50.0)),
+                ms(percentile(&f.per_event, 99.0)),
+                ms(percentile(&f.last_watcher, 50.0)),
+                ms(percentile(&f.last_watcher, 99.0)),
+                ms(percentile(&f.last_watcher, 100.0)),
+                ms(percentile(&f.register_call, 50.0)),
+                f.missed,
+            ));
+        }
     }
     if let Some(f) = results
         .fanout
@@ -129,6 +132,32 @@ pub fn markdown(results: &Results, machine: &str) -> String {
                 String::new()
             }
         ));
+    }
+    if let Some(s) = &results.services {
+        md.push_str(
+            "\n**Write cost against the number of services.** A fresh `malla control`; \
+             services `fill-N` with one instance each fill the registry to the count shown, \
+             then new instances of one more service are registered over the HTTP API, 64 in \
+             flight (rate, and every call's latency), then a quarter as many one at a time. \
+             Flat across the rows is the goal: a write must not cost more because other \
+             services exist.\n\n",
+        );
+        md.push_str(
+            "| services present | registrations, 64 in flight | rate (registrations/s) | latency p50 / p99 (ms) | one at a time: p50 / p99 (ms) |\n\
+             |---:|---:|---:|---|---|\n",
+        );
+        for r in &s.rounds {
+            md.push_str(&format!(
+                "| {} | {} | {:.0} | {} / {} | {} / {} |\n",
+                thousands(r.services),
+                thousands(r.concurrent),
+                r.rate(),
+                ms(percentile(&r.concurrent_latency, 50.0)),
+                ms(percentile(&r.concurrent_latency, 99.0)),
+                ms(percentile(&r.sequential_latency, 50.0)),
+                ms(percentile(&r.sequential_latency, 99.0)),
+            ));
+        }
     }
     if let Some(s) = &results.scale {
         md.push_str(&format!(
@@ -171,6 +200,16 @@ pub fn markdown(results: &Results, machine: &str) -> String {
             s.snapshot_bytes as f64 / s.instances as f64,
             s.snapshot_ms,
             thousands(s.small_snapshot_bytes)
+        ));
+        md.push_str(&format!(
+            "| `DELETE /v1/services/big`: the service and its {} instances | {:.0} ms, {} |\n",
+            thousands(s.delete_removed as usize),
+            s.delete_ms,
+            if s.delete_one_revision {
+                "one revision (one write)"
+            } else {
+                "**more than one revision**"
+            }
         ));
         for d in &s.dns {
             md.push_str(&format!(

@@ -38,6 +38,11 @@ pub struct Scale {
     pub small_snapshot_bytes: usize,
     pub dns: Vec<dns::DnsLoad>,
     pub rss_after_dns: u64,
+    /// `DELETE /v1/services/big`: milliseconds, instances removed, and whether it was one
+    /// revision (the answer's revision is the one after the revision before it).
+    pub delete_ms: f64,
+    pub delete_removed: u64,
+    pub delete_one_revision: bool,
 }
 
 /// Registers instances `from..to` of `service` (ids `SERVICE-N`) over HTTP,
@@ -142,6 +147,30 @@ pub async fn run(malla: &Path, instances: usize, dns_seconds: f64) -> anyhow::Re
         loads.push(load);
     }
     let (rss_after_dns, rss_peak) = control.rss()?;
+
+    // The whole service in one write.
+    let status = api
+        .try_request(http::Method::GET, "/v1/status", bytes::Bytes::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("status: {e}"))?;
+    let before = status.json["revision"].as_u64().unwrap_or_default();
+    let started = Instant::now();
+    let deleted = api
+        .try_request(
+            http::Method::DELETE,
+            "/v1/services/big",
+            bytes::Bytes::new(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting big: {e}"))?;
+    let delete_ms = started.elapsed().as_secs_f64() * 1e3;
+    if deleted.status != 200 {
+        bail!("deleting big: {deleted}");
+    }
+    let delete_removed = deleted.json["instances_removed"]
+        .as_u64()
+        .unwrap_or_default();
+    let delete_one_revision = deleted.json["revision"].as_u64() == Some(before + 1);
     Ok(Scale {
         instances,
         concurrency: CONCURRENCY,
@@ -155,5 +184,8 @@ pub async fn run(malla: &Path, instances: usize, dns_seconds: f64) -> anyhow::Re
         small_snapshot_bytes: small.body.len(),
         dns: loads,
         rss_after_dns,
+        delete_ms,
+        delete_removed,
+        delete_one_revision,
     })
 }
