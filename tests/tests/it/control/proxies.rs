@@ -130,3 +130,36 @@ async fn a_client_of_another_kind_is_listed_without_a_version() {
         "{list:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_sidecar_on_the_one_port_is_listed_with_its_watches() {
+    use malla_proxy::config::ControlPlaneConfig;
+    use malla_tests::proxy::TestProxy;
+
+    let control = TestControl::start_without_dns().await;
+    // `malla proxy` pointed at the one port (the HTTP API's), following `echo`.
+    let proxy = TestProxy::builder()
+        .upstream("echo", &[])
+        .outbound("echo")
+        .config(|c| {
+            c.control = Some(ControlPlaneConfig::new(format!(
+                "http://{}",
+                control.http_addr()
+            )));
+        })
+        .start();
+    assert_eventually!(
+        proxies(&control)
+            .await
+            .first()
+            .is_some_and(|p| p["watches"].as_u64() >= Some(1)),
+        "the sidecar never appeared with a watch: {:?}",
+        proxies(&control).await
+    );
+    let list = proxies(&control).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    // `malla-proxy/<version>`: the workspace's version, which this crate shares.
+    assert_eq!(list[0]["version"], env!("CARGO_PKG_VERSION"), "{list:?}");
+    proxy.stop().await;
+    assert_eventually!(proxies(&control).await.is_empty());
+}
