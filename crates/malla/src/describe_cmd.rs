@@ -213,3 +213,106 @@ fn health_check(check: &Value) -> String {
     ));
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// The description of an answer shaped as the contract of `GET /v1/services/{name}`.
+    #[test]
+    fn a_service_is_described_from_its_answer() {
+        let answer = json!({
+            "revision": 42,
+            "name": "shipping-quote",
+            "spec": {
+                "health_check": {"kind": "http", "path": "/healthz", "interval": 5, "timeout": 1,
+                                 "healthy_threshold": 2, "unhealthy_threshold": 3},
+                "annotations": {"display-name": "Cotización de Envío", "owner": "logistics"}
+            },
+            "instances": [
+                {"id": "q-1", "service": "shipping-quote", "address": "fd00::5", "port": 8080,
+                 "protocol": "http", "labels": {"env": "prod"}, "health": "healthy",
+                 "annotations": {"runbook": "https://runbooks.example/q"},
+                 "registered_at": "2026-01-01T00:00:00Z", "registered_by": "http 127.0.0.1:51234",
+                 "lease": {"id": 7, "ttl_seconds": 30, "remaining_seconds": 21.5}},
+                {"id": "vendor", "service": "shipping-quote", "address": "203.0.113.7", "port": 443,
+                 "protocol": "tcp", "labels": {}, "health": "unhealthy", "annotations": {},
+                 "registered_at": "2026-01-01T00:00:00Z", "registered_by": "grpc 127.0.0.1:40000",
+                 "lease": null}
+            ],
+            "policy": {"service": "shipping-quote", "version": 3, "policy": {
+                "retries": {"enabled": true, "max_attempts": 2},
+                "timeouts": {"request": "2s"},
+                "outlier": {"enabled": true, "consecutive_failures": 5, "mode": "enforce"},
+                "limits": {"max_requests": 100, "mode": "enforce"}}},
+            "events": [
+                {"seq": 1, "at_ms": 1_700_000_000_000u64, "kind": "health-changed", "service": "shipping-quote",
+                 "endpoint": "203.0.113.7:443", "count": 1, "reporter": {"service": null, "instance_id": null},
+                 "detail": "healthy -> unhealthy (3 failed checks)"}
+            ]
+        });
+        let text = super::render(&answer);
+        for expected in [
+            "Name:          shipping-quote",
+            "Annotations:   display-name=Cotización de Envío",
+            "               owner=logistics",
+            "Health check:  http /healthz every 5s (timeout 1s, 2 up / 3 down)",
+            "Instances:     2 (1 serving)",
+            "[fd00::5]:8080",
+            "http 127.0.0.1:51234",
+            "21.5s",
+            "q-1 annotations: runbook=https://runbooks.example/q",
+            "Policy:        version 3: retries 2 attempts, timeout 2s",
+            "Events:        (newest last)",
+            "health-changed",
+            "control plane",
+            "healthy -> unhealthy (3 failed checks)",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in\n{text}");
+        }
+        // The static instance: no lease, no TTL.
+        let vendor = text.lines().find(|l| l.contains("vendor")).unwrap();
+        let cells: Vec<&str> = vendor.split_whitespace().collect();
+        assert_eq!(
+            &cells[..7],
+            [
+                "vendor",
+                "203.0.113.7:443",
+                "tcp",
+                "unhealthy",
+                "static",
+                "-",
+                "-"
+            ]
+        );
+        // Columns line up under their headers.
+        let header = text.lines().find(|l| l.contains("REGISTERED-BY")).unwrap();
+        let row = text
+            .lines()
+            .find(|l| l.contains("q-1") && l.contains("8080"))
+            .unwrap();
+        let at = header.find("REGISTERED-BY").unwrap();
+        assert_eq!(
+            row.chars()
+                .skip(header[..at].chars().count())
+                .take(4)
+                .collect::<String>(),
+            "http"
+        );
+
+        // Nothing but a name: every part says so.
+        let bare = super::render(
+            &json!({"name": "x", "revision": 1, "spec": {}, "instances": [],
+                                         "policy": null, "events": []}),
+        );
+        for expected in [
+            "Annotations:   <none>",
+            "Health check:  <none>",
+            "Instances:     0 (0 serving)",
+            "Policy:        <none>",
+            "Events:        <none>",
+        ] {
+            assert!(bare.contains(expected), "{expected:?} in\n{bare}");
+        }
+    }
+}

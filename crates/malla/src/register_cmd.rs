@@ -98,7 +98,8 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
         Output::Json => print_json(&v)?,
         Output::Yaml => crate::yaml::print(&v)?,
         Output::Table | Output::Wide => {
-            if v["lease"].is_null() {
+            // A static instance has no lease: `static: true` (and lease 0, etcd's "none").
+            if v["static"] == true || v["lease"].is_null() || v["lease"] == 0 {
                 outln!(
                     "registered {} of {} (static: no lease, stays until deregistered; revision {})",
                     args.id,

@@ -111,7 +111,8 @@ async fn services_as_json_and_table() {
     let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON on stdout");
     assert_eq!(
         v["services"],
-        json!([{"name": "orders", "instances": 3, "serving": 3, "health_check": null}])
+        json!([{"name": "orders", "instances": 3, "serving": 3, "health_check": null,
+                "annotations": {}}])
     );
 
     let out = malla(&["services"], Some(&url)).await;
@@ -225,12 +226,19 @@ async fn register_and_deregister() {
         stdout(&out)
     );
     let instance = &api.instances("orders", "").await[0];
-    assert_eq!(
-        *instance,
-        json!({"id": "o-9", "service": "orders", "address": "127.0.0.1", "port": 9009,
-               "protocol": "grpc", "health": "unknown",
-               "labels": {"env": "prod", "zone": "eu-1"}})
-    );
+    for (field, value) in [
+        ("id", json!("o-9")),
+        ("service", json!("orders")),
+        ("address", json!("127.0.0.1")),
+        ("port", json!(9009)),
+        ("protocol", json!("grpc")),
+        ("health", json!("unknown")),
+        ("labels", json!({"env": "prod", "zone": "eu-1"})),
+        ("annotations", json!({})),
+    ] {
+        assert_eq!(instance[field], value, "{field}: {instance}");
+    }
+    assert_eq!(instance["lease"]["ttl_seconds"], 120, "{instance}");
 
     let out = malla(
         &[
@@ -1210,7 +1218,8 @@ async fn apply_lists_every_problem_of_a_file() {
 }
 
 /// Whether `yaml` (malla's `-o yaml`) reads, with an independent YAML parser (Python's),
-/// as the same data as `json` (its `-o json`).
+/// as the same data as `json` (its `-o json`), but for what changes between two calls
+/// (a lease's time left).
 fn same_data_as_yaml(json: &str, yaml: &str) {
     let dir = TempDir::new("cli-yaml");
     let j = file(&dir, "a.json", json);
@@ -1220,8 +1229,15 @@ fn same_data_as_yaml(json: &str, yaml: &str) {
         .args([
             "-c",
             "import json, sys, yaml\n\
-             j = json.load(open(sys.argv[1], encoding='utf-8'))\n\
-             y = yaml.safe_load(open(sys.argv[2], encoding='utf-8'))\n\
+             def steady(v):\n\
+             \x20   if isinstance(v, dict):\n\
+             \x20       return {k: steady(x) for k, x in v.items() if k not in VOLATILE}\n\
+             \x20   if isinstance(v, list):\n\
+             \x20       return [steady(x) for x in v]\n\
+             \x20   return v\n\
+             VOLATILE = {'remaining_seconds', 'last_seen'}\n\
+             j = steady(json.load(open(sys.argv[1], encoding='utf-8')))\n\
+             y = steady(yaml.safe_load(open(sys.argv[2], encoding='utf-8')))\n\
              sys.exit(0 if j == y else 'differ: %r != %r' % (j, y))",
             &j,
             &y,
@@ -1325,8 +1341,9 @@ async fn kubectl_verbs_and_output_formats() {
 async fn an_empty_result_says_so() {
     let control = TestControl::start_without_dns().await;
     let url = control.url();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["get", "services"], "No services found."),
+        (&["get", "proxies"], "No proxies found."),
         (&["services"], "No services found."),
         (&["get", "policies"], "No policies found."),
         (&["events"], "No events found."),
@@ -1362,4 +1379,204 @@ async fn api_service(control: &TestControl, name: &str) {
         .put(&format!("/v1/services/{name}"), &json!({}))
         .await;
     assert_eq!(reply.status, 200, "{:?}", reply);
+}
+
+/// `register --static` and `--annotation`, `annotate service`, and `describe service`
+/// from the control plane's `GET /v1/services/{name}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_instances_annotations_and_describe() {
+    let control = seeded().await;
+    let url = control.url();
+    let api = control.api();
+
+    // A static external endpoint with UTF-8 annotations: no lease.
+    let out = malla(
+        &[
+            "register",
+            "orders",
+            "--id",
+            "vendor",
+            "--address",
+            "203.0.113.7",
+            "--port",
+            "443",
+            "--protocol",
+            "tcp",
+            "--static",
+            "--annotation",
+            "owner=Equipo de Envíos",
+            "--annotation",
+            "runbook=https://runbooks.example/orders#vendor",
+        ],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).starts_with("registered vendor of orders (static"),
+        "{}",
+        stdout(&out)
+    );
+    let vendor = api
+        .instances("orders", "")
+        .await
+        .into_iter()
+        .find(|i| i["id"] == "vendor")
+        .expect("the static instance");
+    assert_eq!(vendor["lease"], Value::Null, "{vendor}");
+    assert_eq!(vendor["annotations"]["owner"], "Equipo de Envíos");
+    // --static with --keep-alive or --ttl: a usage error.
+    for extra in [&["--keep-alive"][..], &["--ttl", "5"]] {
+        let args = [
+            &[
+                "register",
+                "orders",
+                "--id",
+                "x",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                "1",
+                "--static",
+            ][..],
+            extra,
+        ]
+        .concat();
+        assert_exit(&malla(&args, Some(&url)).await, 2);
+    }
+
+    // annotate service: set, then remove.
+    let out = malla(
+        &[
+            "annotate",
+            "service",
+            "orders",
+            "display-name=Cotización de Envío",
+            "team=logistics",
+        ],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    let out = malla(&["annotate", "service", "orders", "team-"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let spec = api.get("/v1/services/orders").await.ok()["spec"].clone();
+    assert_eq!(
+        spec["annotations"],
+        json!({"display-name": "Cotización de Envío"})
+    );
+    let out = malla(&["annotate", "service", "orders", "nope-"], Some(&url)).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("no annotation \"nope\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // describe: settings, annotations, instances with lease and who registered them.
+    let out = malla(&["describe", "service", "orders"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    for expected in [
+        "Name:          orders",
+        "Annotations:   display-name=Cotización de Envío",
+        "Instances:     4 (4 serving)",
+        "REGISTERED-BY",
+        "vendor annotations: owner=Equipo de Envíos",
+        "Policy:        <none>",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in\n{text}");
+    }
+    let vendor_row = text
+        .lines()
+        .find(|l| l.contains("203.0.113.7:443"))
+        .unwrap();
+    assert!(vendor_row.contains("static"), "{text}");
+    let o1 = text.lines().find(|l| l.contains("127.0.0.1:8081")).unwrap();
+    assert!(
+        o1.contains("30s") && o1.contains("http 127.0.0.1:"),
+        "{text}"
+    );
+    // JSON and YAML are the API's answer.
+    let json_out = malla(&["describe", "service", "orders", "-o", "json"], Some(&url)).await;
+    let yaml_out = malla(&["describe", "service", "orders", "-o", "yaml"], Some(&url)).await;
+    assert_exit(&json_out, 0);
+    let v: Value = serde_json::from_str(&stdout(&json_out)).unwrap();
+    assert_eq!(v["name"], "orders");
+    same_data_as_yaml(&stdout(&json_out), &stdout(&yaml_out));
+    // -o wide shows annotations in get.
+    let out = malla(&["get", "services", "-o", "wide"], Some(&url)).await;
+    assert!(
+        stdout(&out).contains("display-name=Cotización de Envío"),
+        "{}",
+        stdout(&out)
+    );
+    // Not found: the control plane's message.
+    let out = malla(&["describe", "service", "nothing"], Some(&url)).await;
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("(HTTP 404)"), "{}", stderr(&out));
+}
+
+/// `get proxies`: a sidecar connected to the control plane is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_sidecars_are_listed() {
+    let control = seeded().await;
+    let url = control.url();
+    let dir = TempDir::new("cli-proxies");
+    let config = file(
+        &dir,
+        "sidecar.toml",
+        "[[upstream]]\nname = \"orders\"\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nupstream = \"orders\"\n",
+    );
+    let _sidecar = Background::start(
+        &[
+            "proxy",
+            "--config",
+            &config,
+            "--control",
+            &control.http_addr().to_string(),
+        ],
+        &[],
+    );
+    let mut listed = Value::Null;
+    for _ in 0..300 {
+        let out = malla(&["get", "proxies", "-o", "json"], Some(&url)).await;
+        assert_exit(&out, 0);
+        listed = serde_json::from_str(&stdout(&out)).unwrap();
+        if listed["proxies"].as_array().is_some_and(|p| !p.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        listed["proxies"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let out = malla(&["get", "proxies"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "ADDRESS",
+            "SERVICE",
+            "INSTANCE",
+            "VERSION",
+            "LAST-SEEN",
+            "WATCHES",
+            "AGE"
+        ],
+        "{text}"
+    );
+    assert!(lines[1].starts_with("127.0.0.1:"), "{text}");
+    assert!(
+        lines[1].contains(&text_of(&listed["proxies"][0]["version"])),
+        "{text}"
+    );
+}
+
+fn text_of(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
