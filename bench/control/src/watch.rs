@@ -311,6 +311,8 @@ pub async fn in_process(watchers: usize, registrations: usize) -> anyhow::Result
                     protocol: Default::default(),
                     labels: Labels::new(),
                     ttl_seconds: Some(3600),
+                    is_static: false,
+                    annotations: Default::default(),
                 };
                 registry
                     .register(&service, &format!("r-{k}"), registration)

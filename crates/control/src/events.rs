@@ -134,6 +134,36 @@ impl EventRing {
         found
     }
 
+    /// Keeps an event the control plane itself decided (kind `health-changed`, say), about
+    /// an instance of `service`: reported by no sidecar (`reporter` has no service and no
+    /// instance), its `upstream` is the service, its `endpoint` the instance's address, and
+    /// its `detail` says which instance and why. It appears among the service's events.
+    pub fn record_control(
+        &self,
+        kind: &str,
+        service: &ServiceName,
+        endpoint: SocketAddr,
+        detail: String,
+    ) {
+        let now = now_ms();
+        self.push(vec![ReportedEvent {
+            seq: 0,
+            at_ms: now,
+            received_at_ms: now,
+            reporter: Reporter {
+                service: None,
+                instance_id: None,
+            },
+            service: Some(service.to_string()),
+            upstream: service.to_string(),
+            endpoint: Some(endpoint),
+            kind: kind.to_string(),
+            audit: false,
+            count: 1,
+            detail: detail.chars().take(MAX_DETAIL).collect(),
+        }]);
+    }
+
     pub fn len(&self) -> usize {
         self.lock().events.len()
     }

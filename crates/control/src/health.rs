@@ -26,6 +26,7 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{debug, info};
 
 use crate::{
+    events::EventRing,
     registry::{Registry, View},
     store::Store,
 };
@@ -347,18 +348,31 @@ impl Drop for HealthChecker {
 type ProbeKey = (ServiceName, String);
 
 impl HealthChecker {
-    pub fn start<S: Store + Clone>(registry: Arc<Registry<S>>) -> Self {
+    /// Starts checking; every health flip it records is also kept in `events` (kind
+    /// [`HEALTH_CHANGED`]), where `GET /v1/events` and `malla describe service` show it.
+    pub fn start<S: Store + Clone>(registry: Arc<Registry<S>>, events: Arc<EventRing>) -> Self {
         HealthChecker {
-            task: tokio::spawn(supervise(registry)),
+            task: tokio::spawn(supervise(registry, events)),
         }
     }
 }
+
+/// The event kind of a health flip decided by the control plane's checks.
+pub const HEALTH_CHANGED: &str = "health-changed";
 
 /// What a probing task checks; a change restarts it.
 #[derive(Clone, PartialEq, Eq)]
 struct Target {
     addr: SocketAddr,
     check: HealthCheck,
+}
+
+fn health_name(health: Health) -> &'static str {
+    match health {
+        Health::Unknown => "unknown",
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+    }
 }
 
 /// A probing task, aborted with its supervisor (a dropped `JoinHandle` would detach it).
@@ -380,7 +394,7 @@ impl Drop for Probe {
 /// removed, or recorded before a restart, is reset rather than kept for good. (A probe
 /// records a verdict only while the spec it probes for is current, so no verdict lands
 /// after the reset.)
-async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
+async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>, events: Arc<EventRing>) {
     use tokio::sync::broadcast::error::RecvError;
 
     // Subscribe before reading the view: nothing falls between the two.
@@ -388,6 +402,7 @@ async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
     let mut specs = registry.subscribe_specs();
     let mut probes = Probes {
         registry: registry.clone(),
+        events,
         running: BTreeMap::new(),
     };
     probes.reconcile_all();
@@ -423,6 +438,7 @@ async fn supervise<S: Store + Clone>(registry: Arc<Registry<S>>) {
 /// The running probes, by instance.
 struct Probes<S> {
     registry: Arc<Registry<S>>,
+    events: Arc<EventRing>,
     running: BTreeMap<ProbeKey, (Target, Probe)>,
 }
 
@@ -471,13 +487,25 @@ impl<S: Store + Clone> Probes<S> {
                 // Unchecked means `unknown`. The write may race a check added meanwhile:
                 // its probe compares every verdict with the recorded health, so it puts
                 // its own verdict back.
-                let registry = self.registry.clone();
+                let (registry, events) = (self.registry.clone(), self.events.clone());
+                let (addr, was) = (instance.socket_addr(), instance.health);
                 tokio::spawn(async move {
                     let (service, id) = key;
-                    if let Err(e) = registry.set_health(&service, &id, Health::Unknown).await {
+                    let reset = registry.set_health(&service, &id, Health::Unknown).await;
+                    if let Err(e) = &reset {
                         debug!(%service, %id, error = %e, "resetting health failed");
-                    } else {
+                    }
+                    if reset.is_ok_and(|changed| changed) {
                         info!(%service, %id, "health reset to unknown: the service has no check");
+                        events.record_control(
+                            HEALTH_CHANGED,
+                            &service,
+                            addr,
+                            format!(
+                                "instance {id} ({addr}): {} -> unknown: the service has no health check",
+                                health_name(was)
+                            ),
+                        );
                     }
                 });
             }
@@ -492,6 +520,7 @@ impl<S: Store + Clone> Probes<S> {
         }
         let task = tokio::spawn(probe_loop(
             self.registry.clone(),
+            self.events.clone(),
             key.clone(),
             target.clone(),
         ));
@@ -499,7 +528,12 @@ impl<S: Store + Clone> Probes<S> {
     }
 }
 
-async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey, target: Target) {
+async fn probe_loop<S: Store + Clone>(
+    registry: Arc<Registry<S>>,
+    events: Arc<EventRing>,
+    key: ProbeKey,
+    target: Target,
+) {
     let (service, id) = key;
     let check = &target.check;
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
@@ -534,11 +568,31 @@ async fn probe_loop<S: Store + Clone>(registry: Arc<Registry<S>>, key: ProbeKey,
             continue;
         }
         let recorded = state.instances.get(&id).map(|i| i.health);
-        if recorded.is_some_and(|r| r != health) {
-            info!(%service, %id, addr = %target.addr, ?health, reason = ?result.err(), "instance health changed");
-            if let Err(e) = registry.set_health(&service, &id, health).await {
-                debug!(%service, %id, error = %e, "recording health failed");
-            }
+        let Some(was) = recorded.filter(|r| *r != health) else {
+            continue;
+        };
+        let reason = match &result {
+            Ok(()) => format!("{} consecutive checks passed", check.healthy_threshold),
+            Err(why) => format!(
+                "{} consecutive checks failed, the last: {why}",
+                check.unhealthy_threshold
+            ),
+        };
+        info!(%service, %id, addr = %target.addr, ?health, %reason, "instance health changed");
+        match registry.set_health(&service, &id, health).await {
+            Ok(false) => {}
+            Ok(true) => events.record_control(
+                HEALTH_CHANGED,
+                &service,
+                target.addr,
+                format!(
+                    "instance {id} ({}): {} -> {}: {reason}",
+                    target.addr,
+                    health_name(was),
+                    health_name(health)
+                ),
+            ),
+            Err(e) => debug!(%service, %id, error = %e, "recording health failed"),
         }
     }
 }

@@ -16,15 +16,19 @@
 //!
 //! (`/malla/policies/` belongs to [`crate::policies`].)
 
+pub mod record;
 pub mod view;
 
 use std::{sync::Arc, time::Duration};
 
-use malla_core::{service::valid_instance_id, Health, Instance, Labels, Selector, ServiceName};
+use malla_core::{
+    service::valid_instance_id, Annotations, Health, Instance, Labels, Selector, ServiceName,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
+pub use self::record::{InstanceMeta, InstanceRecord};
 pub use self::view::{Change, ServiceState, View};
 use futures_util::StreamExt;
 
@@ -46,6 +50,9 @@ pub struct ServiceSpec {
     /// How the control plane checks the instances; none means "trust the leases".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<crate::health::HealthCheck>,
+    /// For people and tools: a display name, an owner, a runbook link.
+    #[serde(default, skip_serializing_if = "Annotations::is_empty")]
+    pub annotations: Annotations,
 }
 
 /// A registration request.
@@ -62,13 +69,23 @@ pub struct Registration {
     /// renews it in time.
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// A static endpoint (something outside the mesh, with no agent to send heartbeats):
+    /// no lease, no TTL; it stays until deregistered.
+    #[serde(default, rename = "static")]
+    pub is_static: bool,
+    #[serde(default)]
+    pub annotations: Annotations,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registered {
+    /// The lease to renew; 0 (etcd's "no lease") for a static instance.
     pub lease: LeaseId,
+    /// 0 for a static instance.
     pub ttl_seconds: u64,
     pub revision: Revision,
+    #[serde(rename = "static")]
+    pub is_static: bool,
 }
 
 /// What deleting a service did.
@@ -115,7 +132,7 @@ impl<S: Store + Clone> Registry<S> {
         let (kvs, revision) = store.range("/malla/").await?;
         let mut view = View::new(revision);
         for kv in kvs.iter().filter(|kv| is_registry_key(&kv.key)) {
-            if let Err(e) = view.apply_put(&kv.key, &kv.value) {
+            if let Err(e) = view.apply_put(&kv.key, &kv.value, kv.lease) {
                 warn!(key = %kv.key, error = %e, "ignoring an unreadable registry key");
             }
         }
@@ -225,12 +242,24 @@ impl<S: Store + Clone> Registry<S> {
         })
     }
 
-    /// Registers (or re-registers) an instance under a new lease.
+    /// [`Self::register_from`] for callers inside the process (tests, the demo).
     pub async fn register(
         &self,
         service: &ServiceName,
         id: &str,
         reg: Registration,
+    ) -> Result<Registered> {
+        self.register_from(service, id, reg, "in-process").await
+    }
+
+    /// Registers (or re-registers) an instance under a new lease, or with none when
+    /// static. `registered_by` says which API and peer asked (`http 127.0.0.1:51234`).
+    pub async fn register_from(
+        &self,
+        service: &ServiceName,
+        id: &str,
+        reg: Registration,
+        registered_by: &str,
     ) -> Result<Registered> {
         if !valid_instance_id(id) {
             return Err(RegistryError::Invalid(format!(
@@ -243,14 +272,28 @@ impl<S: Store + Clone> Registry<S> {
                 "port must be from 1 to 65535".into(),
             ));
         }
-        let ttl = Duration::from_secs(reg.ttl_seconds.unwrap_or(DEFAULT_TTL.as_secs()));
-        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
-            return Err(RegistryError::Invalid(format!(
-                "ttl_seconds must be from {} to {}",
-                MIN_TTL.as_secs(),
-                MAX_TTL.as_secs()
-            )));
-        }
+        let ttl = match (reg.is_static, reg.ttl_seconds) {
+            (true, Some(_)) => {
+                return Err(RegistryError::Invalid(
+                    "ttl_seconds cannot go with static: a static instance has no lease and \
+                     stays until deregistered; drop one of the two"
+                        .into(),
+                ))
+            }
+            (true, None) => None,
+            (false, ttl) => {
+                let ttl = Duration::from_secs(ttl.unwrap_or(DEFAULT_TTL.as_secs()));
+                if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+                    return Err(RegistryError::Invalid(format!(
+                        "ttl_seconds must be from {} to {} (or register with \"static\": true \
+                         for an endpoint without heartbeats)",
+                        MIN_TTL.as_secs(),
+                        MAX_TTL.as_secs()
+                    )));
+                }
+                Some(ttl)
+            }
+        };
         // A service comes into being with its first instance.
         if !self.view().services.contains_key(service) {
             match self
@@ -267,7 +310,10 @@ impl<S: Store + Clone> Registry<S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        let lease = self.store.grant_lease(ttl).await?;
+        let lease = match ttl {
+            Some(ttl) => Some(self.store.grant_lease(ttl).await?),
+            None => None,
+        };
         let instance = Instance {
             id: id.to_string(),
             service: service.clone(),
@@ -277,23 +323,38 @@ impl<S: Store + Clone> Registry<S> {
             labels: reg.labels,
             health: Health::Unknown,
         };
+        let record = InstanceRecord::new(
+            instance,
+            InstanceMeta {
+                annotations: reg.annotations,
+                registered_at: Some(record::rfc3339_now()),
+                registered_by: Some(registered_by.to_string()),
+                lease: None,
+                ttl_seconds: ttl.map(|t| t.as_secs()),
+            },
+        );
         let value =
-            serde_json::to_vec(&instance).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            serde_json::to_vec(&record).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let key = instance_key(service, id);
         let previous = self.store.get(&key).await?;
+        let lease_id = lease.map(|l| l.id);
         let rev = self
             .store
-            .put(&key, value, Some(lease.id), Precondition::None)
+            .put(&key, value, lease_id, Precondition::None)
             .await?;
         // The previous registration's lease has nothing left to protect.
-        if let Some(old) = previous.and_then(|kv| kv.lease).filter(|l| *l != lease.id) {
+        if let Some(old) = previous
+            .and_then(|kv| kv.lease)
+            .filter(|l| Some(*l) != lease_id)
+        {
             let _ = self.store.revoke_lease(old).await;
         }
         self.caught_up(rev).await?;
         Ok(Registered {
-            lease: lease.id,
-            ttl_seconds: ttl.as_secs(),
+            lease: lease_id.unwrap_or(0),
+            ttl_seconds: ttl.map_or(0, |t| t.as_secs()),
             revision: rev,
+            is_static: ttl.is_none(),
         })
     }
 
@@ -323,20 +384,26 @@ impl<S: Store + Clone> Registry<S> {
         Ok(self.store.keep_alive(lease).await?)
     }
 
-    /// Records a health verdict; a no-op when it is already the recorded one.
-    pub async fn set_health(&self, service: &ServiceName, id: &str, health: Health) -> Result<()> {
+    /// Records a health verdict; returns whether it changed the recorded health (not when
+    /// it was already that, nor when the instance changed or went meanwhile).
+    pub async fn set_health(
+        &self,
+        service: &ServiceName,
+        id: &str,
+        health: Health,
+    ) -> Result<bool> {
         let key = instance_key(service, id);
         let Some(kv) = self.store.get(&key).await? else {
-            return Ok(()); // gone meanwhile
+            return Ok(false); // gone meanwhile
         };
-        let mut instance: Instance =
+        let mut record: InstanceRecord =
             serde_json::from_slice(&kv.value).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        if instance.health == health {
-            return Ok(());
+        if record.health == health {
+            return Ok(false);
         }
-        instance.health = health;
+        record.health = health;
         let value =
-            serde_json::to_vec(&instance).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            serde_json::to_vec(&record).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         match self
             .store
             .put(
@@ -347,8 +414,9 @@ impl<S: Store + Clone> Registry<S> {
             )
             .await
         {
+            Ok(_) => Ok(true),
             // Changed meanwhile (re-registered, deregistered): the next check decides.
-            Ok(_) | Err(StoreError::Conflict { .. } | StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(StoreError::Conflict { .. } | StoreError::LeaseNotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -401,7 +469,7 @@ async fn follow(
             let key = &event.kv.key;
             let change = match event.kind {
                 _ if !is_registry_key(key) => Ok(None),
-                EventKind::Put => next.apply_put(key, &event.kv.value),
+                EventKind::Put => next.apply_put(key, &event.kv.value, event.kv.lease),
                 EventKind::Delete => Ok(next.apply_delete(key)),
             };
             match change {

@@ -169,7 +169,7 @@ impl Control {
         let grpc = tokio::spawn(server.serve(grpc_listener));
         info!(addr = %http_addr, "HTTP and gRPC APIs listening");
         info!(addr = %grpc_addr, "HTTP and gRPC APIs listening (--grpc-addr)");
-        let health = HealthChecker::start(registry.clone());
+        let health = HealthChecker::start(registry.clone(), backend.events.clone());
 
         Ok(Control {
             dns_addr: dns.as_ref().map(|d| d.local_addr()),

@@ -4,12 +4,15 @@
 //! label selectors. No I/O and no protocol types: the control plane's store, its APIs and
 //! the sidecars convert to and from these types at their edges.
 
+pub mod annotations;
 pub mod duration;
 pub mod labels;
 pub mod policy;
 pub mod selector;
 pub mod service;
+pub mod slug;
 
+pub use annotations::Annotations;
 pub use labels::Labels;
 pub use policy::Policy;
 pub use selector::Selector;

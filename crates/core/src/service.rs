@@ -13,8 +13,23 @@ use crate::Labels;
 pub struct ServiceName(String);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid service name {0:?}: use 1-63 lowercase letters, digits and '-', starting with a letter and not ending with '-'")]
+#[error("{}", invalid_name_message(.0))]
 pub struct InvalidName(pub String);
+
+/// Says what a service name must be and, when one can be made from it, which would do:
+/// `invalid service name "Cotización de Envío": use ...; try "cotizacion-de-envio"`. (The
+/// message starts as it always has, for scripts and tests that look for it.)
+fn invalid_name_message(name: &str) -> String {
+    let rule = "use 1-63 lowercase letters, digits and '-', starting with a letter and not \
+                ending with '-' (a display name with any characters can go in the \
+                `display-name` annotation)";
+    match crate::slug::slug(name) {
+        Some(slug) if slug != name => {
+            format!("invalid service name {name:?}: {rule}; try {slug:?}")
+        }
+        _ => format!("invalid service name {name:?}: {rule}"),
+    }
+}
 
 impl ServiceName {
     pub fn new(name: &str) -> Result<Self, InvalidName> {
@@ -149,6 +164,18 @@ mod tests {
         for bad in ["", "Shipping", "1a", "a-", "a_b", &"a".repeat(64)] {
             assert!(ServiceName::new(bad).is_err(), "{bad}");
         }
+        let e = ServiceName::new("Cotización de Envío")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid service name \"Cotización de Envío\": use 1-63")
+                && e.ends_with("; try \"cotizacion-de-envio\""),
+            "{e}"
+        );
+        assert!(!ServiceName::new("!!")
+            .unwrap_err()
+            .to_string()
+            .contains("try"));
         assert!(valid_instance_id("quote-1.eu:8080"));
         assert!(!valid_instance_id("a/b"));
     }

@@ -346,6 +346,8 @@ async fn register(control: &Control, instance: &Instance, zone: &str) -> anyhow:
                 protocol: InstanceProtocol::Http,
                 labels,
                 ttl_seconds: Some(3600),
+                is_static: false,
+                annotations: Default::default(),
             },
         )
         .await

@@ -1,7 +1,8 @@
 //! `malla describe service NAME`: everything about one service on one page, as
 //! `kubectl describe` prints it: its settings and annotations, each instance with its
-//! lease, age and who registered it, the resilience policy its callers follow, and its
-//! recent events (health changes among them), newest last.
+//! lease, age and who registered it, the resilience policy its callers follow, its health
+//! history (the control plane's checks flipping an instance) and its recent events, newest
+//! last.
 //!
 //! It reads `GET /v1/services/{name}`, which gathers all of it in one answer.
 
@@ -141,6 +142,23 @@ pub fn render(v: &Value) -> String {
     }
 
     let events = v["events"].as_array().cloned().unwrap_or_default();
+    // The health history: the control plane's checks flipping an instance, from the events.
+    let flips: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "health-changed")
+        .collect();
+    if flips.is_empty() {
+        line("Health history: <none>".into());
+    } else {
+        line("Health history: (newest last)".into());
+        let rows: Vec<Vec<String>> = flips
+            .iter()
+            .map(|e| vec![time(&e["at_ms"]), text(&e["endpoint"]), text(&e["detail"])])
+            .collect();
+        for r in align(&rows) {
+            line(format!("  {r}"));
+        }
+    }
     if events.is_empty() {
         line("Events:        <none>".into());
     } else {
@@ -204,10 +222,12 @@ fn health_check(check: &Value) -> String {
     if let Some(path) = check["path"].as_str() {
         s.push_str(&format!(" {path}"));
     }
+    // Seconds, whole or not (the API writes 1.0); Rust prints 1.0 as 1.
+    let seconds = |v: &Value| v.as_f64().map_or_else(|| text(v), |s| s.to_string());
     s.push_str(&format!(
         " every {}s (timeout {}s, {} up / {} down)",
-        text(&check["interval"]),
-        text(&check["timeout"]),
+        seconds(&check["interval"]),
+        seconds(&check["timeout"]),
         text(&check["healthy_threshold"]),
         text(&check["unhealthy_threshold"])
     ));
@@ -263,6 +283,7 @@ mod tests {
             "21.5s",
             "q-1 annotations: runbook=https://runbooks.example/q",
             "Policy:        version 3: retries 2 attempts, timeout 2s",
+            "Health history: (newest last)",
             "Events:        (newest last)",
             "health-changed",
             "control plane",
@@ -310,6 +331,7 @@ mod tests {
             "Health check:  <none>",
             "Instances:     0 (0 serving)",
             "Policy:        <none>",
+            "Health history: <none>",
             "Events:        <none>",
         ] {
             assert!(bare.contains(expected), "{expected:?} in\n{bare}");

@@ -1580,3 +1580,89 @@ async fn connected_sidecars_are_listed() {
 fn text_of(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
+
+/// `describe service` shows the health history the control plane's checks wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_shows_the_health_history() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let api = control.api();
+    let dead = malla_tests::peers::dead_addr();
+    api.register(
+        "flaky",
+        "f-1",
+        &json!({"address": dead.ip().to_string(), "port": dead.port()}),
+    )
+    .await;
+    api.put_service(
+        "flaky",
+        &json!({"health_check": {"kind": "tcp", "interval": 1, "timeout": 1,
+                                 "unhealthy_threshold": 1}}),
+    )
+    .await;
+    malla_tests::assert_eventually!(
+        api.health("flaky", "f-1").await.as_deref() == Some("unhealthy")
+    );
+    let mut text = String::new();
+    for _ in 0..100 {
+        let out = malla(&["describe", "service", "flaky"], Some(&url)).await;
+        assert_exit(&out, 0);
+        text = stdout(&out);
+        if text.contains("Health history: (newest last)") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("Health history: (newest last)"), "{text}");
+    assert!(text.contains("Health check:  tcp every 1s"), "{text}");
+    assert!(text.contains("Instances:     1 (0 serving)"), "{text}");
+    let history = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Health history:"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(history.contains(&dead.to_string()), "{text}");
+}
+
+/// Ctrl-C (SIGINT) deregisters as SIGTERM does; a static instance is never touched by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_deregisters_on_sigint() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let mut agent = Background::start(
+        &[
+            "register",
+            "orders",
+            "--id",
+            "k-2",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            "9002",
+            "--keep-alive",
+            "--control",
+            &url,
+        ],
+        &[],
+    );
+    agent
+        .wait_for("the registration", |out, _| {
+            out.contains("registered k-2 of orders")
+        })
+        .await;
+    agent
+        .wait_for("the heartbeat notice", |_, err| {
+            err.contains("sending heartbeats every 10s")
+        })
+        .await;
+    agent.signal("INT");
+    assert_eq!(agent.exit_code().await, Some(0), "{}", agent.stderr());
+    assert!(
+        agent
+            .stdout()
+            .contains("SIGINT: deregistered k-2 of orders"),
+        "{}",
+        agent.stdout()
+    );
+    assert!(control.api().instance_ids("orders", "").await.is_empty());
+}

@@ -88,6 +88,8 @@ pub(crate) async fn register(
                 port: peer.addr().port(),
                 protocol: Default::default(),
                 labels: l,
+                is_static: false,
+                annotations: Default::default(),
                 ttl_seconds: Some(30),
             },
         )
@@ -202,7 +204,11 @@ async fn endpoints_follow_registrations_deregistrations_and_health() {
         .await
         .unwrap();
     assert_eventually!(
-        proxy.upstream("echo").endpoints().iter().any(|e| e.control_unhealthy()),
+        proxy
+            .upstream("echo")
+            .endpoints()
+            .iter()
+            .any(|e| e.control_unhealthy()),
         "unhealthy b was never flagged"
     );
     let before = b.state().requests();

@@ -128,11 +128,16 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let connection = connection(&request);
+        // `SocketAddr`'s display brackets IPv6: `grpc [fd00::5]:40000`.
+        let by = match request.remote_addr() {
+            Some(peer) => format!("grpc {peer}"),
+            None => "grpc".to_string(),
+        };
         let Registration { instance, ttl } =
             Registration::try_from(request.into_inner()).map_err(invalid)?;
         let registered = self
             .registry
-            .register(
+            .register_from(
                 &instance.service,
                 &instance.id,
                 registry::Registration {
@@ -141,7 +146,10 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
                     protocol: instance.protocol,
                     labels: instance.labels,
                     ttl_seconds: ttl.map(|t| t.as_secs()),
+                    is_static: false,
+                    annotations: Default::default(),
                 },
+                &by,
             )
             .await
             .map_err(status)?;

@@ -7,15 +7,15 @@
 
 mod policies;
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     body::Bytes,
-    extract::{DefaultBodyLimit, FromRef, MatchedPath, Path, Query, State},
+    extract::{ConnectInfo, DefaultBodyLimit, FromRef, MatchedPath, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, put},
-    Json, Router,
+    Extension, Json, Router,
 };
 use malla_core::{Selector, ServiceName};
 use serde::{de::DeserializeOwned, Deserialize};
@@ -23,7 +23,8 @@ use serde_json::json;
 
 use crate::{
     api::Backend,
-    registry::{Registration, Registry, RegistryError, ServiceSpec},
+    events::EventFilter,
+    registry::{record::instance_json, Registration, Registry, RegistryError, ServiceSpec},
     store::{Store, StoreError},
 };
 
@@ -261,18 +262,26 @@ async fn list_services<S: Store + Clone>(State(reg): State<Arc<Registry<S>>>) ->
                 "instances": state.instances.len(),
                 "serving": serving,
                 "health_check": state.spec.health_check,
+                "annotations": state.spec.annotations,
             })
         })
         .collect();
     Ok(Json(json!({"revision": view.revision, "services": services})).into_response())
 }
 
+/// Events of a service shown by `GET /v1/services/{s}`, newest last.
+const DESCRIBE_EVENTS: usize = 20;
+
+/// `GET /v1/services/{s}`: everything `malla describe service` shows. The instances'
+/// leases carry their remaining time (read from the store: the view holds no clocks), the
+/// policy is as `GET /v1/policies/{s}` gives it, and the events are the service's latest,
+/// health flips decided by the control plane's checks among them.
 async fn get_service<S: Store + Clone>(
-    State(reg): State<Arc<Registry<S>>>,
+    State(backend): State<Backend<S>>,
     Path(service): Path<String>,
 ) -> ApiResult {
     let name = service_name(&service)?;
-    let view = reg.view();
+    let view = backend.registry.view();
     let state = view.services.get(&name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -280,12 +289,41 @@ async fn get_service<S: Store + Clone>(
             format!("service {name} not found"),
         )
     })?;
-    let instances: Vec<_> = state.instances.values().collect();
+    let mut instances = Vec::with_capacity(state.instances.len());
+    for (id, instance) in &state.instances {
+        let meta = state.meta.get(id);
+        let mut value = instance_json(instance, meta);
+        if let Some(lease) = meta.and_then(|m| m.lease) {
+            // Gone meanwhile (expired between the view and this read): no time left.
+            let remaining = backend
+                .registry
+                .store()
+                .lease(lease)
+                .await
+                .map_or(0.0, |l| l.remaining.as_secs_f64());
+            value["lease"]["remaining_seconds"] = json!(remaining);
+        }
+        instances.push(value);
+    }
+    let policy = backend
+        .policies
+        .get(&name)
+        .map(|stored| policies::policy_json(&stored));
+    let events = backend.events.query(
+        &EventFilter {
+            service: Some(name.to_string()),
+            kind: None,
+        },
+        DESCRIBE_EVENTS,
+    );
     Ok(Json(json!({
         "revision": view.revision,
         "name": name,
+        // As `PUT` echoes it: fields left out when empty.
         "spec": state.spec,
         "instances": instances,
+        "policy": policy,
+        "events": events,
     }))
     .into_response())
 }
@@ -345,6 +383,12 @@ async fn list_instances<S: Store + Clone>(
     if query.serving == Some(true) {
         instances.retain(|i| i.health.serving());
     }
+    let view = reg.view();
+    let meta = view.services.get(&name).map(|s| &s.meta);
+    let instances: Vec<_> = instances
+        .iter()
+        .map(|i| instance_json(i, meta.and_then(|m| m.get(&i.id))))
+        .collect();
     Ok(Json(
         json!({"revision": revision, "selector": selector.to_string(), "instances": instances}),
     )
@@ -354,11 +398,17 @@ async fn list_instances<S: Store + Clone>(
 async fn register<S: Store + Clone>(
     State(reg): State<Arc<Registry<S>>>,
     Path((service, id)): Path<(String, String)>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Bytes,
 ) -> ApiResult {
     let name = service_name(&service)?;
     let registration: Registration = parse_body(&body)?;
-    let registered = reg.register(&name, &id, registration).await?;
+    // `SocketAddr`'s display brackets IPv6: `http [fd00::5]:51234`.
+    let by = match peer {
+        Some(Extension(ConnectInfo(peer))) => format!("http {peer}"),
+        None => "http".to_string(),
+    };
+    let registered = reg.register_from(&name, &id, registration, &by).await?;
     Ok((StatusCode::OK, Json(registered)).into_response())
 }
 

@@ -11,8 +11,11 @@ use std::sync::Arc;
 
 use malla_core::{Instance, ServiceName};
 
-use super::{ServiceSpec, INSTANCES_PREFIX, SERVICES_PREFIX};
-use crate::store::Revision;
+use super::{
+    record::{InstanceMeta, InstanceRecord},
+    ServiceSpec, INSTANCES_PREFIX, SERVICES_PREFIX,
+};
+use crate::store::{LeaseId, Revision};
 
 #[derive(Clone, Debug, Default)]
 pub struct View {
@@ -28,6 +31,8 @@ pub struct ServiceState {
     pub defined: bool,
     /// Shared, so readers (DNS, snapshots) hand out pointers instead of copies.
     pub instances: imbl::OrdMap<String, Arc<Instance>>,
+    /// What describes each instance (annotations, registration, lease), by id.
+    pub meta: imbl::OrdMap<String, Arc<InstanceMeta>>,
 }
 
 /// One applied change to an instance.
@@ -78,8 +83,13 @@ impl View {
         self.services.values().map(|s| s.instances.len()).sum()
     }
 
-    /// Applies a put; returns the instance change it makes, if any.
-    pub fn apply_put(&mut self, key: &str, value: &[u8]) -> Result<Option<Change>, ViewError> {
+    /// Applies a put (`lease`: the key's); returns the instance change it makes, if any.
+    pub fn apply_put(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<Option<Change>, ViewError> {
         match parse_key(key)? {
             Key::Service(name) => {
                 let spec: ServiceSpec = serde_json::from_slice(value)?;
@@ -89,8 +99,10 @@ impl View {
                 Ok(None)
             }
             Key::Instance(service, id) => {
-                let instance: Instance = serde_json::from_slice(value)?;
+                let record: InstanceRecord = serde_json::from_slice(value)?;
+                let (instance, meta) = record.split(lease);
                 let state = Arc::make_mut(self.services.entry(service.clone()).or_default());
+                state.meta.insert(id.to_string(), Arc::new(meta));
                 let before = state
                     .instances
                     .insert(id.to_string(), Arc::new(instance.clone()))
@@ -122,6 +134,7 @@ impl View {
             Key::Instance(service, id) => {
                 let state = self.services.get_mut(&service)?;
                 let s = Arc::make_mut(state);
+                s.meta.remove(id);
                 let before = Arc::unwrap_or_clone(s.instances.remove(id)?);
                 if s.instances.is_empty() && !s.defined {
                     self.services.remove(&service);

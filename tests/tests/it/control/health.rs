@@ -254,3 +254,58 @@ async fn recorded_health_without_a_check_is_reset_on_open() {
     assert_eventually!(api.health("app", "a").await.as_deref() == Some("unknown"));
     assert_eq!(ids(&api.list("app", "", "serving=true").await.ok()), ["a"]);
 }
+
+/// A health flip decided by the control plane's checks is an event of the service (kind
+/// `health-changed`, naming the instance and why), in `GET /v1/events` and in
+/// `GET /v1/services/{s}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_flips_are_events_of_the_service() {
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let peer = HttpPeer::http1("app");
+    api.put_service(
+        "app",
+        &check(json!({"kind": "http", "path": "/healthz"}), 1, 1),
+    )
+    .await;
+    api.register("app", "a", &registration(peer.addr().port(), &[]))
+        .await;
+    assert_eventually!(api.health("app", "a").await.as_deref() == Some("healthy"));
+    peer.set_status(503);
+    assert_eventually!(api.health("app", "a").await.as_deref() == Some("unhealthy"));
+
+    let flips = |events: &Value| -> Vec<String> {
+        events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["kind"] == "health-changed")
+            .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let described = api.get("/v1/services/app").await.ok();
+    let details = flips(&described["events"]);
+    assert_eq!(details.len(), 2, "{described}");
+    assert!(
+        details[0].starts_with("instance a (") && details[0].contains("unknown -> healthy"),
+        "{details:?}"
+    );
+    assert!(
+        details[1].contains("healthy -> unhealthy") && details[1].contains("status 503"),
+        "{details:?}"
+    );
+    let events = api.get("/v1/events?service=app").await.ok();
+    assert_eq!(flips(&events["events"]), details, "{events}");
+
+    // Removing the check resets the health, and says so.
+    api.put_service("app", &json!({})).await;
+    assert_eventually!(api.health("app", "a").await.as_deref() == Some("unknown"));
+    let described = api.get("/v1/services/app").await.ok();
+    let details = flips(&described["events"]);
+    assert!(
+        details
+            .last()
+            .is_some_and(|d| d.contains("unhealthy -> unknown")),
+        "{details:?}"
+    );
+}

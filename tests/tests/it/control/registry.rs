@@ -47,7 +47,8 @@ async fn register_list_get_deregister() {
     let services = api.get("/v1/services").await.ok();
     assert_eq!(
         services["services"],
-        json!([{"name": "orders", "instances": 2, "serving": 2, "health_check": null}]),
+        json!([{"name": "orders", "instances": 2, "serving": 2, "health_check": null,
+                 "annotations": {}}]),
         "{services}"
     );
     assert!(revision(&services) >= revision(&second));
@@ -55,8 +56,14 @@ async fn register_list_get_deregister() {
     let service = api.get("/v1/services/orders").await.ok();
     assert_eq!(service["name"], "orders");
     assert_eq!(service["spec"], json!({}));
+    // The instance, and what describes it (checked in `describe_data_for_a_service`).
+    let mut described = service["instances"][0].clone();
+    for field in ["annotations", "lease", "registered_at", "registered_by"] {
+        assert!(described[field] != json!(null), "no {field}: {service}");
+        described.as_object_mut().unwrap().remove(field);
+    }
     assert_eq!(
-        service["instances"][0],
+        described,
         json!({"id": "o-1", "service": "orders", "address": "127.0.0.1", "port": 8081,
                "protocol": "grpc", "health": "unknown",
                "labels": {"canary": "", "env": "prod", "malla.dev/zone": "eu-1"}}),
@@ -330,4 +337,175 @@ async fn unreachable_addresses_are_refused_by_both_apis() {
     // An IPv6 unicast endpoint is fine.
     api.register("app", "v6", &json!({"address": "fd00::5", "port": 8080}))
         .await;
+}
+
+/// A static endpoint (something outside the mesh, with no agent to send heartbeats) has no
+/// lease: no TTL, nothing to renew, it stays until deregistered. A TTL with it is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_endpoints_have_no_lease_and_stay_until_deregistered() {
+    let mut control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let body = json!({"address": "192.0.2.10", "port": 5432, "static": true});
+    let registered = api.register("legacy-db", "primary", &body).await;
+    assert_eq!(registered["static"], true, "{registered}");
+    assert_eq!(registered["lease"], 0, "{registered}");
+    assert_eq!(registered["ttl_seconds"], 0, "{registered}");
+    let listed = api.instances("legacy-db", "").await;
+    assert_eq!(listed[0]["lease"], serde_json::Value::Null, "{listed:?}");
+
+    let both = json!({"address": "192.0.2.10", "port": 5432, "static": true, "ttl_seconds": 30});
+    let message = api
+        .put("/v1/services/legacy-db/instances/other", &both)
+        .await
+        .error(400, "invalid_argument")
+        .to_string();
+    assert!(
+        message.contains("ttl_seconds cannot go with static"),
+        "{message}"
+    );
+
+    // Nothing to expire, across a restart too.
+    control.restart().await;
+    let api = control.api();
+    assert_eq!(api.instance_ids("legacy-db", "").await, ["primary"]);
+    api.deregister("legacy-db", "primary").await;
+    assert!(api.instance_ids("legacy-db", "").await.is_empty());
+}
+
+/// Services and instances carry UTF-8 annotations (bounded, with clear errors), and a name
+/// people use instead of a service name gets a suggested one in its error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_and_names_people_use() {
+    use malla_tests::control::api::encode;
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let spec = json!({"annotations": {"display-name": "Cotización de Envío",
+                                      "owner": "équipe-prix",
+                                      "example.com/runbook": "https://wiki.example/envío"}});
+    api.put_service("cotizacion-de-envio", &spec).await;
+    let mut body = registration(8080, &[]);
+    body["annotations"] = json!({"display-name": "Réplica de São Paulo"});
+    api.register("cotizacion-de-envio", "sp-1", &body).await;
+
+    let services = api.get("/v1/services").await.ok();
+    assert_eq!(
+        services["services"][0]["annotations"]["display-name"], "Cotización de Envío",
+        "{services}"
+    );
+    let listed = api.instances("cotizacion-de-envio", "").await;
+    assert_eq!(
+        listed[0]["annotations"]["display-name"],
+        "Réplica de São Paulo"
+    );
+    let described = api.get("/v1/services/cotizacion-de-envio").await.ok();
+    assert_eq!(
+        described["spec"]["annotations"]["owner"], "équipe-prix",
+        "{described}"
+    );
+
+    let path = format!("/v1/services/{}", encode("Cotización de Envío"));
+    let message = api
+        .put(&path, &json!({}))
+        .await
+        .error(400, "invalid_argument")
+        .to_string();
+    assert!(
+        message.contains("invalid service name \"Cotización de Envío\"")
+            && message.contains("try \"cotizacion-de-envio\""),
+        "{message}"
+    );
+
+    let too_long = json!({"annotations": {"notes": "é".repeat(600)}});
+    let message = api
+        .put("/v1/services/cotizacion-de-envio", &too_long)
+        .await
+        .error(400, "invalid_argument")
+        .to_string();
+    assert!(message.contains("at most 1024"), "{message}");
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let mut body = registration(8080, &[]);
+    body["annotations"] = json!(many);
+    let message = api
+        .put("/v1/services/cotizacion-de-envio/instances/x", &body)
+        .await
+        .error(400, "invalid_argument")
+        .to_string();
+    assert!(message.contains("33 annotations; at most 32"), "{message}");
+    let mut body = registration(8080, &[]);
+    body["annotations"] = json!({"Display Name": "x"});
+    let message = api
+        .put("/v1/services/cotizacion-de-envio/instances/x", &body)
+        .await
+        .error(400, "invalid_argument")
+        .to_string();
+    assert!(
+        message.contains("invalid annotation key \"Display Name\""),
+        "{message}"
+    );
+}
+
+/// `GET /v1/services/{s}` answers what `malla describe service` shows: the spec, each
+/// instance with when, by whom (API and peer) and under which lease it was registered
+/// (with the time left), the policy, and the service's latest events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_data_for_a_service() {
+    use malla_api::{pb, RegistryClient};
+    let control = TestControl::start_without_dns().await;
+    let api = control.api();
+    let mut body = registration(8080, &[("env", "prod")]);
+    body["ttl_seconds"] = json!(120);
+    let registered = api.register("orders", "o-1", &body).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", control.grpc_addr()))
+        .expect("a valid URI")
+        .connect()
+        .await
+        .unwrap();
+    RegistryClient::new(channel)
+        .register(pb::RegisterRequest {
+            service: "orders".into(),
+            id: "o-2".into(),
+            address: "fd00::5".into(),
+            port: 8080,
+            protocol: pb::Protocol::Http.into(),
+            labels: Default::default(),
+            ttl_seconds: 30,
+        })
+        .await
+        .unwrap();
+
+    let d = api.get("/v1/services/orders").await.ok();
+    assert_eq!(d["name"], "orders", "{d}");
+    assert!(d["revision"].as_u64().is_some(), "{d}");
+    assert_eq!(d["spec"]["health_check"], serde_json::Value::Null, "{d}");
+    assert_eq!(d["policy"], serde_json::Value::Null, "{d}");
+    assert!(d["events"].as_array().is_some(), "{d}");
+    let one = &d["instances"][0];
+    assert_eq!(one["id"], "o-1");
+    assert_eq!(one["labels"]["env"], "prod");
+    assert_eq!(one["lease"]["id"], registered["lease"], "{one}");
+    assert_eq!(one["lease"]["ttl_seconds"], 120, "{one}");
+    let left = one["lease"]["remaining_seconds"].as_f64().unwrap();
+    assert!(left > 0.0 && left <= 120.0, "{one}");
+    let by = one["registered_by"].as_str().unwrap();
+    assert!(by.starts_with("http 127.0.0.1:"), "{by}");
+    let at = one["registered_at"].as_str().unwrap();
+    assert!(
+        at.len() == 20 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "RFC 3339 UTC: {at}"
+    );
+    let two = &d["instances"][1];
+    assert_eq!(two["address"], "fd00::5");
+    let by = two["registered_by"].as_str().unwrap();
+    assert!(by.starts_with("grpc 127.0.0.1:"), "{by}");
+
+    api.put(
+        "/v1/policies/orders",
+        &json!({"timeouts": {"request": "2s"}}),
+    )
+    .await
+    .ok();
+    let d = api.get("/v1/services/orders").await.ok();
+    assert_eq!(d["policy"]["service"], "orders", "{d}");
+    assert!(d["policy"]["version"].as_u64().is_some(), "{d}");
 }

@@ -71,7 +71,7 @@ fn invalid_policy(service: &str, errors: &InvalidPolicy) -> ApiError {
     }
 }
 
-fn policy_json(stored: &StoredPolicy) -> serde_json::Value {
+pub(super) fn policy_json(stored: &StoredPolicy) -> serde_json::Value {
     json!({
         "service": stored.service,
         "version": stored.version,

@@ -119,7 +119,7 @@ pub(super) fn read_log(
     if after < chunk.compacted {
         return Ok(chunk);
     }
-    let start = after.checked_add(1).unwrap_or(u64::MAX);
+    let start = after.saturating_add(1);
     for entry in events.range::<(u64, u32)>((start, 0)..)? {
         let (key, bytes) = entry?;
         let (revision, _) = key.value();
