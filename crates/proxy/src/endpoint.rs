@@ -52,8 +52,11 @@ pub struct Endpoint {
     /// [`outlier::now_ms`]'s clock; 0: never). Read by the stall check
     /// ([`crate::resilience::stall`]) off the request path.
     progress_ms: AtomicU64,
-    /// When a TCP stream last sent it bytes (same clock; 0: never).
-    sent_ms: AtomicU64,
+    /// Since when bytes TCP streams sent it have had no bytes back (same clock; 0: none
+    /// waiting). One for every stream to the endpoint: any bytes from it show it alive.
+    unanswered_ms: AtomicU64,
+    /// Set by the stall check while the endpoint is stalled, for `/config`.
+    pub(crate) stalled: AtomicBool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -80,7 +83,8 @@ impl Endpoint {
             breaker: Breaker::default(),
             control_unhealthy: AtomicBool::new(false),
             progress_ms: AtomicU64::new(0),
-            sent_ms: AtomicU64::new(0),
+            unanswered_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
         }
     }
 
@@ -99,9 +103,9 @@ impl Endpoint {
         self.progress_ms.load(Ordering::Relaxed)
     }
 
-    /// When a TCP stream last sent it bytes (same clock; 0: never).
-    pub(crate) fn sent_ms(&self) -> u64 {
-        self.sent_ms.load(Ordering::Relaxed)
+    /// Since when bytes TCP streams sent it have had no answer (same clock; 0: none).
+    pub(crate) fn unanswered_ms(&self) -> u64 {
+        self.unanswered_ms.load(Ordering::Relaxed)
     }
 
     /// The endpoint made progress at `ms`. At most one store, and none when the value is
@@ -113,11 +117,21 @@ impl Endpoint {
         }
     }
 
-    /// A TCP stream sent the endpoint bytes at `ms`.
+    /// A TCP stream sent the endpoint bytes at `ms`: they wait for an answer, unless
+    /// earlier ones already do.
     pub(crate) fn note_sent(&self, ms: u64) {
-        if self.sent_ms.load(Ordering::Relaxed) != ms {
-            self.sent_ms.store(ms, Ordering::Relaxed);
+        if self.unanswered_ms.load(Ordering::Relaxed) == 0 {
+            self.unanswered_ms.store(ms, Ordering::Relaxed);
         }
+    }
+
+    /// A TCP stream received bytes from the endpoint at `ms`: progress, and nothing sent
+    /// waits any more.
+    pub(crate) fn note_received(&self, ms: u64) {
+        if self.unanswered_ms.load(Ordering::Relaxed) != 0 {
+            self.unanswered_ms.store(0, Ordering::Relaxed);
+        }
+        self.note_progress(ms);
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -215,8 +229,10 @@ impl InFlight {
     /// timeout (`504`) is the endpoint answering, badly: not a stall.
     pub fn failed(&self, status: u16) {
         let now = Instant::now();
-        self.endpoint
-            .observe_at(now, DEFAULT_RTT.max(now.saturating_duration_since(self.started)) * 4);
+        self.endpoint.observe_at(
+            now,
+            DEFAULT_RTT.max(now.saturating_duration_since(self.started)) * 4,
+        );
         if status != 504 {
             self.endpoint.note_progress(outlier::ms_at(now));
         }

@@ -195,6 +195,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
             .spawn(move || {
                 runtime.block_on(async move {
                     for u in upstreams {
+                        tokio::spawn(u.clone().watch_stalls());
                         tokio::spawn(u.maintain());
                     }
                     let _ = stopped.wait_for(|s| *s).await;

@@ -7,19 +7,30 @@
 //! connect retried on another endpoint within the budget and the backoff, since nothing
 //! was sent. A connect that succeeds counts as a success for the endpoint's breaker.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use malla_core::policy::Outcome;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
 use tracing::debug;
 
 use crate::{
     call::{Answer, Call, Failure, Judged, Protocol, Timer},
     connect::connect,
-    endpoint::InFlight,
+    endpoint::{Endpoint, InFlight},
     metrics::ConnectionTracker,
-    resilience::limits::{Limit, Slot},
+    resilience::{
+        limits::{Limit, Slot},
+        outlier,
+    },
     upstream::Upstream,
 };
 
@@ -52,15 +63,64 @@ pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstr
     };
     let endpoint = claim.in_flight.endpoint().clone();
     let _open = ConnectionTracker::open(&endpoint.metrics.open_connections);
+    let mut server = Watched {
+        stream: &mut server.stream,
+        endpoint: &endpoint,
+    };
     if !prefix.is_empty() {
-        if let Err(e) = server.stream.write_all(&prefix).await {
+        if let Err(e) = server.write_all(&prefix).await {
             debug!(error = %e, "tcp: upstream write failed");
             return;
         }
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut server.stream).await {
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
         Ok((up, down)) => debug!(up, down, endpoint = %endpoint.addr, "tcp stream closed"),
         Err(e) => debug!(error = %e, endpoint = %endpoint.addr, "tcp stream ended with an error"),
+    }
+}
+
+/// The upstream side of a stream, noting bytes each way for the stall check
+/// ([`crate::resilience::stall`]): a relaxed store per chunk at most, none when the
+/// millisecond has not changed.
+struct Watched<'a> {
+    stream: &'a mut TcpStream,
+    endpoint: &'a Endpoint,
+}
+
+impl AsyncRead for Watched<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.endpoint.note_received(outlier::now_ms());
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.stream).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.endpoint.note_sent(outlier::now_ms());
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.stream).poll_shutdown(cx)
     }
 }
 

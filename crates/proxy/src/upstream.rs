@@ -211,7 +211,8 @@ impl Upstream {
                 None => {
                     let endpoint = Arc::new(Endpoint::new(
                         d.addr,
-                        self.metrics.endpoint(&self.config.name, &d.addr.to_string()),
+                        self.metrics
+                            .endpoint(&self.config.name, &d.addr.to_string()),
                     ));
                     if let Some(seed) = seed {
                         endpoint.seed_rtt_estimate(seed);
@@ -752,6 +753,7 @@ impl Upstream {
                     "address": e.addr.to_string(),
                     "breaker": e.breaker.state().as_str(),
                     "control_plane_health": if e.control_unhealthy() { "unhealthy" } else { "serving" },
+                    "stalled": e.stalled.load(Ordering::Relaxed),
                     "level": level,
                     "in_flight": e.in_flight(),
                     "requests": e.requests(),
@@ -864,5 +866,6 @@ pub fn resolve_all(specs: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(out)
 }
 
+mod stalls;
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,7 @@ mod registry_health;
 mod requests;
 mod resilience;
 mod smuggling;
+mod stalls;
 mod tcp;
 mod websocket;
 mod workers;

@@ -131,12 +131,16 @@ async fn a_wrong_health_check_marking_every_instance_unhealthy_does_not_blackhol
     );
     let detail = &reported(&control, "panic-entered")[0];
     assert!(
-        detail.contains("0 of 3 endpoints available (3 unhealthy per the control plane, 0 ejected)"),
+        detail
+            .contains("0 of 3 endpoints available (3 unhealthy per the control plane, 0 ejected)"),
         "{detail}"
     );
     let text = proxy.metrics_text();
     let metric = |name| admin::metric(&text, name, &[("upstream", "echo")]);
-    assert_eq!(metric("malla_proxy_upstream_endpoints_unhealthy"), Some(3.0));
+    assert_eq!(
+        metric("malla_proxy_upstream_endpoints_unhealthy"),
+        Some(3.0)
+    );
     assert_eq!(metric("malla_proxy_upstream_panic"), Some(1.0));
     let config = admin::config(proxy.admin()).await;
     let upstream = &config["upstreams"][0];

@@ -47,6 +47,10 @@ pub enum EventKind {
     RetryBudgetExhausted,
     /// A rate limit rejected (or would have rejected) a request.
     RateLimited,
+    /// Calls wait on an endpoint that makes no progress (see [`super::stall`]).
+    EndpointStalled,
+    /// A stalled endpoint made progress again.
+    EndpointRecovered,
 }
 
 impl EventKind {
@@ -61,6 +65,8 @@ impl EventKind {
             EventKind::LimitHit => "limit-hit",
             EventKind::RetryBudgetExhausted => "retry-budget-exhausted",
             EventKind::RateLimited => "rate-limited",
+            EventKind::EndpointStalled => "endpoint-stalled",
+            EventKind::EndpointRecovered => "endpoint-recovered",
         }
     }
 }

@@ -15,7 +15,8 @@
 //!   -> retry? (conditions, idempotency, budget, backoff, replayable body)
 //! ```
 //!
-//! Every state change is a metric and an [`events::Event`] for the control plane.
+//! Every state change is a metric and an [`events::Event`] for the control plane. Off the
+//! request path, [`stall`] reports endpoints that leave calls waiting and answer nothing.
 
 pub mod budget;
 pub mod deadline;
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod locality;
 pub mod outlier;
 pub mod rate;
+pub mod stall;
 
 use std::{sync::Arc, time::Duration};
 

@@ -232,7 +232,12 @@ fn the_panic_threshold_counts_ejections_and_registry_health_together() {
     // not below 50%; a second ejection would be, but max_ejection_percent (50%) allows
     // two of four.
     let u = round_robin();
-    u.set_discovered_endpoints(&discovered(&[(1, true), (2, false), (3, false), (4, false)]));
+    u.set_discovered_endpoints(&discovered(&[
+        (1, true),
+        (2, false),
+        (3, false),
+        (4, false),
+    ]));
     let eject = |port: u16| {
         let e = u
             .endpoints()
