@@ -16,7 +16,7 @@ use malla_proxy::{
 #[command(after_help = "Examples:\n  \
     malla proxy --listen 127.0.0.1:4140 --upstream 127.0.0.1:8081,127.0.0.1:8082\n  \
     malla proxy --config proxy.toml\n  \
-    malla proxy --config proxy.toml --control http://127.0.0.1:7781 --service checkout --labels env=prod\n\n\
+    malla proxy --config proxy.toml --control 127.0.0.1:7780 --service checkout --label env=prod\n\n\
     The quick form runs one HTTP listener (HTTP/1.1 and HTTP/2 prior knowledge, detected)\n\
     balancing over the endpoints with default policies. See docs/config.md for the file.\n\
     With --control, upstreams that list no endpoints are discovered from the control plane,\n\
@@ -51,12 +51,19 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "HOST:PORT")]
     admin: Option<SocketAddr>,
 
-    /// The control plane's gRPC API (`malla control --grpc-addr`): discovers the upstreams
-    /// that list no endpoints, and registers this instance with --service.
-    #[arg(long, value_name = "URL")]
+    /// The control plane (`malla control`'s address, HOST:PORT or http://HOST:PORT; alone:
+    /// 127.0.0.1:7780): discovers the upstreams that list no endpoints, follows their
+    /// policies, reports events, and registers this instance with --service.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        num_args = 0..=1,
+        default_missing_value = DEFAULT_CONTROL
+    )]
     control: Option<String>,
 
-    /// Register this instance as a member of SERVICE (needs --control or [control]).
+    /// Register this instance as a member of SERVICE (with the control plane of --control
+    /// or [control], else 127.0.0.1:7780).
     #[arg(long, value_name = "NAME")]
     service: Option<String>,
 
@@ -64,9 +71,15 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ID")]
     instance_id: Option<String>,
 
-    /// Labels of the registered instance, comma-separated KEY=VALUE.
-    #[arg(long, value_name = "K=V[,K=V...]", value_delimiter = ',')]
-    labels: Vec<String>,
+    /// A label of the registered instance, KEY=VALUE; repeat it, or separate pairs with
+    /// commas.
+    #[arg(
+        long = "label",
+        alias = "labels",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
+    label: Vec<String>,
 
     /// The address other sidecars reach this instance at (default: the [inbound] listener).
     #[arg(long, value_name = "IP:PORT")]
@@ -80,6 +93,9 @@ pub struct ProxyArgs {
     #[arg(long)]
     print_config: bool,
 }
+
+/// The control plane's one port (HTTP API and gRPC), as `malla control` serves it.
+const DEFAULT_CONTROL: &str = "127.0.0.1:7780";
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ProtocolArg {
@@ -144,32 +160,35 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
 /// `--control`, `--service` and the flags describing the registered instance.
 fn apply_control_flags(args: &ProxyArgs, config: &mut ProxyConfig) -> anyhow::Result<()> {
     if let Some(url) = &args.control {
+        // Checked here so that the error names the flag, not the section it fills.
+        ControlPlaneConfig::new(url.clone())
+            .endpoint()
+            .map_err(|why| anyhow::anyhow!("--control {url:?}: {why}"))?;
         match &mut config.control {
             Some(control) => control.url = url.clone(),
             None => config.control = Some(ControlPlaneConfig::new(url.clone())),
         }
     }
-    let instance_flags = [
-        ("--service", args.service.is_some()),
-        ("--instance-id", args.instance_id.is_some()),
-        ("--labels", !args.labels.is_empty()),
-        ("--register-address", args.register_address.is_some()),
-    ];
-    let Some(control) = config.control.as_mut() else {
-        if let Some((flag, _)) = instance_flags.iter().find(|(_, set)| *set) {
-            anyhow::bail!("{flag} registers this instance with the control plane: give its address with --control URL (or a [control] section)");
-        }
+    let registers = args.service.is_some()
+        || args.instance_id.is_some()
+        || !args.label.is_empty()
+        || args.register_address.is_some();
+    if !registers {
         return Ok(());
-    };
+    }
+    // Registering needs a control plane: the one named, else the default address.
+    let control = config
+        .control
+        .get_or_insert_with(|| ControlPlaneConfig::new(DEFAULT_CONTROL));
     if let Some(service) = &args.service {
         control.service = Some(service.clone());
     }
     if let Some(id) = &args.instance_id {
         control.instance_id = Some(id.clone());
     }
-    for pair in &args.labels {
+    for pair in &args.label {
         let (k, v) = pair.split_once('=').with_context(|| {
-            format!("--labels {pair:?}: write KEY=VALUE pairs separated by commas, e.g. env=prod,zone=eu-1")
+            format!("--label {pair:?}: write KEY=VALUE (repeat --label, or separate pairs with commas), e.g. --label env=prod --label zone=eu-1")
         })?;
         control
             .labels
@@ -210,7 +229,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use clap::{CommandFactory as _, Parser};
 
     use super::*;
 
@@ -251,8 +270,10 @@ mod tests {
             "checkout",
             "--instance-id",
             "checkout-1",
-            "--labels",
+            "--label",
             "env=prod,zone=eu-1",
+            "--label",
+            "tier=web",
             "--register-address",
             "10.0.0.5:4143",
         ])
@@ -263,6 +284,7 @@ mod tests {
         assert_eq!(control.instance_id.as_deref(), Some("checkout-1"));
         assert_eq!(control.labels["env"], "prod");
         assert_eq!(control.labels["zone"], "eu-1");
+        assert_eq!(control.labels["tier"], "web");
         assert_eq!(
             control.register_address,
             Some("10.0.0.5:4143".parse().unwrap())
@@ -270,21 +292,94 @@ mod tests {
     }
 
     #[test]
-    fn instance_flags_need_a_control_plane_and_registering_needs_an_address() {
+    fn instance_flags_use_the_default_control_plane_and_registering_needs_an_address() {
         let quick = ["--listen", "127.0.0.1:4140", "--upstream", "127.0.0.1:1"];
         let err = config(&[&quick[..], &["--service", "checkout"]].concat()).unwrap_err();
-        assert!(err.to_string().contains("--control URL"), "{err}");
-        let err = config(
+        assert!(err.to_string().contains("--register-address"), "{err:#}");
+        let c = config(
             &[
                 &quick[..],
-                &["--control", "c:7781", "--service", "checkout"],
+                &[
+                    "--service",
+                    "checkout",
+                    "--register-address",
+                    "10.0.0.5:4143",
+                ],
             ]
             .concat(),
         )
-        .unwrap_err();
-        assert!(err.to_string().contains("--register-address"), "{err:#}");
-        let err = config(&[&quick[..], &["--control", "c:7781", "--labels", "env"]].concat())
-            .unwrap_err();
-        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+        .unwrap();
+        assert_eq!(c.control.unwrap().url, "127.0.0.1:7780");
+        let err =
+            config(&[&quick[..], &["--control", "c:7781", "--label", "env"]].concat()).unwrap_err();
+        assert!(
+            err.to_string().contains("--label \"env\": write KEY=VALUE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn control_takes_host_port_or_a_url_and_alone_means_the_default_port() {
+        let quick = ["--listen", "127.0.0.1:4140", "--upstream", "127.0.0.1:1"];
+        for (flag, url) in [
+            ("10.0.0.1:7780", "10.0.0.1:7780"),
+            ("http://10.0.0.1:7781", "http://10.0.0.1:7781"),
+        ] {
+            let c = config(&[&quick[..], &["--control", flag]].concat()).unwrap();
+            assert_eq!(c.control.unwrap().url, url);
+        }
+        let c = config(&[&quick[..], &["--control"]].concat()).unwrap();
+        assert_eq!(c.control.unwrap().url, "127.0.0.1:7780");
+        let c = config(&[
+            "--control",
+            "--listen",
+            "127.0.0.1:4140",
+            "--upstream",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
+        assert_eq!(c.control.unwrap().url, "127.0.0.1:7780");
+        // A bad address names the flag.
+        let err = config(&[&quick[..], &["--control", "ftp://c:1"]].concat()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--control \"ftp://c:1\": "),
+            "{err}"
+        );
+        let err = config(&[&quick[..], &["--control", "c"]].concat()).unwrap_err();
+        assert!(err.to_string().starts_with("--control \"c\": "), "{err}");
+    }
+
+    #[test]
+    fn labels_is_a_hidden_alias_of_label() {
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:4140",
+            "--upstream",
+            "127.0.0.1:1",
+            "--control",
+            "c:7780",
+            "--labels",
+            "env=prod,zone=eu-1",
+            "--register-address",
+            "10.0.0.5:4143",
+            "--service",
+            "checkout",
+        ])
+        .unwrap();
+        assert_eq!(c.control.unwrap().labels.len(), 2);
+        let help = Cmd::command().render_long_help().to_string();
+        assert!(help.contains("--label <KEY=VALUE>"), "{help}");
+        assert!(!help.contains("--labels"), "{help}");
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        let cmd = Cmd::command();
+        let missing: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && a.get_help().is_none())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
     }
 }

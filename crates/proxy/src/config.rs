@@ -170,7 +170,10 @@ pub struct AdminConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// The control plane's gRPC API, `http://HOST:PORT` (`malla control --grpc-addr`).
+    /// The control plane, `HOST:PORT` or `http://HOST:PORT`: its one port serves the
+    /// HTTP API and gRPC (`malla control --http-addr`; `--grpc-addr` still serves gRPC);
+    /// default `127.0.0.1:7780`.
+    #[serde(default = "defaults::control_url")]
     pub url: String,
     /// Register this proxy's instance as a member of this service; without it the proxy
     /// only discovers its upstreams.
@@ -217,22 +220,24 @@ impl ControlPlaneConfig {
         };
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| format!("{e}; write for example http://127.0.0.1:7781"))?;
+            .map_err(|e| format!("{e}; write HOST:PORT, for example 127.0.0.1:7780"))?;
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => {
                 return Err("TLS to the control plane is not supported yet; use http://".to_string())
             }
-            _ => return Err("use http://HOST:PORT, for example http://127.0.0.1:7781".into()),
+            _ => {
+                return Err("use HOST:PORT or http://HOST:PORT, for example 127.0.0.1:7780".into())
+            }
         }
         let authority = uri
             .authority()
-            .ok_or("the URL has no HOST:PORT; write for example http://127.0.0.1:7781")?;
+            .ok_or("no HOST:PORT; write for example 127.0.0.1:7780")?;
         if authority.port_u16().is_none() {
-            return Err("the URL has no port; the control plane's gRPC port is 7781 by default (http://HOST:7781)".into());
+            return Err("no port; the control plane listens on 7780 by default (HOST:7780)".into());
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err("the URL must have no path: write http://HOST:PORT".into());
+            return Err("the address must have no path: write HOST:PORT".into());
         }
         Ok(format!("http://{authority}"))
     }
@@ -278,6 +283,11 @@ impl Default for Limits {
 /// Defaults, one function per field so serde and the docs agree.
 pub mod defaults {
     use std::time::Duration;
+
+    /// The control plane's one port (HTTP API and gRPC).
+    pub fn control_url() -> String {
+        "127.0.0.1:7780".to_string()
+    }
 
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
@@ -557,7 +567,7 @@ fn check_discovery(i: usize, u: &UpstreamConfig, control: bool, problems: &mut V
     } else if !control {
         problems.push(format!(
             "upstream[{i}].{} needs the control plane to discover instances: add a [control] \
-             section (or --control URL)",
+             section (or --control HOST:PORT)",
             if u.service.is_some() {
                 "service"
             } else {

@@ -81,6 +81,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a stopping proxy spends sending the resilience events still queued.
 const EVENTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How the control plane knows a sidecar from other clients (`GET /v1/proxies`).
+const USER_AGENT: &str = concat!("malla-proxy/", env!("CARGO_PKG_VERSION"));
 /// HTTP/2 pings to the control plane, so a vanished one is noticed without traffic.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -334,6 +336,7 @@ impl Discovery {
                 .endpoint()
                 .map_err(|why| anyhow::anyhow!("control.url {:?}: {why}", control.url))?,
         )?
+        .user_agent(USER_AGENT)?
         .connect_timeout(control.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

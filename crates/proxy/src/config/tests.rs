@@ -254,3 +254,24 @@ fn names_are_dns_labels() {
     assert!(!is_dns_label("A"));
     assert!(!is_dns_label(&"a".repeat(64)));
 }
+
+#[test]
+fn the_control_url_defaults_to_the_control_planes_one_port() {
+    let c = ProxyConfig::from_toml(
+        r#"
+        [control]
+
+        [[upstream]]
+        name = "quote"
+
+        [[outbound]]
+        listen = "127.0.0.1:4140"
+        upstream = "quote"
+        "#,
+        "mesh.toml",
+    )
+    .unwrap();
+    let control = c.control.unwrap();
+    assert_eq!(control.url, "127.0.0.1:7780");
+    assert_eq!(control.endpoint().unwrap(), "http://127.0.0.1:7780");
+}
