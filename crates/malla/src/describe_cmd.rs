@@ -141,19 +141,21 @@ pub fn render(v: &Value) -> String {
         ));
     }
 
-    let events = v["events"].as_array().cloned().unwrap_or_default();
-    // The health history: the control plane's checks flipping an instance, from the events.
-    let flips: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["kind"] == "health-changed")
-        .collect();
+    // The health history (the control plane's checks flipping an instance; each detail
+    // names the instance) apart from the other events, so that neither repeats the other.
+    let (flips, events): (Vec<Value>, Vec<Value>) = v["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .partition(|e| e["kind"] == "health-changed");
     if flips.is_empty() {
         line("Health history: <none>".into());
     } else {
         line("Health history: (newest last)".into());
         let rows: Vec<Vec<String>> = flips
             .iter()
-            .map(|e| vec![time(&e["at_ms"]), text(&e["endpoint"]), text(&e["detail"])])
+            .map(|e| vec![time(&e["at_ms"]), text(&e["detail"])])
             .collect();
         for r in align(&rows) {
             line(format!("  {r}"));
@@ -268,7 +270,11 @@ mod tests {
             "events": [
                 {"seq": 1, "at_ms": 1_700_000_000_000u64, "kind": "health-changed", "service": "shipping-quote",
                  "endpoint": "203.0.113.7:443", "count": 1, "reporter": {"service": null, "instance_id": null},
-                 "detail": "healthy -> unhealthy (3 failed checks)"}
+                 "detail": "healthy -> unhealthy (3 failed checks)"},
+                {"seq": 2, "at_ms": 1_700_000_001_000u64, "kind": "ejected", "service": "shipping-quote",
+                 "endpoint": "203.0.113.7:443", "count": 1,
+                 "reporter": {"service": "checkout", "instance_id": "checkout-1"},
+                 "detail": "5 consecutive failures"}
             ]
         });
         let text = super::render(&answer);
@@ -285,12 +291,19 @@ mod tests {
             "Policy:        version 3: retries 2 attempts, timeout 2s",
             "Health history: (newest last)",
             "Events:        (newest last)",
-            "health-changed",
-            "control plane",
-            "healthy -> unhealthy (3 failed checks)",
+            "checkout-1",
+            "5 consecutive failures",
         ] {
             assert!(text.contains(expected), "{expected:?} in\n{text}");
         }
+        // A health flip is in the history, not again among the events.
+        assert_eq!(
+            text.matches("healthy -> unhealthy (3 failed checks)")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert!(!text.contains("health-changed"), "{text}");
         // The static instance: no lease, no TTL.
         let vendor = text.lines().find(|l| l.contains("vendor")).unwrap();
         let cells: Vec<&str> = vendor.split_whitespace().collect();
