@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/malla/registry/v1/registry.proto",
         "proto/malla/policy/v1/policy.proto",
+        "proto/malla/identity/v1/identity.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -158,6 +158,7 @@ impl TestControl {
                 grpc_addr: any_port(),
                 dns_addr: self.dns.then(any_port),
                 dns: DnsSettings::default(),
+                identity: Default::default(),
             };
             match Control::start_with(config, self.serving.clone()).await {
                 Ok(control) => break control,

@@ -8,6 +8,8 @@
 //! - `malla.policy.v1.Policies` (`proto/malla/policy/v1/policy.proto`): a sidecar watches
 //!   the resilience policy of each service it calls ([`policy`]) and reports the
 //!   resilience events it observes.
+//! - `malla.identity.v1.Identity` (`proto/malla/identity/v1/identity.proto`): a sidecar
+//!   gets its service's certificate from the control plane's CA and renews it.
 //!
 //! This crate sits between the domain model and the two processes that speak the API:
 //!
@@ -36,7 +38,15 @@ pub mod policy_pb {
     tonic::include_proto!("malla.policy.v1");
 }
 
+/// The generated messages and stubs of `malla.identity.v1`.
+pub mod identity_pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("malla.identity.v1");
+}
+
 pub use convert::{ConversionError, Registration, WatchEvent, WatchTarget};
+pub use identity_pb::identity_client::IdentityClient;
+pub use identity_pb::identity_server::{Identity as IdentityService, IdentityServer};
 pub use pb::registry_client::RegistryClient;
 pub use pb::registry_server::{Registry as RegistryService, RegistryServer};
 pub use policy::{InvalidPolicy, LenientPolicy, PolicyState};

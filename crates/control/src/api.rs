@@ -7,7 +7,8 @@ pub mod http;
 use std::sync::Arc;
 
 use crate::{
-    events::EventRing, metrics::Metrics, policies::Policies, proxies::Proxies, registry::Registry,
+    events::EventRing, identity::Identity, metrics::Metrics, policies::Policies, proxies::Proxies,
+    registry::Registry,
 };
 
 /// What every API serves.
@@ -19,6 +20,8 @@ pub struct Backend<S> {
     pub metrics: Arc<Metrics>,
     /// The sidecars connected now (`GET /v1/proxies`).
     pub proxies: Arc<Proxies>,
+    /// The CA and the join tokens.
+    pub identity: Arc<Identity<S>>,
 }
 
 // By hand: a derive would ask for `S: Clone`, and only the `Arc`s are cloned.
@@ -30,6 +33,7 @@ impl<S> Clone for Backend<S> {
             events: self.events.clone(),
             metrics: self.metrics.clone(),
             proxies: self.proxies.clone(),
+            identity: self.identity.clone(),
         }
     }
 }

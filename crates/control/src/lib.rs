@@ -11,6 +11,7 @@ pub mod api;
 pub mod dns;
 pub mod events;
 pub mod health;
+pub mod identity;
 pub mod metrics;
 pub mod policies;
 pub mod proxies;

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use malla_core::{Instance, Selector, ServiceName};
+use malla_core::{Instance, Selector, ServiceName, TrustDomain};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::info;
 
@@ -13,6 +13,7 @@ use crate::{
     dns::{Catalog, DnsConfig, DnsServer, Pick},
     events::EventRing,
     health::HealthChecker,
+    identity::{Ca, CaSettings, CaSource, Identity},
     metrics::Metrics,
     policies::Policies,
     proxies::Proxies,
@@ -38,6 +39,48 @@ pub struct ControlConfig {
     pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
     pub dns: DnsSettings,
+    pub identity: IdentitySettings,
+}
+
+/// The CA's settings (`--trust-domain`, `--cert-ttl`, `--ca-cert` and `--ca-key`).
+#[derive(Clone, Debug)]
+pub struct IdentitySettings {
+    pub trust_domain: TrustDomain,
+    pub cert_ttl: std::time::Duration,
+    /// A root or intermediate (certificate chain file, key file) the operator gives; none:
+    /// the CA creates its root under the data directory at first start.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+}
+
+/// The trust domain when none is given.
+pub const DEFAULT_TRUST_DOMAIN: &str = "malla.local";
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings {
+            trust_domain: TrustDomain::new(DEFAULT_TRUST_DOMAIN).expect("a valid trust domain"),
+            cert_ttl: crate::identity::ca::DEFAULT_CERT_TTL,
+            ca_files: None,
+        }
+    }
+}
+
+impl IdentitySettings {
+    fn ca_settings(&self, data_dir: &std::path::Path) -> CaSettings {
+        CaSettings {
+            trust_domain: self.trust_domain.clone(),
+            cert_ttl: self.cert_ttl,
+            source: match &self.ca_files {
+                Some((cert, key)) => CaSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                None => CaSource::Generated {
+                    dir: data_dir.join("ca"),
+                },
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -62,6 +105,8 @@ pub struct Control {
     pub policies: Arc<Policies<EmbeddedStore>>,
     /// The resilience events sidecars reported (in memory).
     pub events: Arc<EventRing>,
+    /// The CA and the join tokens.
+    pub identity: Arc<Identity<EmbeddedStore>>,
     /// The address of the APIs (`--addr`): HTTP/JSON and gRPC.
     pub http_addr: SocketAddr,
     /// The same APIs on the gRPC address kept for sidecars configured with it
@@ -85,6 +130,9 @@ impl Control {
         config: ControlConfig,
         serving: ServeSettings,
     ) -> anyhow::Result<Control> {
+        // The CA before the store: a CA that cannot be read leaves nothing open.
+        let ca = Ca::open(&config.identity.ca_settings(&config.data_dir))
+            .context("cannot set up the certificate authority")?;
         // A port in use must fail before the store is opened (and its file locked), so that
         // a retry with another port finds the data directory free.
         let http = TcpListener::bind(config.http_addr)
@@ -110,6 +158,7 @@ impl Control {
                 events: Arc::new(EventRing::default()),
                 metrics: Arc::new(Metrics::default()),
                 proxies: Arc::new(Proxies::default()),
+                identity: Arc::new(Identity::new(ca, store.clone())),
             })
         }
         .await;
@@ -176,6 +225,7 @@ impl Control {
             registry,
             policies: backend.policies,
             events: backend.events,
+            identity: backend.identity,
             http_addr,
             grpc_addr,
             health: Some(health),
@@ -253,6 +303,7 @@ mod tests {
             grpc_addr: any,
             dns_addr: Some(dns_addr),
             dns: DnsSettings::default(),
+            identity: Default::default(),
         }
     }
 

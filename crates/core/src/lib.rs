@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod duration;
+pub mod identity;
 pub mod labels;
 pub mod policy;
 pub mod selector;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod slug;
 
 pub use annotations::Annotations;
+pub use identity::{SpiffeId, TrustDomain};
 pub use labels::Labels;
 pub use policy::Policy;
 pub use selector::Selector;

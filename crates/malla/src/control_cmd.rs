@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use malla_control::{
-    server::{Control, ControlConfig, DnsSettings},
+    server::{Control, ControlConfig, DnsSettings, IdentitySettings},
     serving::{ServeSettings, DEFAULT_MAX_CONNECTIONS},
 };
 
@@ -41,6 +41,28 @@ pub struct ControlArgs {
     /// send its next request) before its connection is closed, e.g. `10s`.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = head_timeout)]
     head_timeout: Duration,
+    /// The SPIFFE trust domain of the mesh's identities: spiffe://DOMAIN/svc/SERVICE.
+    #[arg(long, value_name = "DOMAIN", default_value = malla_control::server::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: malla_core::TrustDomain,
+    /// How long the certificates the CA issues are valid, e.g. `24h`; sidecars renew them
+    /// at about 70 % of it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = cert_ttl)]
+    cert_ttl: Duration,
+    /// The CA's certificate (PEM): a root, or an intermediate followed by its chain up to
+    /// the root. Without it the control plane creates a root in DATA_DIR/ca at first start.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM; keep it mode 600).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+}
+
+fn cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 24h, 90m)"))?;
+    if d < Duration::from_secs(60) || d > Duration::from_secs(90 * 24 * 3600) {
+        return Err(format!("{s} is out of range: use 1m to 90d"));
+    }
+    Ok(d)
 }
 
 fn head_timeout(s: &str) -> Result<Duration, String> {
@@ -64,6 +86,11 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                 grpc_addr: args.grpc_addr,
                 dns_addr: Some(args.dns_addr),
                 dns: DnsSettings::default(),
+                identity: IdentitySettings {
+                    trust_domain: args.trust_domain,
+                    cert_ttl: args.cert_ttl,
+                    ca_files: args.ca_cert.zip(args.ca_key),
+                },
             },
             ServeSettings {
                 head_timeout: args.head_timeout,

@@ -93,6 +93,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         grpc_addr: args.control_grpc,
         dns_addr: Some(args.dns),
         dns: DnsSettings::default(),
+        identity: Default::default(),
     })
     .await
     .context("cannot start the control plane; pick other ports with --control-http, --control-grpc and --dns")?;

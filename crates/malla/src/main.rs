@@ -10,6 +10,7 @@ mod control_cmd;
 mod demo;
 mod describe_cmd;
 mod get_cmd;
+mod identity_cmd;
 mod output;
 mod policy_cmd;
 mod proxy_cmd;
@@ -62,6 +63,10 @@ enum Command {
     Services(registry_cmd::ServicesArgs),
     /// List the instances of a service (the same as `get instances SERVICE`).
     Instances(registry_cmd::InstancesArgs),
+    /// Join tokens for sidecars: `token create --service NAME [--ttl 1h]`.
+    Token(identity_cmd::TokenArgs),
+    /// The mesh's trust domain and trust bundle (`--bundle`: the PEM alone).
+    Identity(identity_cmd::IdentityArgs),
     /// Start demo services behind a sidecar, send traffic, and show where it went.
     Demo(demo::DemoArgs),
 }
@@ -92,6 +97,8 @@ fn main() -> ExitCode {
         Command::Delete(args) => get_cmd::delete(args),
         Command::Annotate(args) => get_cmd::annotate(args),
         Command::Events(args) => policy_cmd::events(args),
+        Command::Token(args) => identity_cmd::token(args),
+        Command::Identity(args) => identity_cmd::identity(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -50,6 +50,7 @@ pub(crate) async fn start_control(dir: &Path, grpc_addr: SocketAddr) -> Control 
             grpc_addr,
             dns_addr: None,
             dns: DnsSettings::default(),
+            identity: Default::default(),
         };
         match Control::start(config).await {
             Ok(control) => return control,

@@ -1,5 +1,6 @@
-//! The gRPC API for sidecars: `malla.registry.v1.Registry` (`crates/api`), here, and
-//! `malla.policy.v1.Policies` ([`policies`]), on the same port.
+//! The gRPC API for sidecars: `malla.registry.v1.Registry` (`crates/api`), here,
+//! `malla.policy.v1.Policies` ([`policies`]) and `malla.identity.v1.Identity`
+//! ([`identity`]), on the same port.
 //!
 //! Register, Heartbeat and Deregister are thin: convert the request to domain types
 //! (`malla-api` rejects bad fields with a precise message), call the [`Registry`], map its
@@ -27,6 +28,7 @@
 //! (to this process when it comes back, or to another replica) and resynchronise from a
 //! snapshot.
 
+pub mod identity;
 pub mod policies;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -87,6 +89,9 @@ pub fn routes<S: Store + Clone>(
         backend.registry.clone(),
         backend.metrics.clone(),
         stop.clone(),
+    )))
+    .add_service(malla_api::IdentityServer::new(identity::IdentityGrpc::new(
+        backend.identity.clone(),
     )))
     .add_service(PoliciesServer::new(policies::PoliciesGrpc::new(
         backend, stop,

@@ -5,6 +5,7 @@
 //! limited to [`MAX_BODY`] and must not carry unknown fields. The routes are listed in
 //! `docs/control.md`; the policy and event routes are in [`policies`].
 
+mod identity;
 mod policies;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -14,7 +15,7 @@ use axum::{
     extract::{ConnectInfo, DefaultBodyLimit, FromRef, MatchedPath, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, put},
+    routing::{get, post, put},
     Extension, Json, Router,
 };
 use malla_core::{Selector, ServiceName};
@@ -66,6 +67,9 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
         )
         .route("/v1/events", get(policies::events::<S>))
         .route("/v1/proxies", get(proxies::<S>))
+        .route("/v1/tokens", post(identity::create_token::<S>))
+        .route("/v1/identity", get(identity::identity::<S>))
+        .route("/v1/certificates", post(identity::certify::<S>))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -48,6 +48,7 @@ pub(crate) async fn control(dir: &TempDir) -> Control {
         grpc_addr: any,
         dns_addr: None,
         dns: DnsSettings::default(),
+        identity: Default::default(),
     })
     .await
     .unwrap()
