@@ -30,9 +30,10 @@ use std::{
 
 use malla_control::{
     events::EventRing,
+    identity::Identity,
     policies::Policies,
     registry::Registry,
-    server::{Control, ControlConfig, DnsSettings},
+    server::{Control, ControlConfig, DnsSettings, IdentitySettings},
     serving::ServeSettings,
     store::embedded::EmbeddedStore,
 };
@@ -83,6 +84,7 @@ pub struct TestControl {
     dns_addr: Option<SocketAddr>,
     dns: bool,
     serving: ServeSettings,
+    identity: IdentitySettings,
     // Declared last: dropped after the control plane.
     dir: TempDir,
 }
@@ -126,18 +128,34 @@ impl TestControl {
         Self::start_with(dir, dns, ServeSettings::default()).await
     }
 
-    async fn start_with(dir: TempDir, dns: bool, serving: ServeSettings) -> TestControl {
+    /// A control plane without DNS whose CA has `identity`'s settings (a short
+    /// certificate TTL, another trust domain, an operator's CA files).
+    pub async fn start_with_identity(identity: IdentitySettings) -> TestControl {
         let mut control = TestControl {
+            identity,
+            ..Self::unstarted(TempDir::new("control"), false, ServeSettings::default())
+        };
+        control.start_again().await;
+        control
+    }
+
+    async fn start_with(dir: TempDir, dns: bool, serving: ServeSettings) -> TestControl {
+        let mut control = Self::unstarted(dir, dns, serving);
+        control.start_again().await;
+        control
+    }
+
+    fn unstarted(dir: TempDir, dns: bool, serving: ServeSettings) -> TestControl {
+        TestControl {
             control: None,
             http_addr: any_port(),
             grpc_addr: any_port(),
             dns_addr: None,
             dns,
             serving,
+            identity: IdentitySettings::default(),
             dir,
-        };
-        control.start_again().await;
-        control
+        }
     }
 
     /// Starts the control plane again over the same data directory (after
@@ -158,7 +176,7 @@ impl TestControl {
                 grpc_addr: any_port(),
                 dns_addr: self.dns.then(any_port),
                 dns: DnsSettings::default(),
-                identity: Default::default(),
+                identity: self.identity.clone(),
             };
             match Control::start_with(config, self.serving.clone()).await {
                 Ok(control) => break control,
@@ -249,6 +267,15 @@ impl TestControl {
     }
 
     /// The resilience events sidecars reported to the running control plane.
+    /// The CA and the join tokens, to create tokens in-process.
+    pub fn identity(&self) -> &Arc<Identity<EmbeddedStore>> {
+        &self
+            .control
+            .as_ref()
+            .expect("the control plane is running")
+            .identity
+    }
+
     pub fn events(&self) -> &Arc<EventRing> {
         &self
             .control

@@ -223,7 +223,7 @@ impl TestProxy {
             .expect("no admin listener; add one with .admin()")
     }
 
-    fn handle(&self) -> &ProxyHandle {
+    pub fn handle(&self) -> &ProxyHandle {
         self.handle.as_ref().expect("the proxy is running")
     }
 

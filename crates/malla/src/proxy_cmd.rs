@@ -85,6 +85,12 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "IP:PORT")]
     register_address: Option<SocketAddr>,
 
+    /// A file holding a join token for --service (`malla token create --service NAME`):
+    /// the sidecar gets its service's certificate with it, then renews it by itself. The
+    /// token can also come from MALLA_JOIN_TOKEN (never from a flag: ps shows flags).
+    #[arg(long, value_name = "FILE")]
+    join_token_file: Option<std::path::PathBuf>,
+
     /// Worker threads (each with its own event loop); 0 = one per core.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -144,6 +150,7 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         config.admin = Some(AdminConfig { listen: admin });
     }
     apply_control_flags(args, &mut config)?;
+    apply_join_token_env(&mut config);
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
@@ -172,7 +179,8 @@ fn apply_control_flags(args: &ProxyArgs, config: &mut ProxyConfig) -> anyhow::Re
     let registers = args.service.is_some()
         || args.instance_id.is_some()
         || !args.label.is_empty()
-        || args.register_address.is_some();
+        || args.register_address.is_some()
+        || args.join_token_file.is_some();
     if !registers {
         return Ok(());
     }
@@ -197,7 +205,29 @@ fn apply_control_flags(args: &ProxyArgs, config: &mut ProxyConfig) -> anyhow::Re
     if let Some(addr) = args.register_address {
         control.register_address = Some(addr);
     }
+    if let Some(path) = &args.join_token_file {
+        control.join_token_file = Some(path.clone());
+        control.join_token = None;
+    }
     Ok(())
+}
+
+/// `MALLA_JOIN_TOKEN` for a sidecar that registers and has no token of its own set.
+fn apply_join_token_env(config: &mut ProxyConfig) {
+    let Some(token) = std::env::var("MALLA_JOIN_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    else {
+        return;
+    };
+    if let Some(control) = config.control.as_mut() {
+        if control.service.is_some()
+            && control.join_token.is_none()
+            && control.join_token_file.is_none()
+        {
+            control.join_token = Some(token);
+        }
+    }
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {

@@ -195,6 +195,14 @@ pub struct ControlPlaneConfig {
     /// TCP connect to the control plane.
     #[serde(default = "defaults::connect_timeout", with = "malla_core::duration")]
     pub connect_timeout: Duration,
+    /// A join token for `service` (`malla token create --service NAME`): with it the
+    /// sidecar gets its service's certificate from the control plane's CA and renews it.
+    /// Prefer `MALLA_JOIN_TOKEN` or `join_token_file` to writing it here. Never printed.
+    #[serde(default, skip_serializing)]
+    pub join_token: Option<String>,
+    /// A file holding the join token (read at start; surrounding whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token_file: Option<std::path::PathBuf>,
 }
 
 impl ControlPlaneConfig {
@@ -207,6 +215,31 @@ impl ControlPlaneConfig {
             register_address: None,
             lease_ttl: defaults::lease_ttl(),
             connect_timeout: defaults::connect_timeout(),
+            join_token: None,
+            join_token_file: None,
+        }
+    }
+
+    /// The join token: `join_token`, or read from `join_token_file`.
+    pub fn join_token(&self) -> Result<Option<String>, String> {
+        if let Some(token) = &self.join_token {
+            return Ok(Some(token.trim().to_string()));
+        }
+        let Some(path) = &self.join_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "control.join_token_file {}: cannot read: {e}",
+                path.display()
+            )
+        })?;
+        match text.trim() {
+            "" => Err(format!(
+                "control.join_token_file {}: the file is empty",
+                path.display()
+            )),
+            token => Ok(Some(token.to_string())),
         }
     }
 
@@ -598,6 +631,11 @@ fn check_control(
     if c.connect_timeout.is_zero() {
         problems.push("control.connect_timeout must be greater than 0s".to_string());
     }
+    if c.join_token.is_some() && c.join_token_file.is_some() {
+        problems.push(
+            "control.join_token and control.join_token_file are both set: keep one".to_string(),
+        );
+    }
     if let Some(id) = &c.instance_id {
         if !malla_core::service::valid_instance_id(id) {
             problems.push(format!(
@@ -613,6 +651,8 @@ fn check_control(
             ("instance_id", c.instance_id.is_some()),
             ("labels", !c.labels.is_empty()),
             ("register_address", c.register_address.is_some()),
+            ("join_token", c.join_token.is_some()),
+            ("join_token_file", c.join_token_file.is_some()),
         ] {
             if set {
                 problems.push(format!(

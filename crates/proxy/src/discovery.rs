@@ -40,6 +40,7 @@
 
 mod backoff;
 mod events;
+mod identity;
 mod policy;
 mod registration;
 mod watch;
@@ -56,7 +57,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use malla_api::{PoliciesClient, Registration, RegistryClient, WatchTarget};
+use malla_api::{IdentityClient, PoliciesClient, Registration, RegistryClient, WatchTarget};
 use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -65,6 +66,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{ControlPlaneConfig, ListenerProtocol, ProxyConfig},
+    identity::IdentityState,
     listener::Shared,
     metrics::{DiscoveryMetrics, Metrics, RegistrationMetrics},
     server::Bound,
@@ -94,6 +96,8 @@ pub struct DiscoveryStatus {
     watches: BTreeMap<String, Arc<WatchStatus>>,
     /// Every upstream's policy watch, by upstream name.
     policies: BTreeMap<String, Arc<policy::PolicyStatus>>,
+    /// This sidecar's certificate, when it has a join token for its service.
+    identity: Option<(Arc<IdentityState>, String)>,
 }
 
 /// The registration of this proxy's instance.
@@ -181,11 +185,21 @@ impl DiscoveryStatus {
                 }),
             );
         }
+        let identity = match (
+            &registration,
+            control.join_token().map_err(anyhow::Error::msg)?,
+        ) {
+            (Some(r), Some(token)) => {
+                Some((Arc::new(IdentityState::new(r.service.clone())), token))
+            }
+            _ => None,
+        };
         Ok(Some(DiscoveryStatus {
             url: control.url.clone(),
             registration,
             watches,
             policies,
+            identity,
         }))
     }
 
@@ -229,9 +243,15 @@ impl DiscoveryStatus {
         json!({
             "url": self.url,
             "registration": registration,
+            "identity": self.identity.as_ref().map(|(state, _)| state.to_json()),
             "watches": watches,
             "policies": policies,
         })
+    }
+
+    /// This sidecar's identity, when it has one configured (a join token for its service).
+    pub fn identity(&self) -> Option<&Arc<IdentityState>> {
+        self.identity.as_ref().map(|(state, _)| state)
     }
 
     /// The control-plane policy version in force for an upstream, if any.
@@ -390,6 +410,7 @@ async fn run(
     // One HTTP/2 connection, made lazily and remade after it breaks, carries every call.
     let channel = endpoint.connect_lazy();
     let client = RegistryClient::new(channel.clone());
+    let identity_client = IdentityClient::new(channel.clone());
     let policies = PoliciesClient::new(channel);
     info!(url = %control.url, upstreams = status.watches.len(), policies = status.policies.len(), registers = registration.is_some(), "following the control plane");
     let mut tasks = tokio::task::JoinSet::new();
@@ -415,6 +436,14 @@ async fn run(
         shared.events.clone(),
         reporter.clone(),
     ));
+    if let Some((state, token)) = &status.identity {
+        tasks.spawn(identity::run(
+            identity_client,
+            state.clone(),
+            token.clone(),
+            shared.metrics.identity(),
+        ));
+    }
     if let (Some(registration), Some(reg_status)) = (registration, status.registration.clone()) {
         tasks.spawn(registration::run(
             client.clone(),

@@ -28,6 +28,7 @@ pub mod error;
 mod forwarding;
 pub mod http1;
 pub mod http2;
+pub mod identity;
 mod inbound;
 mod listener;
 pub mod metrics;

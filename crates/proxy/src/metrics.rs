@@ -103,6 +103,16 @@ struct ControlFamilies {
     reconnects: Family<UpstreamLabels, Counter>,
     registered: Gauge,
     registrations: Counter,
+    certificate_expiry: Gauge,
+    certificate_requests: Family<CertificateRequestLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateRequestLabels {
+    /// `first` (with the join token) or `renewal`.
+    pub kind: &'static str,
+    /// `ok`, `refused` (the CA said no), `unavailable`, `invalid-answer`.
+    pub result: &'static str,
 }
 
 impl ControlFamilies {
@@ -136,6 +146,16 @@ impl ControlFamilies {
             "control_registrations",
             "Registrations of this proxy's instance (the first, and each after a lost lease)",
             self.registrations.clone(),
+        );
+        registry.register(
+            "identity_certificate_expiry_timestamp_seconds",
+            "Unix time at which this sidecar's current certificate expires (0: none yet)",
+            self.certificate_expiry.clone(),
+        );
+        registry.register(
+            "identity_certificate_requests",
+            "Certificate requests to the control plane's CA, by kind (first, renewal) and result",
+            self.certificate_requests.clone(),
         );
     }
 }
@@ -309,6 +329,15 @@ impl Metrics {
             revision: control.revision.get_or_create(&labels).clone(),
             last_update: control.last_update_age.get_or_create(&labels).clone(),
             reconnects: control.reconnects.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The handles of this sidecar's certificate requests.
+    pub(crate) fn identity(&self) -> IdentityMetrics {
+        let control = self.control();
+        IdentityMetrics {
+            expiry: control.certificate_expiry.clone(),
+            requests: control.certificate_requests.clone(),
         }
     }
 
@@ -538,6 +567,28 @@ pub(crate) struct DiscoveryMetrics {
     pub revision: Gauge,
     pub last_update: UpdateAge,
     pub reconnects: Counter,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct IdentityMetrics {
+    expiry: Gauge,
+    requests: Family<CertificateRequestLabels, Counter>,
+}
+
+impl IdentityMetrics {
+    pub(crate) fn request(&self, renewal: bool, result: &'static str) {
+        let kind = if renewal { "renewal" } else { "first" };
+        self.requests
+            .get_or_create(&CertificateRequestLabels { kind, result })
+            .inc();
+    }
+
+    pub(crate) fn set_expiry(&self, not_after: SystemTime) {
+        let secs = not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.expiry.set(secs);
+    }
 }
 
 #[derive(Clone, Debug)]

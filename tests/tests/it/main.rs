@@ -65,6 +65,7 @@ mod policy;
 mod registry_health;
 mod requests;
 mod resilience;
+mod sidecar_identity;
 mod smuggling;
 mod stalls;
 mod tcp;

@@ -275,3 +275,67 @@ fn the_control_url_defaults_to_the_control_planes_one_port() {
     assert_eq!(control.url, "127.0.0.1:7780");
     assert_eq!(control.endpoint().unwrap(), "http://127.0.0.1:7780");
 }
+
+#[test]
+fn a_join_token_needs_a_service_and_one_source() {
+    let base = r#"
+        [[upstream]]
+        name = "quote"
+        endpoints = ["127.0.0.1:1"]
+
+        [[outbound]]
+        listen = "127.0.0.1:4140"
+        upstream = "quote"
+    "#;
+    let err = ProxyConfig::from_toml(
+        &format!("[control]\njoin_token = \"malla_join_x\"\n{base}"),
+        "mesh.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("control.join_token describes the registered instance"),
+        "{err}"
+    );
+    let err = ProxyConfig::from_toml(
+        &format!(
+            "[control]\nservice = \"checkout\"\nregister_address = \"127.0.0.1:4143\"\n\
+             join_token = \"malla_join_x\"\njoin_token_file = \"/run/token\"\n{base}"
+        ),
+        "mesh.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("both set: keep one"), "{err}");
+
+    // From a file, trimmed; never printed back.
+    let dir = std::env::temp_dir().join(format!("malla-join-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, "  malla_join_abc\n").unwrap();
+    let c = ProxyConfig::from_toml(
+        &format!(
+            "[control]\nservice = \"checkout\"\nregister_address = \"127.0.0.1:4143\"\n\
+             join_token_file = {:?}\n{base}",
+            file.display().to_string()
+        ),
+        "mesh.toml",
+    )
+    .unwrap();
+    let control = c.control.clone().unwrap();
+    assert_eq!(
+        control.join_token().unwrap().as_deref(),
+        Some("malla_join_abc")
+    );
+    std::fs::write(&file, "\n").unwrap();
+    assert!(control
+        .join_token()
+        .unwrap_err()
+        .contains("the file is empty"));
+    let mut with_token = c;
+    with_token.control.as_mut().unwrap().join_token = Some("malla_join_secret".into());
+    assert!(!toml::to_string(&with_token)
+        .unwrap()
+        .contains("malla_join_secret"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,155 @@
+//! Getting and renewing this sidecar's certificate ([`crate::identity`]).
+//!
+//! A key is generated once, at start (ECDSA P-256, aws-lc-rs), and one CSR made for it:
+//! the CA takes only the CSR's key, so the same request serves the first certificate and
+//! every renewal. The first `Certify` carries the join token; later ones the current
+//! certificate, whose key signed the CSR. Renewal starts between 65 % and 75 % of the
+//! certificate's remaining life when it arrives (jittered, so that sidecars started together do not renew together)
+//! and retries with backoff until it succeeds; the current certificate stays in use
+//! meanwhile, so a control-plane outage shorter than the remaining ~30 % costs nothing.
+
+use std::{sync::Arc, time::SystemTime};
+
+use malla_api::{identity_pb as pb, IdentityClient};
+use malla_core::SpiffeId;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use tonic::{transport::Channel, Code};
+use tracing::{error, info, warn};
+
+use super::{backoff::Backoff, RETRY_MAX, RPC_TIMEOUT};
+use crate::{
+    identity::{from_unix_ms, IdentityState, Svid},
+    metrics::IdentityMetrics,
+};
+
+/// Where in a certificate's life renewal starts: uniformly within this range.
+const RENEW_FROM: f64 = 0.65;
+const RENEW_TO: f64 = 0.75;
+/// The first retry after a failed request waits at most this long.
+const RETRY_BASE: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub(crate) async fn run(
+    client: IdentityClient<Channel>,
+    state: Arc<IdentityState>,
+    join_token: String,
+    metrics: IdentityMetrics,
+) {
+    let (key, csr) = match key_and_csr() {
+        Ok(pair) => pair,
+        Err(e) => {
+            error!(error = %e, "cannot generate this sidecar's key: it has no identity");
+            state.set_error(Some(format!("generating the key: {e}")));
+            return;
+        }
+    };
+    let key_pkcs8 = Arc::new(key.serialize_der());
+    let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+    let mut credential = pb::certify_request::Credential::JoinToken(join_token);
+    let mut rng = fastrand::Rng::new();
+    loop {
+        let renewal = matches!(credential, pb::certify_request::Credential::Certificate(_));
+        match certify(&client, &state, &csr, credential.clone()).await {
+            Ok(answer) => {
+                backoff.reset();
+                let svid = match svid(answer, &key_pkcs8) {
+                    Ok(svid) => svid,
+                    Err(why) => {
+                        metrics.request(renewal, "invalid-answer");
+                        warn!(%why, "the control plane's certificate answer is unusable; retrying");
+                        state.set_error(Some(why));
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                };
+                metrics.request(renewal, "ok");
+                metrics.set_expiry(svid.not_after);
+                info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), renewal, "certificate in force");
+                credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
+                let renew_at = svid.renew_at(
+                    SystemTime::now(),
+                    RENEW_FROM + rng.f64() * (RENEW_TO - RENEW_FROM),
+                );
+                state.set(svid);
+                sleep_until(renew_at).await;
+            }
+            Err(status) => {
+                let refused = matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated
+                );
+                metrics.request(renewal, if refused { "refused" } else { "unavailable" });
+                let message = format!(
+                    "{}: {}",
+                    if renewal {
+                        "renewing the certificate"
+                    } else {
+                        "getting the first certificate"
+                    },
+                    status.message()
+                );
+                if refused {
+                    error!(code = ?status.code(), "{message}");
+                } else {
+                    warn!(code = ?status.code(), "{message}; retrying");
+                }
+                if state
+                    .current()
+                    .is_some_and(|s| s.is_expired(SystemTime::now()))
+                {
+                    error!("this sidecar's certificate has expired: peers will refuse it until a renewal succeeds");
+                }
+                state.set_error(Some(message));
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+fn key_and_csr() -> Result<(KeyPair, Vec<u8>), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+async fn certify(
+    client: &IdentityClient<Channel>,
+    state: &IdentityState,
+    csr: &[u8],
+    credential: pb::certify_request::Credential,
+) -> Result<pb::CertifyResponse, tonic::Status> {
+    let mut request = tonic::Request::new(pb::CertifyRequest {
+        service: state.service.to_string(),
+        csr: csr.to_vec(),
+        credential: Some(credential),
+    });
+    request.set_timeout(RPC_TIMEOUT);
+    client
+        .clone()
+        .certify(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The answer as an [`Svid`], checked for what this sidecar relies on.
+fn svid(answer: pb::CertifyResponse, key_pkcs8: &Arc<Vec<u8>>) -> Result<Svid, String> {
+    let spiffe_id = SpiffeId::parse(&answer.spiffe_id).map_err(|e| e.to_string())?;
+    if answer.certificate_chain.is_empty() {
+        return Err("no certificate in the answer".into());
+    }
+    if answer.trust_bundle.is_empty() {
+        return Err("no trust bundle in the answer".into());
+    }
+    Ok(Svid {
+        spiffe_id,
+        chain: answer.certificate_chain,
+        key_pkcs8: key_pkcs8.clone(),
+        trust_bundle: answer.trust_bundle,
+        not_before: from_unix_ms(answer.not_before_unix_ms),
+        not_after: from_unix_ms(answer.not_after_unix_ms),
+    })
+}
+
+async fn sleep_until(at: SystemTime) {
+    let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(wait).await;
+}
