@@ -12,6 +12,7 @@
 //! both go through [`Identity::certify`].
 
 pub mod ca;
+pub mod invariants;
 pub mod tokens;
 
 use malla_core::ServiceName;

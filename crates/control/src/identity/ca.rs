@@ -124,14 +124,30 @@ impl Ca {
             CaSource::Generated { dir } => dir.join(ROOT_CERT),
             CaSource::Files { cert, .. } => cert.clone(),
         };
-        let file_err = |why: String| CaError::File {
-            path: cert_path.clone(),
+        Self::from_parts(settings, key, certs).map_err(|why| CaError::File {
+            path: cert_path,
             why,
+        })
+    }
+
+    /// A CA whose new root lives only in memory (fuzzing, benchmarks).
+    pub fn ephemeral(trust_domain: TrustDomain, cert_ttl: Duration) -> Result<Ca, CaError> {
+        let (key, cert) = new_root(&trust_domain)?;
+        let settings = CaSettings {
+            trust_domain,
+            cert_ttl,
+            source: CaSource::Generated {
+                dir: PathBuf::new(),
+            },
         };
-        let (chain, root) = split_chain(certs).map_err(file_err)?;
-        check_issuing_cert(&chain[0], &key).map_err(file_err)?;
+        Self::from_parts(&settings, key, vec![cert.der().to_vec()]).map_err(CaError::Create)
+    }
+
+    fn from_parts(settings: &CaSettings, key: KeyPair, certs: Vec<Vec<u8>>) -> Result<Ca, String> {
+        let (chain, root) = split_chain(certs)?;
+        check_issuing_cert(&chain[0], &key)?;
         let issuer = Issuer::from_ca_cert_der(&chain[0].clone().into(), key)
-            .map_err(|e| file_err(format!("cannot use the certificate as an issuer: {e}")))?;
+            .map_err(|e| format!("cannot use the certificate as an issuer: {e}"))?;
         Ok(Ca {
             trust_domain: settings.trust_domain.clone(),
             cert_ttl: settings.cert_ttl,
@@ -355,6 +371,17 @@ fn load_or_create(dir: &Path, domain: &TrustDomain) -> Result<(KeyPair, Vec<Vec<
         }
     }
     create_dir_private(dir)?;
+    let (key, cert) = new_root(domain)?;
+    // The key first: a crash between the two leaves a key and no certificate, which the
+    // next start reports rather than silently replacing.
+    write_private(&key_path, key.serialize_pem().as_bytes())?;
+    write_file(&cert_path, cert.pem().as_bytes())?;
+    tracing::info!(path = %cert_path.display(), "created the mesh's root CA");
+    Ok((key, vec![cert.der().to_vec()]))
+}
+
+/// A new self-signed root for `domain`, valid for ten years.
+fn new_root(domain: &TrustDomain) -> Result<(KeyPair, rcgen::Certificate), CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|e| CaError::Create(format!("generating the root key: {e}")))?;
     let mut params = CertificateParams::default();
@@ -375,12 +402,7 @@ fn load_or_create(dir: &Path, domain: &TrustDomain) -> Result<(KeyPair, Vec<Vec<
     let cert = params
         .self_signed(&key)
         .map_err(|e| CaError::Create(format!("signing the root: {e}")))?;
-    // The key first: a crash between the two leaves a key and no certificate, which the
-    // next start reports rather than silently replacing.
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    write_file(&cert_path, cert.pem().as_bytes())?;
-    tracing::info!(path = %cert_path.display(), "created the mesh's root CA");
-    Ok((key, vec![cert.der().to_vec()]))
+    Ok((key, cert))
 }
 
 fn create_dir_private(dir: &Path) -> Result<(), CaError> {
