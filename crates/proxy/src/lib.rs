@@ -36,6 +36,7 @@ mod outbound;
 pub mod resilience;
 mod server;
 mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use config::ProxyConfig;

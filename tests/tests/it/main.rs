@@ -61,6 +61,7 @@ mod harness;
 mod http1;
 mod http2;
 mod memory;
+mod mtls;
 mod policy;
 mod registry_health;
 mod requests;

@@ -1,0 +1,266 @@
+//! mTLS between sidecars: rustls configurations made from this sidecar's identity
+//! ([`crate::identity`]).
+//!
+//! - TLS 1.3 only, on aws-lc-rs, with the hybrid post-quantum key exchange X25519MLKEM768
+//!   preferred and X25519 as the fallback (rustls' `prefer-post-quantum` order).
+//! - The server side requires a client certificate that chains to the mesh's trust bundle
+//!   (client-auth usage); the caller's identity is the SPIFFE ID in it ([`peer_identity`]).
+//!   Whether that identity may call is authorization's question, not the handshake's.
+//! - The client side presents this sidecar's certificate and accepts a server only if its
+//!   certificate chains to the bundle (server-auth usage) *and* names the expected SPIFFE
+//!   ID: the identity of the service being called. rustls' own server verifier matches DNS
+//!   names and IP addresses; SPIFFE identities are URIs, so the name check is ours
+//!   ([`SpiffeServerVerifier`]) while the chain check stays rustls'.
+//!
+//! Configurations are built once per certificate ([`MeshTls`] caches them against the
+//! [`Svid`] in force): a renewal is picked up by the next connection, and connections
+//! already open keep the certificate they were made with.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use malla_core::SpiffeId;
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+    server::{ParsedCertificate, WebPkiClientVerifier},
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+
+use crate::identity::{IdentityState, Svid};
+
+/// The ALPN protocol of malla's sidecar-to-sidecar connections.
+pub const ALPN_MESH: &[u8] = b"malla/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("this sidecar has no certificate yet (see /config control.identity.last_error)")]
+    NoIdentity,
+    #[error("the mesh TLS configuration cannot be built: {0}")]
+    Config(String),
+}
+
+/// The crypto provider: aws-lc-rs, key exchange groups in rustls' post-quantum-first order.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// This sidecar's TLS configurations, rebuilt when its certificate changes.
+pub struct MeshTls {
+    identity: Arc<IdentityState>,
+    provider: Arc<CryptoProvider>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// The certificate the configurations below were built with.
+    svid: Option<Arc<Svid>>,
+    server: Option<Arc<ServerConfig>>,
+    clients: HashMap<SpiffeId, Arc<ClientConfig>>,
+}
+
+impl MeshTls {
+    pub fn new(identity: Arc<IdentityState>) -> Self {
+        MeshTls {
+            identity,
+            provider: provider(),
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    /// The configuration that accepts other sidecars.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let svid = self.identity.current().ok_or(TlsError::NoIdentity)?;
+        let mut cache = self.cache_for(&svid);
+        if let Some(config) = &cache.server {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(server_config(&svid, &self.provider)?);
+        cache.server = Some(config.clone());
+        Ok(config)
+    }
+
+    /// The configuration that calls a sidecar of the service whose identity is `peer`.
+    pub fn client_config(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, TlsError> {
+        let svid = self.identity.current().ok_or(TlsError::NoIdentity)?;
+        let mut cache = self.cache_for(&svid);
+        if let Some(config) = cache.clients.get(peer) {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(client_config(&svid, peer.clone(), &self.provider)?);
+        cache.clients.insert(peer.clone(), config.clone());
+        Ok(config)
+    }
+
+    /// The cache, emptied first if it was built for another certificate.
+    fn cache_for(&self, svid: &Arc<Svid>) -> std::sync::MutexGuard<'_, Cache> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache.svid.as_ref().is_some_and(|s| Arc::ptr_eq(s, svid)) {
+            *cache = Cache {
+                svid: Some(svid.clone()),
+                ..Cache::default()
+            };
+        }
+        cache
+    }
+}
+
+fn roots(svid: &Svid) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for der in &svid.trust_bundle {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| TlsError::Config(format!("a trust bundle root is refused: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn chain_and_key(svid: &Svid) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = svid
+        .chain
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key_pkcs8.as_ref().clone()));
+    (chain, key)
+}
+
+/// Accepts sidecars whose certificate chains to the bundle; presents `svid`.
+pub fn server_config(
+    svid: &Svid,
+    provider: &Arc<CryptoProvider>,
+) -> Result<ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(svid)?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let (chain, key) = chain_and_key(svid);
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("this sidecar's certificate and key: {e}")))?;
+    config.alpn_protocols = vec![ALPN_MESH.to_vec()];
+    Ok(config)
+}
+
+/// Calls a sidecar that must prove `peer`; presents `svid`.
+pub fn client_config(
+    svid: &Svid,
+    peer: SpiffeId,
+    provider: &Arc<CryptoProvider>,
+) -> Result<ClientConfig, TlsError> {
+    let verifier = Arc::new(SpiffeServerVerifier::new(roots(svid)?, peer, provider));
+    let (chain, key) = chain_and_key(svid);
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("this sidecar's certificate and key: {e}")))?;
+    config.alpn_protocols = vec![ALPN_MESH.to_vec()];
+    Ok(config)
+}
+
+/// The name to put in the ClientHello: SNI is not used to pick a certificate (a sidecar
+/// has one), and a SPIFFE ID is not a DNS name, so a fixed placeholder goes.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from("malla.mesh").expect("a valid DNS name")
+}
+
+/// Verifies a server's chain with rustls' webpki check and its SPIFFE ID against the one
+/// expected.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// Accepts servers whose certificate chains to `roots` and names `expected`.
+    pub fn new(roots: Arc<RootCertStore>, expected: SpiffeId, provider: &CryptoProvider) -> Self {
+        SpiffeServerVerifier {
+            roots,
+            expected,
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        match spiffe_id(end_entity) {
+            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The SPIFFE ID of a certificate: its one URI SAN, when that is a valid SPIFFE ID.
+pub fn spiffe_id(der: &[u8]) -> Option<SpiffeId> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => SpiffeId::parse(uri).ok(),
+        _ => None,
+    }
+}
+
+/// The identity a peer proved in a finished handshake.
+pub fn peer_identity(connection: &rustls::CommonState) -> Option<SpiffeId> {
+    spiffe_id(connection.peer_certificates()?.first()?)
+}
