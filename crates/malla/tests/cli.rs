@@ -1,6 +1,6 @@
 //! The verbs of the real `malla` binary that talk to the control plane (`services`,
-//! `instances`, `register`, `deregister`; `apply`, `get`, `delete`, `events`) against a
-//! control plane started in-process on `127.0.0.1:0`.
+//! `instances`, `register`, `deregister`; `apply`, `get`, `delete`, `events`; `token create`,
+//! `identity`) against a control plane started in-process on `127.0.0.1:0`.
 
 // Test code: an `unwrap` here is an assertion.
 #![allow(clippy::unwrap_used)]
@@ -1665,4 +1665,222 @@ async fn keep_alive_deregisters_on_sigint() {
         agent.stdout()
     );
     assert!(control.api().instance_ids("orders", "").await.is_empty());
+}
+
+/// `malla token create`: the token alone on stdout (for `TOKEN=$(...)`), what it grants on
+/// stderr; `-o json` and `-o yaml` give the API's answer; bad names and TTLs are the
+/// control plane's refusals, exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_create_prints_the_token_alone() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+
+    let out = malla(&["token", "create", "--service", "checkout"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].starts_with("malla_join_"), "{text}");
+    assert_eq!(lines[0].len(), "malla_join_".len() + 64, "{text}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "join token for checkout (identity spiffe://malla.local/svc/checkout), valid until "
+        ) && err.contains("shown once"),
+        "{err}"
+    );
+    // The token works: a certificate for an openssl CSR over HTTP.
+    let dir = TempDir::new("cli-token");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-subj",
+            "/CN=checkout",
+            "-out",
+            "csr.pem",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let csr = std::fs::read_to_string(dir.path().join("csr.pem")).unwrap();
+    let issued = control
+        .api()
+        .request(
+            http::Method::POST,
+            "/v1/certificates",
+            json!({"service": "checkout", "csr": csr, "join_token": lines[0]}).to_string(),
+        )
+        .await
+        .ok();
+    assert_eq!(issued["spiffe_id"], "spiffe://malla.local/svc/checkout");
+
+    let out = malla(
+        &[
+            "token",
+            "create",
+            "--service",
+            "checkout",
+            "--ttl",
+            "10m",
+            "-o",
+            "json",
+        ],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON on stdout");
+    assert!(
+        v["token"].as_str().unwrap().starts_with("malla_join_"),
+        "{v}"
+    );
+    assert_eq!(v["service"], "checkout");
+    assert_eq!(v["spiffe_id"], "spiffe://malla.local/svc/checkout");
+    assert_eq!(v["ttl_seconds"], 600);
+    assert!(v["expires_at"].as_str().unwrap().ends_with('Z'), "{v}");
+    let out = malla(
+        &["token", "create", "--service", "checkout", "-o", "yaml"],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    let yaml = stdout(&out);
+    assert!(
+        yaml.contains("token: malla_join_") && yaml.contains("ttl_seconds: 3600"),
+        "{yaml}"
+    );
+
+    // Refusals.
+    let out = malla(
+        &["token", "create", "--service", "Cotización de Envío"],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("invalid service name \"Cotización de Envío\"")
+            && err.contains("try \"cotizacion-de-envio\""),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty());
+    for ttl in ["5s", "31d"] {
+        let out = malla(
+            &["token", "create", "--service", "checkout", "--ttl", ttl],
+            Some(&url),
+        )
+        .await;
+        assert_exit(&out, 1);
+        let err = stderr(&out);
+        assert!(
+            err.contains("ttl must be from 10s to 2592000s (30 days)"),
+            "{ttl}: {err}"
+        );
+        assert!(stdout(&out).is_empty());
+    }
+    let out = malla(
+        &["token", "create", "--service", "checkout", "--ttl", "soon"],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("ttl \"soon\""), "{}", stderr(&out));
+    // Usage: --service is required.
+    let out = malla(&["token", "create"], Some(&url)).await;
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains("--service"), "{}", stderr(&out));
+    // A control plane that is not there.
+    let dead = format!("http://{}", malla_tests::peers::dead_addr());
+    let out = malla(&["token", "create", "--service", "checkout"], Some(&dead)).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("cannot reach the control plane"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `malla identity`: the trust domain, the identities' shape, the certificate TTL;
+/// `--bundle`: the root as PEM, which openssl reads; `-o json`: the API's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_shows_the_trust_domain_and_the_bundle() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+
+    let out = malla(&["identity"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let fields: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(field("Trust domain"), "malla.local", "{text}");
+    assert_eq!(field("Identities"), "spiffe://malla.local/svc/SERVICE");
+    assert_eq!(field("Certificate TTL"), "1day", "{text}");
+
+    let out = malla(&["identity", "--bundle"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let bundle = stdout(&out);
+    assert!(
+        bundle.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{bundle}"
+    );
+    let dir = TempDir::new("cli-identity");
+    let path = file(&dir, "bundle.pem", &bundle);
+    let openssl = Command::new("openssl")
+        .args([
+            "x509",
+            "-in",
+            &path,
+            "-noout",
+            "-subject",
+            "-ext",
+            "basicConstraints",
+        ])
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    let parsed = String::from_utf8_lossy(&openssl.stdout);
+    assert!(
+        openssl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&openssl.stderr)
+    );
+    assert!(
+        parsed.contains("malla root CA malla.local") && parsed.contains("CA:TRUE"),
+        "{parsed}"
+    );
+    // The same root the data directory holds.
+    let root = std::fs::read_to_string(control.data_dir().join("ca/root.crt")).unwrap();
+    assert_eq!(
+        bundle.replace("\r\n", "\n").trim(),
+        root.replace("\r\n", "\n").trim()
+    );
+
+    let out = malla(&["identity", "-o", "json"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON on stdout");
+    assert_eq!(v["trust_domain"], "malla.local");
+    assert_eq!(v["cert_ttl_seconds"], 86400);
+    assert_eq!(v["trust_bundle_pem"].as_str(), Some(bundle.as_str()));
 }

@@ -7,6 +7,7 @@
 //! | `registry` | register, list, get, deregister; label selectors; `serving=true` |
 //! | `leases` | expiry removes an instance; heartbeats keep it |
 //! | `health` | HTTP, TCP and gRPC checks flip an instance's health |
+//! | `identity` | the CA: join tokens, certificates over HTTP and gRPC checked with openssl, renewal, refusals, the root across restarts, an operator's CA |
 //! | `restart` | registrations, specs and leases survive a restart on the same data dir |
 //! | `bad_input` | every API refuses bad input with a precise 4xx in the JSON error shape |
 //! | `dns` | the DNS interface through `dig` |
@@ -20,6 +21,7 @@
 mod bad_input;
 mod dns;
 mod health;
+mod identity;
 mod leases;
 mod metrics;
 mod proxies;
