@@ -5,6 +5,7 @@
 //! the sidecars convert to and from these types at their edges.
 
 pub mod annotations;
+pub mod authz;
 pub mod duration;
 pub mod identity;
 pub mod labels;
