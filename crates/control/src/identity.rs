@@ -38,8 +38,6 @@ pub enum CertifyError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Issue(#[from] IssueError),
-    #[error("the current certificate is {have}'s identity, not {asked}'s")]
-    OtherService { have: String, asked: String },
 }
 
 impl CertifyError {
@@ -50,7 +48,7 @@ impl CertifyError {
             CertifyError::Token(TokenError::Unknown) => "token-unknown",
             CertifyError::Token(TokenError::Used(_) | TokenError::Race) => "token-used",
             CertifyError::Token(TokenError::OtherService { .. })
-            | CertifyError::OtherService { .. } => "other-service",
+            | CertifyError::Issue(IssueError::OtherService { .. }) => "other-service",
             CertifyError::Token(TokenError::Ttl) => "invalid",
             CertifyError::Token(TokenError::Store(_)) => "unavailable",
             CertifyError::Issue(IssueError::Certificate(_) | IssueError::KeyMismatch) => {
@@ -91,16 +89,7 @@ impl<S: Store> Identity<S> {
                 self.tokens.redeem(token, service).await?;
                 Ok(self.ca.issue_for_service(csr, service)?)
             }
-            Credential::Certificate(current) => {
-                let issued = self.ca.renew(csr, current)?;
-                match issued.spiffe_id.service() {
-                    Some(have) if &have == service => Ok(issued),
-                    _ => Err(CertifyError::OtherService {
-                        have: issued.spiffe_id.to_string(),
-                        asked: service.to_string(),
-                    }),
-                }
-            }
+            Credential::Certificate(current) => Ok(self.ca.renew(csr, current, service)?),
         }
     }
 }

@@ -24,7 +24,8 @@ enum TokenWhat {
         malla token create --service checkout\n  \
         malla token create --service checkout --ttl 10m -o json\n\n\
         The token is shown once; the control plane keeps only a digest of it. Hand it to the\n\
-        sidecar with MALLA_JOIN_TOKEN or [identity] join_token (see docs/identity.md).")]
+        sidecar with MALLA_JOIN_TOKEN, --join-token-file or [control] join_token_file\n\
+        (see docs/identity.md).")]
     Create {
         /// The service whose identity the token grants.
         #[arg(long, value_name = "NAME")]
@@ -103,12 +104,19 @@ pub fn identity(args: IdentityArgs) -> anyhow::Result<()> {
             )?;
             outln!(
                 "Certificate TTL:   {}",
-                humantime::format_duration(std::time::Duration::from_secs(
-                    v["cert_ttl_seconds"].as_u64().unwrap_or(0)
-                ))
+                hours(v["cert_ttl_seconds"].as_u64().unwrap_or(0))
             )?;
             outln!("Trust bundle:      (malla identity --bundle)")?;
         }
     }
     Ok(())
+}
+
+/// `86400` -> `24h`, `5400` -> `90m`, `61` -> `61s`: as `--cert-ttl` takes it.
+fn hours(secs: u64) -> String {
+    match secs {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }

@@ -1837,7 +1837,7 @@ async fn identity_shows_the_trust_domain_and_the_bundle() {
     };
     assert_eq!(field("Trust domain"), "malla.local", "{text}");
     assert_eq!(field("Identities"), "spiffe://malla.local/svc/SERVICE");
-    assert_eq!(field("Certificate TTL"), "1day", "{text}");
+    assert_eq!(field("Certificate TTL"), "24h", "{text}");
 
     let out = malla(&["identity", "--bundle"], Some(&url)).await;
     assert_exit(&out, 0);

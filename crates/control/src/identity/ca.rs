@@ -80,6 +80,8 @@ pub enum IssueError {
     KeyMismatch,
     #[error("signing the certificate failed: {0}")]
     Signing(String),
+    #[error("the current certificate is {have}'s identity, not {asked}'s")]
+    OtherService { have: String, asked: String },
 }
 
 /// A certificate issued.
@@ -101,6 +103,8 @@ pub struct Ca {
     chain: Vec<Vec<u8>>,
     /// The roots every workload trusts, DER; the first is the one `chain` leads to.
     bundle: Vec<Vec<u8>>,
+    /// When the issuing certificate expires: no certificate it signs outlives it.
+    issuer_not_after: SystemTime,
 }
 
 impl std::fmt::Debug for Ca {
@@ -145,7 +149,7 @@ impl Ca {
 
     fn from_parts(settings: &CaSettings, key: KeyPair, certs: Vec<Vec<u8>>) -> Result<Ca, String> {
         let (chain, root) = split_chain(certs)?;
-        check_issuing_cert(&chain[0], &key)?;
+        let issuer_not_after = check_issuing_cert(&chain[0], &key, settings.cert_ttl)?;
         let issuer = Issuer::from_ca_cert_der(&chain[0].clone().into(), key)
             .map_err(|e| format!("cannot use the certificate as an issuer: {e}"))?;
         Ok(Ca {
@@ -154,6 +158,7 @@ impl Ca {
             issuer,
             chain,
             bundle: vec![root],
+            issuer_not_after,
         })
     }
 
@@ -188,12 +193,24 @@ impl Ca {
         self.sign(&key, SpiffeId::for_service(&self.trust_domain, service))
     }
 
-    /// Renews `current` (DER, a certificate this CA issued, still valid) for the key of
-    /// `csr`, which must be the certificate's own key: the CSR's signature is the proof that
-    /// the caller holds it (a certificate alone is public: every handshake shows it).
-    pub fn renew(&self, csr: &[u8], current: &[u8]) -> Result<Issued, IssueError> {
+    /// Renews `current` (DER, a certificate this CA issued, still valid, `service`'s) for
+    /// the key of `csr`, which must be the certificate's own key: the CSR's signature is the
+    /// proof that the caller holds it (a certificate alone is public: every handshake shows
+    /// it). Every check comes before anything is signed.
+    pub fn renew(
+        &self,
+        csr: &[u8],
+        current: &[u8],
+        service: &ServiceName,
+    ) -> Result<Issued, IssueError> {
         let key = csr_key(csr)?;
         let (id, spki) = self.check_current(current)?;
+        if id.service().as_ref() != Some(service) {
+            return Err(IssueError::OtherService {
+                have: id.to_string(),
+                asked: service.to_string(),
+            });
+        }
         if key.der != spki {
             return Err(IssueError::KeyMismatch);
         }
@@ -236,7 +253,13 @@ impl Ca {
     fn sign(&self, key: &CsrKey, id: SpiffeId) -> Result<Issued, IssueError> {
         let now = SystemTime::now();
         let not_before = now - BACKDATE;
-        let not_after = now + self.cert_ttl;
+        // Never past the issuing certificate's own end: peers would refuse the chain then.
+        let not_after = (now + self.cert_ttl).min(self.issuer_not_after);
+        if not_after <= now {
+            return Err(IssueError::Signing(
+                "the CA's certificate has expired: give the control plane a new one (--ca-cert, --ca-key)".into(),
+            ));
+        }
         let mut params = CertificateParams::default();
         // No subject: the identity is the URI SAN alone (X.509-SVID), and the SAN is then
         // marked critical (RFC 5280 4.2.1.6).
@@ -299,12 +322,17 @@ fn csr_key(der: &[u8]) -> Result<CsrKey, IssueError> {
         ));
     }
     let info = &csr.certification_request_info.subject_pki;
-    let spki = SubjectPublicKeyInfo::from_der(info.raw).map_err(|_| {
-        IssueError::KeyAlgorithm(format!(
-            "of an unknown algorithm ({})",
-            info.algorithm.algorithm
-        ))
-    })?;
+    let unsupported = || {
+        let oid = info.algorithm.algorithm.to_id_string();
+        IssueError::KeyAlgorithm(match oid.as_str() {
+            "1.2.840.113549.1.1.1" | "1.2.840.113549.1.1.10" => "an RSA key".to_string(),
+            "1.2.840.10045.2.1" => {
+                "an elliptic-curve key on a curve other than P-256 and P-384".to_string()
+            }
+            _ => format!("of an unsupported algorithm ({oid})"),
+        })
+    };
+    let spki = SubjectPublicKeyInfo::from_der(info.raw).map_err(|_| unsupported())?;
     let alg = rcgen::PublicKeyData::algorithm(&spki);
     if ![
         &PKCS_ECDSA_P256_SHA256,
@@ -313,7 +341,7 @@ fn csr_key(der: &[u8]) -> Result<CsrKey, IssueError> {
     ]
     .contains(&alg)
     {
-        return Err(IssueError::KeyAlgorithm(format!("{alg:?}")));
+        return Err(unsupported());
     }
     csr.verify_signature()
         .map_err(|_| IssueError::CsrSignature)?;
@@ -513,10 +541,25 @@ fn split_chain(certs: Vec<Vec<u8>>) -> Result<(Vec<Vec<u8>>, Vec<u8>), String> {
     Ok((certs, root))
 }
 
-/// The issuing certificate must be a CA whose key is the one given.
-fn check_issuing_cert(der: &[u8], key: &KeyPair) -> Result<(), String> {
+/// The issuing certificate must be a CA whose key is the one given, valid now; returns
+/// when it expires (and warns when that is within one certificate TTL).
+fn check_issuing_cert(der: &[u8], key: &KeyPair, cert_ttl: Duration) -> Result<SystemTime, String> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| format!("not a certificate ({e})"))?;
+    let validity = cert.validity();
+    let not_after = std::time::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
+    if !validity.is_valid() {
+        return Err(format!(
+            "{} is not valid now (valid from {} to {}): give a CA certificate that is",
+            cert.subject(),
+            validity.not_before,
+            validity.not_after
+        ));
+    }
+    if not_after < SystemTime::now() + cert_ttl {
+        tracing::warn!(subject = %cert.subject(), not_after = %validity.not_after, "the CA's certificate expires within one certificate TTL: certificates will be shortened to end with it; replace it soon");
+    }
     if !cert.is_ca() {
         return Err(format!(
             "{} is not a CA certificate (basicConstraints CA:TRUE): give a root or an intermediate",
@@ -526,7 +569,7 @@ fn check_issuing_cert(der: &[u8], key: &KeyPair) -> Result<(), String> {
     if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
         return Err("the key file does not hold this certificate's key".into());
     }
-    Ok(())
+    Ok(not_after)
 }
 
 fn is_self_signed(der: &[u8]) -> bool {
@@ -536,7 +579,11 @@ fn is_self_signed(der: &[u8]) -> bool {
 
 /// PEM of one DER object.
 pub fn pem(label: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(label, der))
+    // LF line endings, as the files on disk have them (pem's default is CRLF).
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// The DER of every PEM block labelled `label` in `text` (other blocks are skipped).

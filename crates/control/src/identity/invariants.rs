@@ -68,7 +68,7 @@ pub fn check(data: &[u8]) {
     if let Ok(issued) = f.ca.issue_for_service(data, &f.service) {
         check_leaf(f, &issued, csr_key_bits(data).as_deref());
     }
-    if let Ok(issued) = f.ca.renew(data, &f.current) {
+    if let Ok(issued) = f.ca.renew(data, &f.current, &f.service) {
         assert_eq!(
             csr_key_bits(data).as_deref(),
             Some(f.key_bits.as_slice()),
@@ -76,7 +76,7 @@ pub fn check(data: &[u8]) {
         );
         check_leaf(f, &issued, Some(&f.key_bits));
     }
-    if let Ok(issued) = f.ca.renew(&f.csr, data) {
+    if let Ok(issued) = f.ca.renew(&f.csr, data, &f.service) {
         let (_, presented) = X509Certificate::from_der(data).expect("a renewed certificate parses");
         assert_eq!(
             presented.public_key().subject_public_key.data.as_ref(),

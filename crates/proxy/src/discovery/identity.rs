@@ -25,6 +25,8 @@ use crate::{
 /// Where in a certificate's life renewal starts: uniformly within this range.
 const RENEW_FROM: f64 = 0.65;
 const RENEW_TO: f64 = 0.75;
+/// After a refusal, the next request waits at least this long.
+const REFUSED_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// The first retry after a failed request waits at most this long.
 const RETRY_BASE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -99,7 +101,15 @@ pub(crate) async fn run(
                     error!("this sidecar's certificate has expired: peers will refuse it until a renewal succeeds");
                 }
                 state.set_error(Some(message));
-                tokio::time::sleep(backoff.next_delay()).await;
+                // A refusal will not change by itself (a spent token, a certificate of
+                // another CA): ask again seldom, and log it seldom.
+                let wait = backoff.next_delay();
+                tokio::time::sleep(if refused {
+                    wait.max(REFUSED_RETRY)
+                } else {
+                    wait
+                })
+                .await;
             }
         }
     }

@@ -490,7 +490,14 @@ async fn supported_and_unsupported_keys() {
     }
 
     let token = token(&api, "checkout").await;
-    for (name, kind) in [("rsa", "rsa"), ("k1", "ec:secp256k1")] {
+    for (name, kind, named) in [
+        ("rsa", "rsa", "the CSR's key is an RSA key"),
+        (
+            "k1",
+            "ec:secp256k1",
+            "the CSR's key is an elliptic-curve key on a curve other than P-256 and P-384",
+        ),
+    ] {
         let csr = ssl.new_key_and_csr(name, kind);
         let reply = certify(
             &api,
@@ -499,7 +506,8 @@ async fn supported_and_unsupported_keys() {
         .await;
         let message = reply.error(400, "invalid_argument");
         assert!(
-            message.contains("use an ECDSA P-256 (recommended), P-384 or Ed25519 key"),
+            message.contains(named)
+                && message.contains("use an ECDSA P-256 (recommended), P-384 or Ed25519 key"),
             "{kind}: {message}"
         );
     }
@@ -1120,6 +1128,16 @@ async fn an_operator_intermediate_issues_chains_that_verify_to_its_root() {
     assert_eq!(unix(&chain[1]), unix(&ssl.read("int.crt")));
     ssl.save_issued("leaf", &issued);
     ssl.assert_verifies("root.crt", "leaf.chain.pem", "leaf.pem");
+    // The chain as it came renews: its first certificate is the leaf.
+    let renew_csr = ssl.csr_for_key("leaf", "leaf-renew");
+    let renewed = certify(
+        &api,
+        &json!({"service": "checkout", "csr": renew_csr,
+                "certificate": issued["certificate_chain_pem"]}),
+    )
+    .await
+    .ok();
+    assert_eq!(renewed["spiffe_id"], issued["spiffe_id"]);
     // Without the intermediate it does not verify: the chain is needed, and sent.
     let (ok, text) = ssl.verify("root.crt", "leaf.pem", "leaf.pem", "sslclient");
     assert!(!ok, "verified without the intermediate: {text}");

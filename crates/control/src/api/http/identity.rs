@@ -98,7 +98,8 @@ pub(super) async fn certify<S: Store + Clone>(
     let csr = one_pem(&request.csr, "CERTIFICATE REQUEST", "csr")?;
     let credential = match (request.join_token, request.certificate) {
         (Some(token), None) => Credential::JoinToken(token),
-        (None, Some(pem)) => Credential::Certificate(one_pem(&pem, "CERTIFICATE", "certificate")?),
+        // The leaf first, as `certificate_chain_pem` hands it out (a chain may follow).
+        (None, Some(pem)) => Credential::Certificate(first_pem(&pem, "CERTIFICATE", "certificate")?),
         (None, None) => {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -146,6 +147,17 @@ fn one_pem(text: &str, label: &str, field: &str) -> Result<Vec<u8>, ApiError> {
             blocks.len()
         ))),
     }
+}
+
+/// The first PEM block labelled `label` in `text`.
+fn first_pem(text: &str, label: &str, field: &str) -> Result<Vec<u8>, ApiError> {
+    ca::pem_blocks(text.as_bytes(), label)
+        .map_err(|e| ApiError::invalid(format!("{field}: {e}")))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            ApiError::invalid(format!("{field}: no PEM block '-----BEGIN {label}-----'"))
+        })
 }
 
 fn refusal(e: CertifyError) -> ApiError {

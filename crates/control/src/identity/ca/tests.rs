@@ -125,12 +125,16 @@ fn renewal_needs_the_current_key_and_a_valid_certificate_of_this_ca() {
     let ca = Ca::open(&generated(&dir)).unwrap();
     let key = key();
     let first = ca.issue_for_service(&csr(&key), &svc("checkout")).unwrap();
-    let renewed = ca.renew(&csr(&key), &first.chain[0]).unwrap();
+    let renewed = ca
+        .renew(&csr(&key), &first.chain[0], &svc("checkout"))
+        .unwrap();
     assert_eq!(renewed.spiffe_id, first.spiffe_id);
     assert_ne!(renewed.chain[0], first.chain[0], "a new serial");
 
     // Someone who saw the certificate in a handshake, with a key of their own.
-    let e = ca.renew(&csr(&self::key()), &first.chain[0]).unwrap_err();
+    let e = ca
+        .renew(&csr(&self::key()), &first.chain[0], &svc("checkout"))
+        .unwrap_err();
     assert_eq!(e, IssueError::KeyMismatch);
 
     // A certificate of another CA.
@@ -140,7 +144,7 @@ fn renewal_needs_the_current_key_and_a_valid_certificate_of_this_ca() {
         .issue_for_service(&csr(&key), &svc("checkout"))
         .unwrap();
     let e = ca
-        .renew(&csr(&key), &foreign.chain[0])
+        .renew(&csr(&key), &foreign.chain[0], &svc("checkout"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("not issued by this mesh's CA"), "{e}");
@@ -155,12 +159,15 @@ fn renewal_needs_the_current_key_and_a_valid_certificate_of_this_ca() {
     params.not_before = (now - Duration::from_secs(7200)).into();
     params.not_after = (now - Duration::from_secs(3600)).into();
     let expired = params.signed_by(&key, &ca.issuer).unwrap();
-    let e = ca.renew(&csr(&key), expired.der()).unwrap_err().to_string();
+    let e = ca
+        .renew(&csr(&key), expired.der(), &svc("checkout"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("expired"), "{e}");
 
     // Garbage where the certificate goes.
     let e = ca
-        .renew(&csr(&key), b"not a certificate")
+        .renew(&csr(&key), b"not a certificate", &svc("checkout"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("not an X.509 certificate"), "{e}");
@@ -292,4 +299,68 @@ fn an_operators_intermediate_issues_with_its_chain() {
     };
     let e = Ca::open(&settings).unwrap_err().to_string();
     assert!(e.contains("not a private key in PEM"), "{e}");
+}
+
+#[test]
+fn certificates_never_outlive_the_ca_and_an_expired_ca_is_refused() {
+    let dir = TempDir::new("ca-short-intermediate");
+    let root_key = key();
+    let root_params = ca_params("Example Root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, &root_key);
+    let now = SystemTime::now();
+
+    // An intermediate with two hours left, and certificates of 24 h.
+    let mid_key = key();
+    let mut mid_params = ca_params("Short Intermediate");
+    mid_params.not_before = (now - Duration::from_secs(3600)).into();
+    mid_params.not_after = (now + Duration::from_secs(7200)).into();
+    let mid = mid_params.signed_by(&mid_key, &root_issuer).unwrap();
+    let mut settings = files(&dir, &[&mid, &root], &mid_key);
+    settings.cert_ttl = DEFAULT_CERT_TTL;
+    let ca = Ca::open(&settings).unwrap();
+    let issued = ca
+        .issue_for_service(&csr(&key()), &svc("payments"))
+        .unwrap();
+    let (_, mid_parsed) = X509Certificate::from_der(mid.der()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).unwrap();
+    assert!(
+        leaf.validity().not_after <= mid_parsed.validity().not_after,
+        "cut to the CA's end"
+    );
+    let left = issued.not_after.duration_since(now).unwrap();
+    assert!(left <= Duration::from_secs(7200), "{left:?}");
+
+    // An intermediate that has expired: refused at start, with its dates.
+    let old_key = key();
+    let mut old_params = ca_params("Expired Intermediate");
+    old_params.not_before = (now - Duration::from_secs(7200)).into();
+    old_params.not_after = (now - Duration::from_secs(3600)).into();
+    let old = old_params.signed_by(&old_key, &root_issuer).unwrap();
+    let e = Ca::open(&files(&dir, &[&old, &root], &old_key))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not valid now (valid from"), "{e}");
+}
+
+#[test]
+fn unsupported_keys_are_named_plainly() {
+    let dir = TempDir::new("ca-key-names");
+    let ca = Ca::open(&generated(&dir)).unwrap();
+    if let Ok(rsa) = KeyPair::generate_for(&PKCS_RSA_SHA256) {
+        let e = ca
+            .issue_for_service(&csr(&rsa), &svc("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("the CSR's key is an RSA key: use"), "{e}");
+    }
+    // A renewal for another service is refused before anything is signed.
+    let key = key();
+    let first = ca.issue_for_service(&csr(&key), &svc("checkout")).unwrap();
+    let e = ca
+        .renew(&csr(&key), &first.chain[0], &svc("payments"))
+        .unwrap_err();
+    assert!(matches!(e, IssueError::OtherService { .. }), "{e}");
+    // PEM as files have it: LF line endings.
+    assert!(!ca.bundle_pem().contains('\r'));
 }
