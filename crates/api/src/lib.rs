@@ -23,6 +23,7 @@
 //! ever handle domain types. The stubs are generic over the transport; the server brings
 //! tonic's server, the sidecar tonic's channel.
 
+pub mod authz;
 pub mod convert;
 pub mod policy;
 

@@ -1,10 +1,18 @@
-//! A file of policy resources, as `malla apply -f` reads it:
+//! A file of resources, as `malla apply -f` reads it: resilience policies (`[[policy]]`)
+//! and authorization policies (`[[authorization]]`, [`crate::authz`]), in any order:
 //!
 //! ```toml
 //! [[policy]]
 //! service = "shipping-quote"
 //! [policy.retries]
 //! max_attempts = 2
+//!
+//! [[authorization]]
+//! service = "payments"
+//! default = "deny"
+//! [[authorization.rule]]
+//! action = "allow"
+//! from = ["checkout"]
 //! ```
 //!
 //! Every problem is located: file, line, column and field, the way a compiler reports.
@@ -15,16 +23,42 @@ use serde::Deserialize;
 
 use toml::de::{DeTable, DeValue};
 
-use super::{unknown, Policy};
+use super::{
+    unknown::{self, FieldPath, Segment},
+    Mode, Policy,
+};
+use crate::authz::{Action, AuthorizationPolicy, Rule};
 use unknown::line_col;
 
 mod recover;
+
+/// The top-level arrays of tables a document may hold.
+const KINDS: [&str; 2] = ["policy", "authorization"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Document {
     #[serde(default)]
     policy: Vec<toml::Spanned<Policy>>,
+    #[serde(default)]
+    authorization: Vec<toml::Spanned<AuthorizationDocument>>,
+}
+
+/// An [`AuthorizationPolicy`] as written in a document: its `service` may be missing (a
+/// problem reported with its place, not a reader's error that would take the whole table
+/// out), and each rule keeps its place, so that a rule taken out for a bad value does not
+/// shift the others' indices in the problems reported.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizationDocument {
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    default: Action,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default, rename = "rule")]
+    rules: Vec<toml::Spanned<Rule>>,
 }
 
 /// One located problem in a document.
@@ -61,10 +95,44 @@ impl fmt::Display for DocumentError {
     }
 }
 
-/// Parses and validates the policies in `text`; `source_name` (the file) names it in errors.
-/// Every problem is reported, not only the first: a value the reader refuses is recorded
-/// and read past (see [`recover`]).
+/// Every resource of a document, each kind in the order of the text.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    pub policies: Vec<Policy>,
+    pub authorizations: Vec<AuthorizationPolicy>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.authorizations.is_empty()
+    }
+}
+
+/// Parses and validates the resilience policies in `text`; `source_name` (the file) names
+/// it in errors. Every problem is reported, not only the first: a value the reader refuses
+/// is recorded and read past (see [`recover`]). `[[authorization]]` tables are read and
+/// checked too (their problems are reported) but not returned: [`parse_resources`] gives
+/// both kinds.
 pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError> {
+    let resources = parse_resources(text, source_name)?;
+    if resources.policies.is_empty() {
+        return Err(DocumentError {
+            source_name: source_name.to_string(),
+            problems: vec![Problem {
+                line: 0,
+                column: 0,
+                field: None,
+                message: "no [[policy]] in this document".into(),
+            }],
+        });
+    }
+    Ok(resources.policies)
+}
+
+/// Parses and validates every resource in `text`: `[[policy]]` and `[[authorization]]`
+/// tables. Every problem of either kind is reported, located, in the order of the text;
+/// two resources of one kind for the same service are a problem.
+pub fn parse_resources(text: &str, source_name: &str) -> Result<Resources, DocumentError> {
     let fail = |problems| DocumentError {
         source_name: source_name.to_string(),
         problems,
@@ -80,12 +148,27 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
     };
     let root = DeTable::parse(text)
         .map_err(|e| fail(vec![located(e.span(), e.message().trim_end().to_string())]))?;
-    // Where each `[[policy]]` starts, before any is taken out: a policy's index is its
-    // place in the file.
-    let starts: Vec<usize> = match root.get_ref().get("policy").map(|v| v.get_ref()) {
-        Some(DeValue::Array(items)) => items.iter().map(|p| p.span().start).collect(),
-        _ => Vec::new(),
+    // Where each `[[policy]]` (each `[[authorization]]`, and each rule of it) starts, before
+    // any is taken out: a resource's index is its place in the file.
+    let starts_of = |items: Option<&DeValue<'_>>| -> Vec<usize> {
+        match items {
+            Some(DeValue::Array(items)) => items.iter().map(|p| p.span().start).collect(),
+            _ => Vec::new(),
+        }
     };
+    let starts = starts_of(root.get_ref().get("policy").map(|v| v.get_ref()));
+    let authz_starts = starts_of(root.get_ref().get("authorization").map(|v| v.get_ref()));
+    let rule_starts: Vec<Vec<usize>> =
+        match root.get_ref().get("authorization").map(|v| v.get_ref()) {
+            Some(DeValue::Array(items)) => items
+                .iter()
+                .map(|a| match a.get_ref() {
+                    DeValue::Table(t) => starts_of(t.get("rule").map(|v| v.get_ref())),
+                    _ => Vec::new(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
     // The policy types accept unknown fields (a sidecar must, from a newer control
     // plane); in an operator's document each one is a typo, located at its key.
     let read = recover::read::<Document>(root);
@@ -103,12 +186,12 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
         .iter()
         .filter_map(|&at| field_at(text, at))
         .collect();
-    if document.policy.is_empty() && problems.is_empty() {
+    if document.policy.is_empty() && document.authorization.is_empty() && problems.is_empty() {
         return Err(fail(vec![Problem {
             line: 0,
             column: 0,
             field: None,
-            message: "no [[policy]] in this document".into(),
+            message: "no [[policy]] or [[authorization]] in this document".into(),
         }]));
     }
     for (path, at) in &read.unknown {
@@ -125,6 +208,14 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             message: unknown::message(path),
         });
     }
+    // Whether a problem of `field` (full path) follows from a value taken out.
+    let follows_removal = |full: &str, prefix: &str, message: &str| {
+        removed.iter().any(|r| {
+            full.starts_with(r.as_str())
+                || r.strip_prefix(prefix)
+                    .is_some_and(|rel| message.contains(rel))
+        })
+    };
     let mut seen: Vec<&str> = Vec::new();
     for spanned in &document.policy {
         let start = spanned.span().start;
@@ -133,14 +224,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
         // an array-of-tables element covers only its header).
         let span = start..starts.get(i + 1).copied().unwrap_or(text.len());
         let policy = spanned.get_ref();
-        let follows_removal = |field: &str, message: &str| {
-            let full = format!("policy[{i}].{field}");
-            removed.iter().any(|r| {
-                full.starts_with(r.as_str())
-                    || r.strip_prefix(&format!("policy[{i}]."))
-                        .is_some_and(|rel| message.contains(rel))
-            })
-        };
+        let prefix = format!("policy[{i}].");
         let at = |field: &str, message: String| {
             let (line, column) = locate(text, span.clone(), field);
             Problem {
@@ -151,7 +235,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             }
         };
         match policy.service.as_deref() {
-            None if follows_removal("service", "") => {}
+            None if follows_removal(&format!("{prefix}service"), &prefix, "") => {}
             None => problems.push(at(
                 "service",
                 "missing: name the service whose callers follow this policy".into(),
@@ -163,22 +247,122 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Policy>, DocumentError
             Some(service) => seen.push(service),
         }
         for e in policy.validate() {
-            if !follows_removal(&e.field, &e.message) {
+            if !follows_removal(&format!("{prefix}{}", e.field), &prefix, &e.message) {
                 problems.push(at(&e.field, e.message));
             }
         }
     }
+    let mut seen: Vec<&str> = Vec::new();
+    let mut authorizations = Vec::new();
+    for spanned in &document.authorization {
+        let start = spanned.span().start;
+        let i = authz_starts.iter().position(|&s| s == start).unwrap_or(0);
+        let doc = spanned.get_ref();
+        let prefix = format!("authorization[{i}].");
+        // Each rule's index in the text, whatever was taken out before it.
+        let rule_index: Vec<usize> = doc
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                rule_starts
+                    .get(i)
+                    .and_then(|s| s.iter().position(|&s| s == r.span().start))
+                    .unwrap_or(k)
+            })
+            .collect();
+        let at = |field: &str, message: String| {
+            let field = text_field(field, &rule_index);
+            let (line, column) = locate_path(text, "authorization", i, &field)
+                .unwrap_or_else(|| line_col(text, start));
+            Problem {
+                line,
+                column,
+                field: Some(format!("{prefix}{field}")),
+                message,
+            }
+        };
+        let policy = AuthorizationPolicy {
+            service: doc.service.clone().unwrap_or_default(),
+            default: doc.default,
+            mode: doc.mode,
+            rules: doc.rules.iter().map(|r| r.get_ref().clone()).collect(),
+        };
+        match doc.service.as_deref() {
+            None if follows_removal(&format!("{prefix}service"), &prefix, "") => {}
+            None => problems.push(at(
+                "service",
+                "missing: name the service whose inbound calls this policy decides".into(),
+            )),
+            Some(service) if seen.contains(&service) => problems.push(at(
+                "service",
+                format!(
+                    "{service:?} has an authorization policy earlier in this document; one per service"
+                ),
+            )),
+            Some(service) => seen.push(service),
+        }
+        for e in policy.validate() {
+            if doc.service.is_none() && e.field == "service" {
+                continue;
+            }
+            let full = format!("{prefix}{}", text_field(&e.field, &rule_index));
+            if !follows_removal(&full, &prefix, &e.message) {
+                problems.push(at(&e.field, e.message));
+            }
+        }
+        authorizations.push(policy);
+    }
     if problems.is_empty() {
-        Ok(document
-            .policy
-            .into_iter()
-            .map(|p| p.into_inner())
-            .collect())
+        Ok(Resources {
+            policies: document
+                .policy
+                .into_iter()
+                .map(|p| p.into_inner())
+                .collect(),
+            authorizations,
+        })
     } else {
         // In the order of the text, as a compiler lists them.
         problems.sort_by_key(|p| (p.line, p.column));
         Err(fail(problems))
     }
+}
+
+/// A field of an authorization policy as read (`rule[1].paths[0]`) with its rule's index
+/// in the text (`rule[2].paths[0]` when a rule before it was taken out).
+fn text_field(field: &str, rule_index: &[usize]) -> String {
+    let Some(rest) = field.strip_prefix("rule[") else {
+        return field.to_string();
+    };
+    let Some((k, tail)) = rest.split_once(']') else {
+        return field.to_string();
+    };
+    match k.parse::<usize>().ok().and_then(|k| rule_index.get(k)) {
+        Some(n) => format!("rule[{n}]{tail}"),
+        None => field.to_string(),
+    }
+}
+
+/// Where `field` (`rule[2].paths[0]`) of the `index`-th `[[kind]]` is written: its key or
+/// list element, else the closest enclosing one that is written (`rule[2]`, `rule`).
+fn locate_path(text: &str, kind: &str, index: usize, field: &str) -> Option<(usize, usize)> {
+    let mut segments = vec![Segment::Key(kind.into()), Segment::Index(index)];
+    for part in field.split('.').filter(|p| !p.is_empty()) {
+        let mut pieces = part.split('[');
+        let key = pieces.next().unwrap_or(part);
+        segments.push(Segment::Key(key.into()));
+        for piece in pieces {
+            segments.push(Segment::Index(piece.trim_end_matches(']').parse().ok()?));
+        }
+    }
+    while segments.len() > 2 {
+        if let Some(at) = unknown::toml_line_col(text, &FieldPath(segments.clone())) {
+            return Some(at);
+        }
+        segments.pop();
+    }
+    None
 }
 
 /// Where `field` (a dotted path inside one policy) is written within the policy's span:
@@ -206,15 +390,19 @@ fn locate(text: &str, span: Range<usize>, field: &str) -> (usize, usize) {
     line_col(text, found.unwrap_or(span.start))
 }
 
-/// The dotted field path (`policy[1].outlier.max_ejection_percent`) of the key or value
-/// at `offset`, read from the text around it: the `[[policy]]` it is in, the table header
+/// The dotted field path (`policy[1].outlier.max_ejection_percent`,
+/// `authorization[0].rule[2].paths`) of the key or value at `offset`, read from the text
+/// around it: the `[[policy]]` or `[[authorization]]` it is in, the table header
 /// above it, the key on its line. The TOML reader's errors (a value of the wrong type or
 /// out of range, an unknown field) carry a place but no path. `None` when the place is not
 /// a plain `key = value` or header inside a `[[policy]]` (deeper inline tables, say):
 /// no path is better than a wrong one.
 fn field_at(text: &str, offset: usize) -> Option<String> {
-    let mut policy: Option<usize> = None;
-    // The current table, relative to its policy (`outlier`, `rate_limit[1]`).
+    // The resource the line is in (`policy[1]`, `authorization[0]`) and how many of each
+    // kind came before.
+    let mut resource: Option<String> = None;
+    let mut counts = [0usize; KINDS.len()];
+    // The current table, relative to its resource (`outlier`, `rate_limit[1]`).
     let mut table: Option<String> = None;
     let mut arrays: Vec<(String, usize)> = Vec::new();
     let mut start = 0;
@@ -222,18 +410,29 @@ fn field_at(text: &str, offset: usize) -> Option<String> {
         let end = start + line.len();
         let here = (start..end).contains(&offset) || (end == text.len() && offset == end);
         let trimmed = line.trim();
+        // The part of a header's name below the current resource's kind.
+        let below = |name: &str, resource: &Option<String>| -> Option<String> {
+            let kind = resource.as_deref()?.split('[').next()?;
+            name.strip_prefix(kind)?
+                .strip_prefix('.')
+                .map(str::to_string)
+        };
         if let Some(name) = trimmed
             .strip_prefix("[[")
             .and_then(|t| t.split_once("]]"))
             .map(|(name, _)| name.trim())
         {
-            if name == "policy" {
-                policy = Some(policy.map_or(0, |i| i + 1));
+            if let Some(k) = KINDS.iter().position(|&k| k == name) {
+                resource = Some(format!("{name}[{}]", counts[k]));
+                counts[k] += 1;
                 table = None;
                 arrays.clear();
+                if here {
+                    return resource;
+                }
             } else {
-                table = name.strip_prefix("policy.").map(|rest| {
-                    let n = match arrays.iter_mut().find(|(a, _)| a == rest) {
+                table = below(name, &resource).map(|rest| {
+                    let n = match arrays.iter_mut().find(|(a, _)| *a == rest) {
                         Some((_, n)) => {
                             *n += 1;
                             *n
@@ -245,21 +444,26 @@ fn field_at(text: &str, offset: usize) -> Option<String> {
                     };
                     format!("{rest}[{n}]")
                 });
+                if here {
+                    // An error on a header: the table it names.
+                    let resource = resource?;
+                    return table.map(|t| format!("{resource}.{t}"));
+                }
             }
         } else if let Some(name) = trimmed
             .strip_prefix('[')
             .and_then(|t| t.split_once(']'))
             .map(|(name, _)| name.trim())
         {
-            table = name.strip_prefix("policy.").map(str::to_string);
+            table = below(name, &resource);
             if here {
                 // An error on a header: the table it names.
-                let policy = policy?;
-                return table.map(|t| format!("policy[{policy}].{t}"));
+                let resource = resource?;
+                return table.map(|t| format!("{resource}.{t}"));
             }
         } else if here {
             let key = key_at(&line[..offset - start], line)?;
-            let mut path = format!("policy[{}]", policy?);
+            let mut path = resource?;
             if let Some(t) = &table {
                 path = format!("{path}.{t}");
             }
@@ -468,6 +672,177 @@ polcy = 1
             "mesh.toml:21:1: policy[3].polcy: unknown field `polcy`"
         );
         assert!(!err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn authorization_documents_beside_policies() {
+        let text = r#"[[policy]]
+service = "shipping-quote"
+[policy.retries]
+max_attempts = 2
+
+[[authorization]]
+service = "payments"
+default = "deny"
+mode = "audit"
+
+[[authorization.rule]]
+action = "allow"
+from = ["checkout", "spiffe://other.example/svc/x"]
+methods = ["POST"]
+paths = ["/v1/charges", "/v1/refunds/*"]
+
+[[authorization.rule]]
+action = "deny"
+grpc = ["payments.v1.Admin/*"]
+
+[[authorization]]
+service = "shipping-quote"
+"#;
+        let resources = parse_resources(text, "mesh.toml").unwrap();
+        assert_eq!(resources.policies.len(), 1);
+        assert_eq!(resources.authorizations.len(), 2);
+        let payments = &resources.authorizations[0];
+        assert_eq!(payments.service, "payments");
+        assert_eq!(payments.default, Action::Deny);
+        assert_eq!(payments.mode, Mode::Audit);
+        assert_eq!(payments.rules.len(), 2);
+        assert_eq!(payments.rules[0].paths.as_ref().unwrap().len(), 2);
+        assert_eq!(payments.rules[1].action, Action::Deny);
+        let shipping = &resources.authorizations[1];
+        assert_eq!(shipping.default, Action::Allow);
+        assert!(shipping.rules.is_empty());
+        // The policies alone, for the callers that read only them.
+        assert_eq!(parse(text, "mesh.toml").unwrap(), resources.policies);
+        // A document of authorizations alone.
+        let only = "[[authorization]]\nservice = \"a\"\n";
+        assert_eq!(
+            parse_resources(only, "a.toml")
+                .unwrap()
+                .authorizations
+                .len(),
+            1
+        );
+        assert!(parse(only, "a.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("no [[policy]]"));
+        assert!(parse_resources("", "e.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("no [[policy]] or [[authorization]]"));
+    }
+
+    #[test]
+    fn authorization_problems_are_located() {
+        let cases = [
+            // Validation: the list element itself.
+            (
+                "[[authorization]]\nservice = \"a\"\n[[authorization.rule]]\naction = \"allow\"\npaths = [\"/ok\", \"v1\"]\n",
+                "mesh.toml:5:17: authorization[0].rule[0].paths[1]: ",
+                "must start with '/'",
+            ),
+            // A wrong type.
+            (
+                "[[authorization]]\nservice = \"a\"\n[[authorization.rule]]\naction = \"allow\"\nports = [\"80\"]\n",
+                "mesh.toml:5:10: authorization[0].rule[0].ports: ",
+                "expected u16",
+            ),
+            // A bad value of an enum.
+            (
+                "[[authorization]]\nservice = \"a\"\ndefault = \"maybe\"\n",
+                "mesh.toml:3:11: authorization[0].default: ",
+                "unknown variant",
+            ),
+            // An unknown field in a rule.
+            (
+                "[[authorization]]\nservice = \"a\"\n[[authorization.rule]]\naction = \"allow\"\nmethod = [\"GET\"]\n",
+                "mesh.toml:5:1: authorization[0].rule[0].method: ",
+                "unknown field `method`",
+            ),
+            // A rule without its action: the rule's header.
+            (
+                "[[authorization]]\nservice = \"a\"\n[[authorization.rule]]\nfrom = [\"b\"]\n",
+                "mesh.toml:3:1: authorization[0].rule[0]: ",
+                "missing field `action`",
+            ),
+            // A missing service, at the resource.
+            (
+                "[[authorization]]\ndefault = \"deny\"\n",
+                "mesh.toml:1:1: authorization[0].service: ",
+                "missing",
+            ),
+            (
+                "[[authorization]]\nservice = \"Pay Ments\"\n",
+                "mesh.toml:2:1: authorization[0].service: ",
+                "invalid service name",
+            ),
+            // An empty list, at its key.
+            (
+                "[[authorization]]\nservice = \"a\"\n[[authorization.rule]]\naction = \"deny\"\nfrom = []\n",
+                "mesh.toml:5:1: authorization[0].rule[0].from: ",
+                "an empty list matches nothing",
+            ),
+            // Two for one service.
+            (
+                "[[authorization]]\nservice = \"a\"\n[[authorization]]\nservice = \"a\"\n",
+                "mesh.toml:4:1: authorization[1].service: ",
+                "earlier in this document",
+            ),
+        ];
+        for (text, prefix, says) in cases {
+            let err = parse_resources(text, "mesh.toml").unwrap_err().to_string();
+            assert!(err.starts_with(prefix), "{text:?}: {err}");
+            assert!(err.contains(says), "{text:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{text:?}: {err}");
+        }
+    }
+
+    /// Every problem of a mixed document, of both kinds, in the order of the text; a rule
+    /// taken out for a missing action does not shift the next rule's index.
+    #[test]
+    fn every_problem_of_a_mixed_document_is_reported() {
+        let text = r#"[[authorization]]
+service = "payments"
+mode = "sometimes"
+
+[[authorization.rule]]
+from = ["checkout"]
+
+[[authorization.rule]]
+action = "allow"
+from = ["Check Out"]
+grpc = ["payments.v1.Payments"]
+
+[[policy]]
+service = "payments"
+[policy.retries]
+max_attempts = 0
+
+[[authorization]]
+service = "payments"
+[[authorization.rule]]
+action = "deny"
+ports = [0]
+"#;
+        let err = parse_resources(text, "mesh.toml").unwrap_err();
+        let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
+        let expected = [
+            "mesh.toml:3:8: authorization[0].mode: ",
+            "mesh.toml:5:1: authorization[0].rule[0]: missing field `action`",
+            "mesh.toml:10:9: authorization[0].rule[1].from[0]: ",
+            "mesh.toml:11:9: authorization[0].rule[1].grpc[0]: ",
+            "mesh.toml:16:1: policy[0].retries.max_attempts: ",
+            "mesh.toml:19:1: authorization[1].service: \"payments\" has an authorization policy earlier",
+            "mesh.toml:22:10: authorization[1].rule[0].ports[0]: port 0",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{err}");
+        for (line, expected) in lines.iter().zip(expected) {
+            assert!(
+                line.starts_with(expected),
+                "{line:?} vs {expected:?}\n{err}"
+            );
+        }
     }
 
     /// A document with a great many bad values still ends, with a bounded report.
