@@ -117,6 +117,7 @@ impl TestProxyBuilder {
             listen: any_port(),
             forward_to: forward_to.to_string(),
             protocol,
+            mtls: Default::default(),
         });
         self
     }

@@ -158,6 +158,21 @@ pub struct InboundConfig {
     pub forward_to: String,
     #[serde(default)]
     pub protocol: ListenerProtocol,
+    /// Mutual TLS from other sidecars, once this sidecar has a certificate (a join token
+    /// for its service): `permissive` (the default while meshes migrate: mTLS and plaintext
+    /// both accepted), `strict` (plaintext refused) or `off`.
+    #[serde(default)]
+    pub mtls: MtlsMode,
+}
+
+/// Whether an inbound listener takes mTLS, plaintext, or both.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Permissive,
+    Strict,
+    Off,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

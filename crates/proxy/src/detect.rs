@@ -11,7 +11,7 @@
 use std::{io, time::Duration};
 
 use bytes::BytesMut;
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::io::AsyncReadExt;
 
 use crate::config::ListenerProtocol;
 
@@ -30,7 +30,7 @@ pub enum Detected {
 
 /// Reads from `stream` into `buf` until the protocol is known.
 pub async fn detect(
-    stream: &mut TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut BytesMut,
     timeout: Duration,
     protocol: ListenerProtocol,

@@ -30,6 +30,11 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
         .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
+/// The caller's SPIFFE ID, as the sidecar that terminated its mTLS saw it. Removed from
+/// every request a sidecar reads, and set only from a handshake: an application can trust
+/// it (see [`crate::inbound`]).
+pub const CLIENT_ID_HEADER: &str = "malla-client-id";
+
 pub const VIA_HTTP1: &str = "1.1 malla";
 pub const VIA_HTTP2: &str = "2 malla";
 

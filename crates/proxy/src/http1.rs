@@ -47,7 +47,6 @@ use std::{
 use bytes::{Buf, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     time::Instant,
 };
 use tracing::debug;
@@ -61,6 +60,7 @@ use crate::{
     config::Limits,
     error::ProxyError,
     listener::ListenerCtx,
+    stream::ClientStream,
     upstream::Upstream,
 };
 
@@ -91,15 +91,16 @@ struct Session<'a> {
 }
 
 pub(crate) async fn serve(
-    mut client: TcpStream,
+    mut client: ClientStream,
     mut buf: BytesMut,
     peer: SocketAddr,
+    identity: Option<&malla_core::SpiffeId>,
     ctx: &Arc<ListenerCtx>,
 ) {
     let mut s = Session {
         ctx,
         limits: &ctx.shared.config.limits,
-        client_addr: head::ClientAddr::new(peer.ip()),
+        client_addr: head::ClientAddr::new(peer.ip(), identity),
         req_head: Vec::with_capacity(1024),
         resp_head: Vec::with_capacity(1024),
         held: None,
@@ -158,7 +159,7 @@ impl Session<'_> {
     /// proxy is draining between requests.
     async fn read_request(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         buf: &mut BytesMut,
         mut drained: Pin<&mut impl Future>,
         mut timer: Pin<&mut tokio::time::Sleep>,
@@ -221,7 +222,7 @@ impl Session<'_> {
     /// its attempts, then the answer relayed.
     async fn exchange(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         buf: &mut BytesMut,
         req: &RequestInfo,
         upstream: &Upstream,
@@ -314,7 +315,7 @@ impl Session<'_> {
     /// arrive, never ahead of them: a `Content-Length` is a claim, not an allocation.
     async fn read_body(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         buf: &mut BytesMut,
         n: usize,
     ) -> Option<usize> {
@@ -329,7 +330,7 @@ impl Session<'_> {
     }
 
     /// Switches to a tunnel after `101 Switching Protocols`.
-    async fn switch_protocols(&mut self, client: &mut TcpStream, up: UpConn) -> Next {
+    async fn switch_protocols(&mut self, client: &mut ClientStream, up: UpConn) -> Next {
         head::finish_response(&mut self.resp_head, false, false);
         if client.write_all(&self.resp_head).await.is_err() {
             return Next::Close;
@@ -341,7 +342,7 @@ impl Session<'_> {
     /// nothing of the request is left unread on the connection.
     async fn fail(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         req: &RequestInfo,
         upstream: &Upstream,
         err: ProxyError,
@@ -360,7 +361,7 @@ impl Session<'_> {
 }
 
 /// Relays bytes both ways after a protocol switch until both sides are done.
-async fn tunnel(mut client: TcpStream, client_buf: BytesMut, mut up: UpConn) {
+async fn tunnel(mut client: ClientStream, client_buf: BytesMut, mut up: UpConn) {
     if !client_buf.is_empty() && up.stream.write_all(&client_buf).await.is_err() {
         return;
     }
@@ -378,7 +379,7 @@ async fn tunnel(mut client: TcpStream, client_buf: BytesMut, mut up: UpConn) {
 /// Closes a connection whose client may still be sending (an early response or an
 /// error): shut our side, then read and discard for a short, bounded while so the
 /// client receives the response instead of a reset.
-async fn linger_close(client: &mut TcpStream) {
+async fn linger_close(client: &mut ClientStream) {
     let _ = client.shutdown().await;
     let mut sink = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(1);

@@ -72,7 +72,7 @@ use http::{
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use malla_core::policy::{RELAYED_FAILURE_HEADER, TIMEOUT_HEADER};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 use tracing::debug;
 
 pub(crate) use client::EndpointClient;
@@ -88,6 +88,7 @@ use crate::{
     forwarding,
     listener::ListenerCtx,
     resilience::{deadline, limits::Slot},
+    stream::ClientStream,
     upstream::Upstream,
 };
 
@@ -116,6 +117,8 @@ struct Downstream {
     client: IpAddr,
     /// `X-Forwarded-For` for requests that carry none, built once per connection.
     xff: HeaderValue,
+    /// `malla-client-id`: the SPIFFE ID the caller proved with mTLS.
+    identity: Option<HeaderValue>,
     /// Streams opened so far, and those whose response is still being relayed: the idle
     /// check compares the first between two ticks and leaves busy connections alone.
     streams: AtomicU64,
@@ -144,9 +147,10 @@ impl Drop for Relaying {
 /// Serves one client connection that opened with the HTTP/2 preface; `prefix` holds the
 /// bytes detection already read (the preface at least).
 pub(crate) async fn serve(
-    stream: TcpStream,
+    stream: ClientStream,
     prefix: BytesMut,
     peer: SocketAddr,
+    identity: Option<&malla_core::SpiffeId>,
     ctx: &Arc<ListenerCtx>,
 ) {
     let client = peer.ip();
@@ -155,6 +159,7 @@ pub(crate) async fn serve(
         client,
         xff: HeaderValue::try_from(client.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        identity: identity.and_then(|id| HeaderValue::try_from(id.to_string()).ok()),
         streams: AtomicU64::new(0),
         relaying: AtomicU64::new(0),
         replay_budget: Arc::new(ReplayBudget::new(CONNECTION_REPLAY_BUDGET)),
@@ -404,8 +409,13 @@ fn upstream_uri(uri: &mut Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded` and `Via` (see [`forwarding`]).
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded` and `Via` (see [`forwarding`]), and
+/// `malla-client-id` from the handshake only.
 fn request_headers(headers: &mut HeaderMap, down: &Downstream) {
+    headers.remove(forwarding::CLIENT_ID_HEADER);
+    if let Some(id) = &down.identity {
+        headers.insert(forwarding::CLIENT_ID_HEADER, id.clone());
+    }
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(v) => {
             v.insert(down.xff.clone());

@@ -4,8 +4,8 @@
 //! The stages a connection meets, in order:
 //!
 //! ```text
-//! accept -> detect (HTTP/1 | HTTP/2 | TCP)
-//!   -> [identity: the caller's mTLS certificate, once the mesh has a CA]
+//! accept -> mTLS ([`accept`]: the caller's identity from its certificate)
+//!   -> detect (HTTP/1 | HTTP/2 | TCP)
 //!   -> [authorization: may that identity call this service?]
 //!   -> mesh headers at the edge (below) -> the call to the one local endpoint
 //!   -> the application's response, its mesh headers checked
@@ -29,12 +29,109 @@
 //!   sidecar within [`RELAY_WINDOW`]; otherwise the field is removed (and counted), so an
 //!   application cannot exempt itself by setting it.
 //! - `malla-error` (responses): informational, never acted on by a caller's sidecar.
+//! - `malla-client-id` (requests): the caller's SPIFFE ID, set by this sidecar when the
+//!   caller proved it with mTLS. Whatever a request carries under that name is removed
+//!   first, on every listener, so an application can trust the field: only its own
+//!   sidecar can have written it.
+//!
+//! ## mTLS
+//!
+//! A connection that opens with a TLS handshake record is a sidecar (or another mesh
+//! workload) calling: the handshake requires its certificate from the mesh's CA
+//! ([`crate::tls`]) and yields its identity. Any other first byte is plaintext, accepted in
+//! `permissive` mode and closed in `strict` mode (`[inbound] mtls`). Each outcome is
+//! counted (`inbound_connections_by_security`).
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
-use malla_core::policy::Policy;
+use malla_core::{policy::Policy, SpiffeId};
+use tokio::net::TcpStream;
+use tracing::debug;
 
-use crate::{config::UpstreamConfig, listener::Shared};
+use crate::{
+    config::{MtlsMode, UpstreamConfig},
+    listener::Shared,
+    stream::ClientStream,
+    tls::{self, MeshTls},
+};
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The mTLS stage: the connection as the protocols will read it, and the identity its
+/// caller proved; `None` when it is closed here (a failed handshake, plaintext in strict
+/// mode, a caller that sent nothing in time).
+pub(crate) async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    tls: &MeshTls,
+) -> Option<(ClientStream, Option<SpiffeId>)> {
+    let mode = shared
+        .config
+        .inbound
+        .as_ref()
+        .map_or(MtlsMode::Permissive, |i| i.mtls);
+    let timeout = shared.config.limits.detect_timeout;
+    let mut first = [0u8; 1];
+    let opens_tls = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        Ok(Ok(_)) | Ok(Err(_)) => return None, // closed
+        Err(_) => false,                       // silent: a server-first protocol
+    };
+    if !opens_tls {
+        return match mode {
+            MtlsMode::Strict => {
+                shared
+                    .metrics
+                    .inbound_security("plaintext-refused", String::new());
+                debug!(%peer, "plaintext refused: [inbound] mtls = \"strict\"");
+                None
+            }
+            _ => {
+                shared.metrics.inbound_security("plaintext", String::new());
+                Some((ClientStream::Plain(stream), None))
+            }
+        };
+    }
+    let config = match tls.server_config() {
+        Ok(config) => config,
+        Err(e) => {
+            shared
+                .metrics
+                .inbound_security("handshake-failed", String::new());
+            debug!(%peer, error = %e, "mTLS refused: no certificate to answer with");
+            return None;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(session)) => {
+            let state = session.get_ref().1;
+            let identity = tls::peer_identity(state);
+            let group = state
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+                .unwrap_or_default();
+            shared.metrics.inbound_security("mtls", group);
+            Some((ClientStream::Tls(Box::new(session)), identity))
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .inbound_security("handshake-failed", String::new());
+            debug!(%peer, error = %e, "mTLS handshake failed");
+            None
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .inbound_security("handshake-failed", String::new());
+            debug!(%peer, "mTLS handshake timed out");
+            None
+        }
+    }
+}
 
 /// How recent an upstream's failure must be for the application's claim to relay it.
 pub const RELAY_WINDOW: Duration = Duration::from_secs(10);

@@ -35,6 +35,7 @@ pub mod metrics;
 mod outbound;
 pub mod resilience;
 mod server;
+pub mod stream;
 mod tcp;
 pub mod tls;
 pub mod upstream;

@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     pub discovery: Option<Arc<DiscoveryStatus>>,
     /// Resilience events waiting to be sent to the control plane.
     pub events: Arc<EventLog>,
+    /// The mesh TLS of the inbound listener, when this sidecar has an identity and its
+    /// `[inbound] mtls` is not `off`.
+    pub inbound_tls: Option<Arc<crate::tls::MeshTls>>,
     pub draining: AtomicBool,
     pub(crate) drain_tx: watch::Sender<bool>,
     /// Set once every worker has finished; the admin listener stops then.

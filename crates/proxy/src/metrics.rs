@@ -105,6 +105,17 @@ struct ControlFamilies {
     registrations: Counter,
     certificate_expiry: Gauge,
     certificate_requests: Family<CertificateRequestLabels, Counter>,
+    inbound_connections: Family<InboundSecurityLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundSecurityLabels {
+    /// `mtls` (a handshake that proved a peer), `handshake-failed`, `plaintext` (accepted,
+    /// permissive), `plaintext-refused` (strict).
+    pub security: &'static str,
+    /// The negotiated key exchange group of an mTLS connection (`X25519MLKEM768`...), or
+    /// empty.
+    pub group: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,6 +167,11 @@ impl ControlFamilies {
             "identity_certificate_requests",
             "Certificate requests to the control plane's CA, by kind (first, renewal) and result",
             self.certificate_requests.clone(),
+        );
+        registry.register(
+            "inbound_connections_by_security",
+            "Inbound connections by how they were secured: mtls, handshake-failed, plaintext (permissive) or plaintext-refused (strict), with the mTLS key exchange group",
+            self.inbound_connections.clone(),
         );
     }
 }
@@ -330,6 +346,14 @@ impl Metrics {
             last_update: control.last_update_age.get_or_create(&labels).clone(),
             reconnects: control.reconnects.get_or_create(&labels).clone(),
         }
+    }
+
+    /// Counts an inbound connection by how it was secured.
+    pub(crate) fn inbound_security(&self, security: &'static str, group: String) {
+        self.control()
+            .inbound_connections
+            .get_or_create(&InboundSecurityLabels { security, group })
+            .inc();
     }
 
     /// The handles of this sidecar's certificate requests.

@@ -33,14 +33,16 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admin,
-    config::{ListenerProtocol, ProxyConfig},
+    config::{ListenerProtocol, MtlsMode, ProxyConfig},
     detect::{self, Detected},
     discovery::{Discovery, DiscoveryStatus, DEREGISTER_TIMEOUT},
     http1, http2, inbound,
     listener::{normalize_host, Direction, ListenerCtx, Shared, Target},
     metrics::Metrics,
     resilience::events::EventLog,
+    stream::ClientStream,
     tcp,
+    tls::MeshTls,
     upstream::Upstream,
 };
 
@@ -174,10 +176,20 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
     };
     let (drain_tx, _) = watch::channel(false);
     let (stopped_tx, _) = watch::channel(false);
+    let inbound_tls = match (
+        &config.inbound,
+        discovery.as_ref().and_then(|d| d.identity()),
+    ) {
+        (Some(inbound), Some(identity)) if inbound.mtls != MtlsMode::Off => {
+            Some(Arc::new(MeshTls::new(identity.clone())))
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         upstreams,
         routes,
         metrics,
+        inbound_tls,
         discovery,
         events,
         draining: AtomicBool::new(false),
@@ -393,8 +405,17 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, open: mpsc::S
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
     let _ = stream.set_nodelay(true);
+    let (mut stream, identity) = match (&ctx.direction, &ctx.shared.inbound_tls) {
+        (Direction::Inbound, Some(tls)) => {
+            match inbound::accept(stream, peer, &ctx.shared, tls).await {
+                Some(accepted) => accepted,
+                None => return,
+            }
+        }
+        _ => (ClientStream::Plain(stream), None),
+    };
     let mut buf = BytesMut::with_capacity(http1::READ_BUF);
     let limits = &ctx.shared.config.limits;
     let detected = match ctx.protocol {
@@ -412,11 +433,11 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<List
     match detected {
         Detected::Http1 => {
             let _conn = ctx.metrics_http1.track();
-            http1::serve(stream, buf, peer, &ctx).await;
+            http1::serve(stream, buf, peer, identity.as_ref(), &ctx).await;
         }
         Detected::Http2 => {
             let _conn = ctx.metrics_http2.track();
-            http2::serve(stream, buf, peer, &ctx).await;
+            http2::serve(stream, buf, peer, identity.as_ref(), &ctx).await;
         }
         Detected::Tcp => match ctx.tcp_upstream() {
             Some(upstream) => {

@@ -31,10 +31,11 @@ use crate::{
         limits::{Limit, Slot},
         outlier,
     },
+    stream::ClientStream,
     upstream::Upstream,
 };
 
-pub async fn proxy(mut client: TcpStream, prefix: BytesMut, upstream: &Arc<Upstream>) {
+pub async fn proxy(mut client: ClientStream, prefix: BytesMut, upstream: &Arc<Upstream>) {
     let res = upstream.resilience_full();
     // Idempotent as far as retries go: only failed connects are retried, nothing was sent.
     let call = Call::new(

@@ -149,7 +149,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("this sidecar's certificate and key: {e}")))?;
-    config.alpn_protocols = vec![ALPN_MESH.to_vec()];
+    // The mesh's own first; then what other TLS clients of the mesh offer (curl, gRPC
+    // libraries), since a client whose every offer is refused gets no connection. The
+    // protocol inside is detected from its first bytes whatever was agreed.
+    config.alpn_protocols = vec![ALPN_MESH.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

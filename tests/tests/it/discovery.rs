@@ -369,6 +369,7 @@ async fn a_control_plane_restart_under_live_traffic_fails_no_request() {
             listen: any_port(),
             forward_to: app.addr().to_string(),
             protocol: ListenerProtocol::Auto,
+            mtls: Default::default(),
         });
         let control = c.control.as_mut().unwrap();
         control.service = Some("frontend".into());

@@ -60,6 +60,7 @@ mod grpc;
 mod harness;
 mod http1;
 mod http2;
+mod inbound_mtls;
 mod memory;
 mod mtls;
 mod policy;

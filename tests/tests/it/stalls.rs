@@ -101,9 +101,13 @@ async fn an_http_endpoint_that_accepts_and_never_answers_is_reported_stalled_the
         proxy.upstream("echo").state(),
         proxy.events()
     );
+    // The check may look before the third call has started (a loaded machine).
     let detail = &reported("endpoint-stalled")[0];
     assert!(
-        detail.contains("3 calls waiting for a response head for at least")
+        ["1 call waiting", "2 calls waiting", "3 calls waiting"]
+            .iter()
+            .any(|calls| detail.starts_with(calls))
+            && detail.contains("waiting for a response head for at least")
             && detail.contains("nothing from it yet"),
         "{detail}"
     );

@@ -40,6 +40,7 @@ use crate::{
     listener::ListenerCtx,
     metrics::ConnectionTracker,
     resilience::limits::{self, Limit},
+    stream::ClientStream,
 };
 
 /// A pooled connection idle for longer than this is checked for a close by its peer
@@ -110,7 +111,7 @@ struct Ended {
 /// The attempts of one request, as [`Call::run`] drives them.
 pub(super) struct Attempts<'s, 'a> {
     session: &'s mut Session<'a>,
-    client: &'s mut TcpStream,
+    client: &'s mut ClientStream,
     /// The client's read buffer: a streaming body's first bytes, then what follows it.
     buf: &'s mut BytesMut,
     req: &'s RequestInfo,
@@ -123,7 +124,7 @@ pub(super) struct Attempts<'s, 'a> {
 impl<'s, 'a> Attempts<'s, 'a> {
     pub fn new(
         session: &'s mut Session<'a>,
-        client: &'s mut TcpStream,
+        client: &'s mut ClientStream,
         buf: &'s mut BytesMut,
         req: &'s RequestInfo,
         call: &'s Call<'s>,
@@ -438,7 +439,7 @@ impl Relay {
     /// client connection stays open.
     pub async fn finish(
         self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         head: &mut Vec<u8>,
     ) -> (Option<UpConn>, bool) {
         let Relay {

@@ -189,12 +189,16 @@ pub fn parse_request(
             || name.eq_ignore_ascii_case(b"via")
             || name.eq_ignore_ascii_case(b"forwarded")
             || name.eq_ignore_ascii_case(TIMEOUT_HEADER.as_bytes())
+            || name.eq_ignore_ascii_case(forwarding::CLIENT_ID_HEADER.as_bytes())
         {
             continue;
         }
         push_field(out, name, h.value);
     }
     push_framing(out, body, f.content_length);
+    if let Some(id) = &client.identity {
+        push_field(out, forwarding::CLIENT_ID_HEADER.as_bytes(), id.as_bytes());
+    }
     push_list_field(
         out,
         b"x-forwarded-for",
@@ -398,20 +402,24 @@ pub fn finish_response(out: &mut Vec<u8>, close: bool, keep_alive_1_0: bool) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The client's address, formatted once per connection for the forwarding fields.
+/// The client's address, formatted once per connection for the forwarding fields, and the
+/// identity it proved with mTLS (for `malla-client-id`).
 #[derive(Debug)]
 pub struct ClientAddr {
     /// For `X-Forwarded-For`.
     pub text: String,
     /// For `Forwarded` (RFC 7239 quotes IPv6 addresses).
     pub forwarded: String,
+    /// The caller's SPIFFE ID, when it proved one.
+    pub identity: Option<String>,
 }
 
 impl ClientAddr {
-    pub fn new(ip: IpAddr) -> Self {
+    pub fn new(ip: IpAddr, identity: Option<&malla_core::SpiffeId>) -> Self {
         ClientAddr {
             text: ip.to_string(),
             forwarded: forwarding::forwarded_element(ip, "http"),
+            identity: identity.map(ToString::to_string),
         }
     }
 }
@@ -485,7 +493,7 @@ mod tests {
     use super::*;
 
     fn client() -> ClientAddr {
-        ClientAddr::new("10.0.0.7".parse().unwrap())
+        ClientAddr::new("10.0.0.7".parse().unwrap(), None)
     }
 
     fn req(raw: &str) -> Result<(RequestInfo, String), ProxyError> {

@@ -50,7 +50,7 @@ type Split<'a> = (&'static str, Box<dyn FnMut() -> usize + 'a>);
 
 fn client() -> &'static ClientAddr {
     static CLIENT: OnceLock<ClientAddr> = OnceLock::new();
-    CLIENT.get_or_init(|| ClientAddr::new(IpAddr::from([10, 0, 0, 1])))
+    CLIENT.get_or_init(|| ClientAddr::new(IpAddr::from([10, 0, 0, 1]), None))
 }
 
 /// `bytes` for a failure message: escaped, cut at 600 characters.
