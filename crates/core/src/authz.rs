@@ -305,7 +305,8 @@ fn check_path(path: &str) -> Result<(), String> {
             "{path:?}: paths match without the query; remove '?...'"
         ));
     }
-    if path[..path.len() - 1].contains('*') {
+    // Not by byte: a path may end in any character (`/café`).
+    if path.strip_suffix('*').unwrap_or(path).contains('*') {
         return Err(format!(
             "{path:?}: '*' may only end a path, as a prefix match"
         ));

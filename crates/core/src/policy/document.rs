@@ -914,4 +914,61 @@ prefer = "env=prod"
             }
         }
     }
+
+    /// The same with authorization policies beside resilience policies: every mutation
+    /// parses to resources or to located problems, never a panic.
+    #[test]
+    fn mutated_mixed_documents_never_panic() {
+        let base = br#"[[authorization]]
+service = "payments"
+default = "deny"
+mode = "audit"
+[[authorization.rule]]
+action = "allow"
+from = ["checkout", "spiffe://other.example/svc/x", "*"]
+ports = [8080, 9090]
+methods = ["POST"]
+paths = ["/v1/charges", "/v1/refunds/*"]
+[[authorization.rule]]
+action = "deny"
+grpc = ["payments.v1.Admin/*", "*"]
+[[policy]]
+service = "payments"
+[policy.retries]
+max_attempts = 3
+[[authorization]]
+service = "billing"
+rule = [{ action = "allow", from = ["a"] }]
+"#;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let mut doc = base.to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() % doc.len() as u64) as usize;
+                match next() % 3 {
+                    0 => doc[at] = (next() % 256) as u8,
+                    1 => {
+                        doc.remove(at);
+                    }
+                    _ => doc.insert(at, b"=[]\"\n.-"[next() as usize % 7]),
+                }
+            }
+            let text = String::from_utf8_lossy(&doc);
+            match parse_resources(&text, "fuzz.toml") {
+                Ok(resources) => {
+                    assert!(!resources.is_empty());
+                    for a in &resources.authorizations {
+                        assert!(a.validate().is_empty(), "{text}");
+                    }
+                }
+                Err(e) => assert!(!e.problems.is_empty()),
+            }
+        }
+    }
 }
