@@ -29,6 +29,7 @@ use std::{
 };
 
 use malla_control::{
+    authorizations::Authorizations,
     events::EventRing,
     identity::Identity,
     policies::Policies,
@@ -264,6 +265,15 @@ impl TestControl {
             .as_ref()
             .expect("the control plane is stopped")
             .policies
+    }
+
+    /// The running control plane's authorization policies (in-process reads and writes).
+    pub fn authorizations(&self) -> &Arc<Authorizations<EmbeddedStore>> {
+        &self
+            .control
+            .as_ref()
+            .expect("the control plane is stopped")
+            .authorizations
     }
 
     /// The resilience events sidecars reported to the running control plane.

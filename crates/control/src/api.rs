@@ -1,5 +1,5 @@
 //! The control plane's APIs. Each is a projection of the [`crate::registry::Registry`],
-//! the [`crate::policies::Policies`] and the [`crate::events::EventRing`].
+//! the [`crate::policies::Policies`], the [`crate::authorizations::Authorizations`] and the [`crate::events::EventRing`].
 
 pub mod grpc;
 pub mod http;
@@ -7,14 +7,16 @@ pub mod http;
 use std::sync::Arc;
 
 use crate::{
-    events::EventRing, identity::Identity, metrics::Metrics, policies::Policies, proxies::Proxies,
-    registry::Registry,
+    authorizations::Authorizations, events::EventRing, identity::Identity, metrics::Metrics,
+    policies::Policies, proxies::Proxies, registry::Registry,
 };
 
 /// What every API serves.
 pub struct Backend<S> {
     pub registry: Arc<Registry<S>>,
     pub policies: Arc<Policies<S>>,
+    /// Authorization policies, one per service.
+    pub authorizations: Arc<Authorizations<S>>,
     pub events: Arc<EventRing>,
     /// The control plane's own metrics (`GET /metrics`).
     pub metrics: Arc<Metrics>,
@@ -30,6 +32,7 @@ impl<S> Clone for Backend<S> {
         Backend {
             registry: self.registry.clone(),
             policies: self.policies.clone(),
+            authorizations: self.authorizations.clone(),
             events: self.events.clone(),
             metrics: self.metrics.clone(),
             proxies: self.proxies.clone(),

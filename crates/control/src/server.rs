@@ -10,6 +10,7 @@ use tracing::info;
 
 use crate::{
     api::{self, Backend},
+    authorizations::Authorizations,
     dns::{Catalog, DnsConfig, DnsServer, Pick},
     events::EventRing,
     health::HealthChecker,
@@ -103,6 +104,8 @@ pub struct Control {
     pub registry: Arc<Registry<EmbeddedStore>>,
     /// Resilience policies, one per service.
     pub policies: Arc<Policies<EmbeddedStore>>,
+    /// Authorization policies, one per service.
+    pub authorizations: Arc<Authorizations<EmbeddedStore>>,
     /// The resilience events sidecars reported (in memory).
     pub events: Arc<EventRing>,
     /// The CA and the join tokens.
@@ -152,9 +155,11 @@ impl Control {
         let opened = async {
             let registry = Arc::new(Registry::open(store.clone()).await?);
             let policies = Arc::new(Policies::open(store.clone()).await?);
+            let authorizations = Arc::new(Authorizations::open(store.clone()).await?);
             anyhow::Ok(Backend {
                 registry,
                 policies,
+                authorizations,
                 events: Arc::new(EventRing::default()),
                 metrics: Arc::new(Metrics::default()),
                 proxies: Arc::new(Proxies::default()),
@@ -224,6 +229,7 @@ impl Control {
             dns_addr: dns.as_ref().map(|d| d.local_addr()),
             registry,
             policies: backend.policies,
+            authorizations: backend.authorizations,
             events: backend.events,
             identity: backend.identity,
             http_addr,
@@ -254,6 +260,7 @@ impl Control {
         }
         self.registry.stop_following();
         self.policies.stop_following();
+        self.authorizations.stop_following();
         if let Err(e) = self.registry.store().close().await {
             tracing::warn!(error = %e, "closing the store");
         }

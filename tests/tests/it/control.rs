@@ -4,6 +4,7 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | `authorizations` | authorization policies: put, get, list, delete; every invalid field named; versions; a restart |
 //! | `registry` | register, list, get, deregister; label selectors; `serving=true` |
 //! | `leases` | expiry removes an instance; heartbeats keep it |
 //! | `health` | HTTP, TCP and gRPC checks flip an instance's health |
@@ -18,6 +19,7 @@
 //! The CLI verbs and a `kill -9` of the real binary are tested in `crates/malla/tests/`,
 //! where Cargo provides the binary.
 
+mod authorizations;
 mod bad_input;
 mod dns;
 mod health;

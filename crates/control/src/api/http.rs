@@ -3,8 +3,10 @@
 //! Every answer is JSON. Errors are `{"error": {"code": "...", "message": "..."}}` with a
 //! 4xx/5xx status; the message names the bad value and says what to do. Request bodies are
 //! limited to [`MAX_BODY`] and must not carry unknown fields. The routes are listed in
-//! `docs/control.md`; the policy and event routes are in [`policies`].
+//! `docs/control.md`; the policy and event routes are in [`policies`], the authorization
+//! policy routes in [`authorizations`].
 
+mod authorizations;
 mod identity;
 mod policies;
 
@@ -64,6 +66,13 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
             get(policies::get::<S>)
                 .put(policies::put::<S>)
                 .delete(policies::delete::<S>),
+        )
+        .route("/v1/authorizations", get(authorizations::list::<S>))
+        .route(
+            "/v1/authorizations/{service}",
+            get(authorizations::get::<S>)
+                .put(authorizations::put::<S>)
+                .delete(authorizations::delete::<S>),
         )
         .route("/v1/events", get(policies::events::<S>))
         .route("/v1/proxies", get(proxies::<S>))
@@ -278,7 +287,8 @@ const DESCRIBE_EVENTS: usize = 20;
 
 /// `GET /v1/services/{s}`: everything `malla describe service` shows. The instances'
 /// leases carry their remaining time (read from the store: the view holds no clocks), the
-/// policy is as `GET /v1/policies/{s}` gives it, and the events are the service's latest,
+/// policy is as `GET /v1/policies/{s}` gives it, the authorization policy as
+/// `GET /v1/authorizations/{s}` gives it, and the events are the service's latest,
 /// health flips decided by the control plane's checks among them.
 async fn get_service<S: Store + Clone>(
     State(backend): State<Backend<S>>,
@@ -313,6 +323,10 @@ async fn get_service<S: Store + Clone>(
         .policies
         .get(&name)
         .map(|stored| policies::policy_json(&stored));
+    let authorization = backend
+        .authorizations
+        .get(&name)
+        .map(|stored| authorizations::authorization_json(&stored));
     let events = backend.events.query(
         &EventFilter {
             service: Some(name.to_string()),
@@ -327,6 +341,7 @@ async fn get_service<S: Store + Clone>(
         "spec": state.spec,
         "instances": instances,
         "policy": policy,
+        "authorization": authorization,
         "events": events,
     }))
     .into_response())
