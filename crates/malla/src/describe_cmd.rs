@@ -1,6 +1,7 @@
 //! `malla describe service NAME`: everything about one service on one page, as
 //! `kubectl describe` prints it: its settings and annotations, each instance with its
-//! lease, age and who registered it, the resilience policy its callers follow, its health
+//! lease, age and who registered it, the resilience policy its callers follow, the
+//! authorization policy that decides who may call it, its health
 //! history (the control plane's checks flipping an instance) and its recent events, newest
 //! last.
 //!
@@ -26,7 +27,7 @@ pub struct DescribeArgs {
 #[derive(clap::Subcommand)]
 enum DescribeWhat {
     /// A service: settings, annotations, instances (lease, TTL, age, registered by,
-    /// health), policy and recent events.
+    /// health), policy, authorization policy and recent events.
     Service {
         /// The service.
         name: String,
@@ -140,6 +141,11 @@ pub fn render(v: &Value) -> String {
             s[1], s[2], s[3], s[4], s[5], s[6], s[7]
         ));
     }
+
+    line(format!(
+        "Authorization: {}",
+        crate::authz_cmd::describe_line(&v["authorization"])
+    ));
 
     // The health history (the control plane's checks flipping an instance; each detail
     // names the instance) apart from the other events, so that neither repeats the other.
@@ -267,6 +273,9 @@ mod tests {
                 "timeouts": {"request": "2s"},
                 "outlier": {"enabled": true, "consecutive_failures": 5, "mode": "enforce"},
                 "limits": {"max_requests": 100, "mode": "enforce"}}},
+            "authorization": {"service": "shipping-quote", "version": 4, "authorization": {
+                "service": "shipping-quote", "default": "deny", "mode": "enforce",
+                "rule": [{"action": "allow", "from": ["checkout"]}]}},
             "events": [
                 {"seq": 1, "at_ms": 1_700_000_000_000u64, "kind": "health-changed", "service": "shipping-quote",
                  "endpoint": "203.0.113.7:443", "count": 1, "reporter": {"service": null, "instance_id": null},
@@ -289,6 +298,7 @@ mod tests {
             "21.5s",
             "q-1 annotations: runbook=https://runbooks.example/q",
             "Policy:        version 3: retries 2 attempts, timeout 2s",
+            "Authorization: default deny, 1 rule (enforce), version 4",
             "Health history: (newest last)",
             "Events:        (newest last)",
             "checkout-1",
@@ -344,6 +354,7 @@ mod tests {
             "Health check:  <none>",
             "Instances:     0 (0 serving)",
             "Policy:        <none>",
+            "Authorization: <none>",
             "Health history: <none>",
             "Events:        <none>",
         ] {

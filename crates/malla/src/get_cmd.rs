@@ -10,6 +10,7 @@ use anyhow::bail;
 use serde_json::{json, Value};
 
 use crate::{
+    authz_cmd,
     client::{Client, ControlArg},
     output::{outln, rows, text},
     policy_cmd::{self, PolicyOutput},
@@ -22,6 +23,7 @@ use crate::{
     malla get instances shipping-quote -l env=prod -o wide\n  \
     malla get service shipping-quote -o yaml\n  \
     malla get policy shipping-quote -o toml > shipping.toml\n  \
+    malla get authorizations -o wide\n  \
     malla get proxies")]
 pub struct GetArgs {
     #[command(subcommand)]
@@ -56,6 +58,26 @@ enum GetWhat {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Every authorization policy: its default, mode, rules and version.
+    Authorizations {
+        /// How to print: table, wide (rule counts by action, callers named), json, yaml
+        /// (the API's answer) or toml (what `malla apply -f` takes back).
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: PolicyOutput,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// The authorization policy of one service: who may call it, and what.
+    Authorization {
+        /// The service whose inbound calls the policy decides.
+        name: String,
+        /// How to print: table, wide (rule counts by action, callers named), json, yaml
+        /// (the API's answer) or toml (what `malla apply -f` takes back).
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: PolicyOutput,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// The sidecars connected to the control plane: what they registered, their version,
     /// when last seen, how many watches they hold.
     Proxies(ProxiesArgs),
@@ -78,6 +100,14 @@ pub fn get(args: GetArgs) -> anyhow::Result<()> {
             output,
             control,
         } => policy_cmd::get_policy(&name, output, &control),
+        GetWhat::Authorizations { output, control } => {
+            authz_cmd::get_authorizations(output, &control)
+        }
+        GetWhat::Authorization {
+            name,
+            output,
+            control,
+        } => authz_cmd::get_authorization(&name, output, &control),
         GetWhat::Proxies(args) => proxies(args),
     }
 }
@@ -160,12 +190,22 @@ enum DeleteWhat {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Delete the authorization policy of a service: every caller is let through again.
+    Authorization {
+        /// The service.
+        name: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
 }
 
 pub fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     match args.what {
         DeleteWhat::Service { name, control } => registry_cmd::delete_service(&name, &control),
         DeleteWhat::Policy { name, control } => policy_cmd::delete_policy(&name, &control),
+        DeleteWhat::Authorization { name, control } => {
+            authz_cmd::delete_authorization(&name, &control)
+        }
     }
 }
 

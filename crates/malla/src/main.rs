@@ -5,6 +5,7 @@
 // The binary is where malla talks to people: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
 
+mod authz_cmd;
 mod client;
 mod control_cmd;
 mod demo;
@@ -41,11 +42,13 @@ enum Command {
     /// Run the control plane (registry, health checks, HTTP and gRPC APIs, DNS).
     Control(control_cmd::ControlArgs),
     /// Show resources: `get services`, `get service NAME`, `get instances SERVICE`,
-    /// `get policies`, `get policy NAME`, `get proxies`.
+    /// `get policies`, `get policy NAME`, `get authorizations`, `get authorization NAME`,
+    /// `get proxies`.
     Get(get_cmd::GetArgs),
     /// Show everything about one resource: `describe service NAME`.
     Describe(describe_cmd::DescribeArgs),
-    /// Delete a resource: `delete service NAME`, `delete policy NAME`.
+    /// Delete a resource: `delete service NAME`, `delete policy NAME`, `delete
+    /// authorization NAME`.
     Delete(get_cmd::DeleteArgs),
     /// Set or remove annotations: `annotate service NAME KEY=VALUE... KEY-`.
     Annotate(get_cmd::AnnotateArgs),
@@ -54,7 +57,8 @@ enum Command {
     Register(register_cmd::RegisterArgs),
     /// Remove an instance from the registry at once.
     Deregister(registry_cmd::DeregisterArgs),
-    /// Apply resilience policies from TOML files (all checked before any is applied).
+    /// Apply resilience and authorization policies from TOML files (all checked before any
+    /// is applied).
     Apply(policy_cmd::ApplyArgs),
     /// Show the events the control plane and sidecars reported (ejections, limits hit,
     /// health changes...), newest last.

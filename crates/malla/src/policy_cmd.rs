@@ -1,5 +1,5 @@
-//! The policy verbs: `malla apply -f`, `malla get policies` / `get policy NAME`,
-//! `malla delete policy NAME`, and `malla events`.
+//! The policy verbs: `malla apply -f` (resilience and authorization policies), `malla get
+//! policies` / `get policy NAME`, `malla delete policy NAME`, and `malla events`.
 //!
 //! `apply` checks every file completely before it writes anything: a document with a
 //! problem anywhere applies nothing, and every problem is printed at once, located the
@@ -12,7 +12,10 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use malla_core::policy::{document, Policy};
+use malla_core::{
+    authz::AuthorizationPolicy,
+    policy::{document, Policy},
+};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -27,15 +30,23 @@ use crate::{
     malla apply -f mesh.toml\n  \
     malla apply -f shipping.toml -f billing.toml\n  \
     malla get policy shipping-quote -o toml | malla apply -f -\n\n\
-    A file holds [[policy]] tables, each naming its `service`:\n\n  \
+    A file holds [[policy]] and [[authorization]] tables, each naming its `service`:\n\n  \
     [[policy]]\n  \
     service = \"shipping-quote\"\n  \
     [policy.retries]\n  \
-    max_attempts = 2\n\n\
+    max_attempts = 2\n\n  \
+    [[authorization]]\n  \
+    service = \"payments\"\n  \
+    default = \"deny\"\n  \
+    [[authorization.rule]]\n  \
+    action = \"allow\"\n  \
+    from = [\"checkout\"]\n\n\
     Every file is checked before anything is applied; problems are printed as\n\
-    FILE:LINE:COL: field: message and nothing is applied. See docs/resilience.md.")]
+    FILE:LINE:COL: field: message and nothing is applied. See docs/resilience.md and\n\
+    docs/authorization.md.")]
 pub struct ApplyArgs {
-    /// A TOML file of [[policy]] tables; `-` reads standard input. Repeat for several.
+    /// A TOML file of [[policy]] and [[authorization]] tables; `-` reads standard input.
+    /// Repeat for several.
     #[arg(short = 'f', long = "filename", value_name = "FILE", required = true)]
     files: Vec<String>,
     #[command(flatten)]
@@ -113,8 +124,20 @@ fn read_sources(files: &[String]) -> Vec<Result<Source, String>> {
         .collect()
 }
 
-/// Where `service = "NAME"` is written in `text` (1-based line and column).
-fn locate_service(text: &str, service: &str) -> (usize, usize) {
+/// Where the `service` of the `index`-th `[[kind]]` is written in `text` (1-based line
+/// and column).
+fn locate_service(text: &str, kind: &str, index: usize) -> Option<(usize, usize)> {
+    use malla_core::policy::unknown::{toml_line_col, FieldPath, Segment};
+    let path = FieldPath(vec![
+        Segment::Key(kind.into()),
+        Segment::Index(index),
+        Segment::Key("service".into()),
+    ]);
+    toml_line_col(text, &path)
+}
+
+/// Where some `service = "NAME"` is written in `text`; `(0, 0)` when nowhere.
+fn locate_any_service(text: &str, service: &str) -> (usize, usize) {
     let quoted = format!("\"{service}\"");
     for (i, line) in text.lines().enumerate() {
         let trimmed = line.trim_start();
@@ -129,6 +152,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     // Everything is read and checked before anything is written.
     let mut problems = Vec::new();
     let mut policies: Vec<(String, Policy)> = Vec::new();
+    let mut authorizations: Vec<(String, AuthorizationPolicy)> = Vec::new();
     for source in read_sources(&args.files) {
         let source = match source {
             Ok(s) => s,
@@ -137,15 +161,16 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        match document::parse(&source.text, &source.name) {
+        match document::parse_resources(&source.text, &source.name) {
             Ok(parsed) => {
-                for (i, policy) in parsed.into_iter().enumerate() {
+                for (i, policy) in parsed.policies.into_iter().enumerate() {
                     let service = policy.service.clone().unwrap_or_default();
                     if let Some((earlier, _)) = policies
                         .iter()
                         .find(|(_, p)| p.service.as_deref() == Some(service.as_str()))
                     {
-                        let (line, column) = locate_service(&source.text, &service);
+                        let (line, column) = locate_service(&source.text, "policy", i)
+                            .unwrap_or_else(|| locate_any_service(&source.text, &service));
                         problems.push(format!(
                             "{}:{line}:{column}: policy[{i}].service: {service:?} has a policy in {earlier} too; one per service",
                             source.name
@@ -153,6 +178,21 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
                         continue;
                     }
                     policies.push((source.name.clone(), policy));
+                }
+                for (i, authorization) in parsed.authorizations.into_iter().enumerate() {
+                    let service = authorization.service.clone();
+                    if let Some((earlier, _)) =
+                        authorizations.iter().find(|(_, a)| a.service == service)
+                    {
+                        let (line, column) = locate_service(&source.text, "authorization", i)
+                            .unwrap_or_else(|| locate_any_service(&source.text, &service));
+                        problems.push(format!(
+                            "{}:{line}:{column}: authorization[{i}].service: {service:?} has an authorization policy in {earlier} too; one per service",
+                            source.name
+                        ));
+                        continue;
+                    }
+                    authorizations.push((source.name.clone(), authorization));
                 }
             }
             Err(e) => problems.extend(e.to_string().lines().map(str::to_string)),
@@ -171,10 +211,28 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
 
     let client = Client::new(&args.control)?;
     let mut failed = 0;
-    for (_, policy) in &policies {
-        let service = policy.service.clone().unwrap_or_default();
-        let body = serde_json::to_value(policy)?;
-        match client.put(&format!("/v1/policies/{}", encode(&service)), &body) {
+    let writes = policies
+        .iter()
+        .map(|(_, policy)| {
+            let service = policy.service.clone().unwrap_or_default();
+            let path = format!("/v1/policies/{}", encode(&service));
+            (
+                format!("policy/{service}"),
+                path,
+                serde_json::to_value(policy),
+            )
+        })
+        .chain(authorizations.iter().map(|(_, authorization)| {
+            let service = &authorization.service;
+            let path = format!("/v1/authorizations/{}", encode(service));
+            (
+                format!("authorization/{service}"),
+                path,
+                serde_json::to_value(authorization),
+            )
+        }));
+    for (name, path, body) in writes {
+        match client.put(&path, &body?) {
             Ok(v) => {
                 let what = if v["created"] == true {
                     "created"
@@ -183,7 +241,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
                 } else {
                     "configured"
                 };
-                outln!("policy/{service} {what} (version {})", text(&v["version"]))?;
+                outln!("{name} {what} (version {})", text(&v["version"]))?;
             }
             Err(e) => {
                 // Not reachable at all: the others will not fare better.
@@ -192,15 +250,20 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<()> {
                 {
                     return Err(e);
                 }
-                errln!("policy/{service}: {e:#}");
+                errln!("{name}: {e:#}");
                 failed += 1;
             }
         }
     }
     if failed > 0 {
+        let total = policies.len() + authorizations.len();
         bail!(
-            "{failed} of {} policies not applied (the others were)",
-            policies.len()
+            "{failed} of {total} {} not applied (the others were)",
+            if authorizations.is_empty() {
+                "policies"
+            } else {
+                "resources"
+            }
         );
     }
     Ok(())

@@ -1884,3 +1884,267 @@ async fn identity_shows_the_trust_domain_and_the_bundle() {
     assert_eq!(v["cert_ttl_seconds"], 86400);
     assert_eq!(v["trust_bundle_pem"].as_str(), Some(bundle.as_str()));
 }
+
+const MIXED: &str = r#"
+[[policy]]
+service = "payments"
+[policy.retries]
+max_attempts = 2
+
+[[authorization]]
+service = "payments"
+default = "deny"
+
+[[authorization.rule]]
+action = "allow"
+from = ["checkout"]
+methods = ["POST"]
+paths = ["/v1/charges", "/v1/refunds/*"]
+
+[[authorization.rule]]
+action = "allow"
+from = ["spiffe://other.example/svc/audit"]
+methods = ["GET"]
+
+[[authorization.rule]]
+action = "deny"
+grpc = ["payments.v1.Admin/*"]
+
+[[authorization]]
+service = "billing"
+mode = "audit"
+"#;
+
+/// `apply -f` with `[[policy]]` and `[[authorization]]` in one file; `get
+/// authorizations` / `get authorization NAME` in every output; `describe service`;
+/// `delete authorization`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorizations_apply_get_describe_delete() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let dir = TempDir::new("cli-authz");
+    let mixed = file(&dir, "mesh.toml", MIXED);
+
+    let out = malla(&["apply", "-f", &mixed], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("policy/payments created (version "),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("authorization/payments created (version "),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("authorization/billing created (version "),
+        "{text}"
+    );
+    let payments = control.api().get("/v1/authorizations/payments").await.ok();
+    let version = payments["version"].as_u64().unwrap();
+    assert_eq!(
+        payments["authorization"]["rule"].as_array().unwrap().len(),
+        3
+    );
+
+    // Again: unchanged, the same versions.
+    let out = malla(&["apply", "-f", &mixed], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains(&format!(
+            "authorization/payments unchanged (version {version})"
+        )),
+        "{}",
+        stdout(&out)
+    );
+
+    // The table, sorted by service.
+    let out = malla(&["get", "authorizations"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["SERVICE", "DEFAULT", "MODE", "RULES", "VERSION"]);
+    assert_eq!(rows[1][..4], ["billing", "allow", "audit", "0"], "{text}");
+    assert_eq!(
+        rows[2],
+        ["payments", "deny", "enforce", "3", &version.to_string()],
+        "{text}"
+    );
+    let out = malla(&["get", "authorizations", "-o", "wide"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[5..], ["ALLOW", "DENY", "FROM"], "{text}");
+    let row = text.lines().find(|l| l.starts_with("payments")).unwrap();
+    assert!(
+        row.ends_with("2      1     checkout,spiffe://other.example/svc/audit"),
+        "{text}"
+    );
+
+    // One, as JSON and YAML (the API's answer) and TOML (applied back: unchanged).
+    let out = malla(
+        &["get", "authorization", "payments", "-o", "json"],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    let json_text = stdout(&out);
+    let v: Value = serde_json::from_str(&json_text).unwrap();
+    assert_eq!(v, payments);
+    let out = malla(
+        &["get", "authorization", "payments", "-o", "yaml"],
+        Some(&url),
+    )
+    .await;
+    assert_exit(&out, 0);
+    same_data_as_yaml(&json_text, &stdout(&out));
+    let out = malla(&["get", "authorizations", "-o", "toml"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let toml_text = stdout(&out);
+    assert!(
+        toml_text.starts_with("# authorization/billing version "),
+        "{toml_text}"
+    );
+    let out = malla_with_stdin(&["apply", "-f", "-"], Some(&url), &toml_text).await;
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).ends_with(&format!(
+            "authorization/payments unchanged (version {version})\n"
+        )),
+        "{}",
+        stdout(&out)
+    );
+
+    // describe service: the line, and <none> without one.
+    control
+        .api()
+        .register(
+            "payments",
+            "p-1",
+            &json!({"address": "127.0.0.1", "port": 8080}),
+        )
+        .await;
+    api_service(&control, "ledger").await;
+    let out = malla(&["describe", "service", "payments"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains(&format!(
+            "Authorization: default deny, 3 rules (enforce), version {version}\n"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    let out = malla(&["describe", "service", "ledger"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("Authorization: <none>"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Delete; then not found, exit 1.
+    let out = malla(&["delete", "authorization", "payments"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out).trim(), "authorization/payments deleted");
+    for args in [
+        &["get", "authorization", "payments"][..],
+        &["delete", "authorization", "payments"],
+    ] {
+        let out = malla(args, Some(&url)).await;
+        assert_exit(&out, 1);
+        assert!(
+            stderr(&out).contains("no authorization policy for service payments (HTTP 404)"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // The resilience policy of the same service is still there.
+    control.api().get("/v1/policies/payments").await.ok();
+    // An empty table says so.
+    let out = malla(&["delete", "authorization", "billing"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let out = malla(&["get", "authorizations"], Some(&url)).await;
+    assert_exit(&out, 0);
+    assert!(stdout(&out).is_empty());
+    assert!(stderr(&out).contains("No authorization policies found."));
+    // Usage errors: exit 2.
+    for args in [
+        &["get", "authorization"][..],
+        &["get", "authorizations", "-o", "xml"],
+        &["delete", "authorizations"],
+    ] {
+        let out = malla(args, Some(&url)).await;
+        assert_exit(&out, 2);
+    }
+}
+
+/// An invalid mixed file: every problem of either kind, located, in the order of the
+/// text; exit 1 and nothing applied, not even the valid resources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_lists_every_problem_of_authorizations_and_applies_nothing() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+    let dir = TempDir::new("cli-authz-bad");
+    let good = file(&dir, "good.toml", MIXED);
+    let bad = file(
+        &dir,
+        "bad.toml",
+        "[[authorization]]\nservice = \"orders\"\ndefault = \"maybe\"\n\n\
+         [[authorization.rule]]\naction = \"allow\"\nfrom = [\"Check Out\"]\nports = [\"80\"]\nmethod = [\"GET\"]\n\n\
+         [[policy]]\nservice = \"orders\"\n[policy.retries]\nmax_attempts = 0\n\n\
+         [[authorization]]\nservice = \"orders\"\n\n\
+         [[authorization]]\nservice = \"billing\"\n",
+    );
+    let out = malla(&["apply", "-f", &good, "-f", &bad], Some(&url)).await;
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    let expected = [
+        format!("{bad}:3:11: authorization[0].default: "),
+        format!("{bad}:7:9: authorization[0].rule[0].from[0]: invalid service name"),
+        format!("{bad}:8:10: authorization[0].rule[0].ports: "),
+        format!("{bad}:9:1: authorization[0].rule[0].method: unknown field `method`"),
+        format!("{bad}:14:1: policy[0].retries.max_attempts: 0 is not between 1 and 10"),
+        format!("{bad}:17:1: authorization[1].service: \"orders\" has an authorization policy earlier in this document"),
+        "error: 6 problems found; nothing was applied".to_string(),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{err}");
+    for (line, expected) in lines.iter().zip(&expected) {
+        assert!(
+            line.starts_with(expected.as_str()),
+            "{line:?} vs {expected:?}\n{err}"
+        );
+    }
+    assert!(stdout(&out).is_empty());
+    let api = control.api();
+    assert_eq!(
+        api.get("/v1/authorizations").await.ok()["authorizations"],
+        json!([])
+    );
+    assert_eq!(api.get("/v1/policies").await.ok()["policies"], json!([]));
+
+    // The same service in two files, each valid: a problem too, at the second's service.
+    let again = file(
+        &dir,
+        "again.toml",
+        "[[policy]]\nservice = \"orders\"\n\n[[authorization]]\nservice = \"billing\"\n",
+    );
+    let out = malla(&["apply", "-f", &good, "-f", &again], Some(&url)).await;
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "{again}:5:1: authorization[0].service: \"billing\" has an authorization policy in {good} too"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        api.get("/v1/authorizations").await.ok()["authorizations"],
+        json!([])
+    );
+}
