@@ -83,6 +83,24 @@ impl<S: Store> Identity<S> {
         csr: &[u8],
         credential: &Credential,
     ) -> Result<Issued, CertifyError> {
+        let renewal = matches!(credential, Credential::Certificate(_));
+        let result = self.certify_inner(service, csr, credential).await;
+        crate::metrics::process().certificate(
+            renewal,
+            match &result {
+                Ok(_) => "issued",
+                Err(e) => e.reason(),
+            },
+        );
+        result
+    }
+
+    async fn certify_inner(
+        &self,
+        service: &ServiceName,
+        csr: &[u8],
+        credential: &Credential,
+    ) -> Result<Issued, CertifyError> {
         match credential {
             Credential::JoinToken(token) => {
                 ca::check_csr(csr)?;

@@ -85,6 +85,14 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    /// `first` (join token) or `renewal`.
+    kind: &'static str,
+    /// `issued`, or why not (`token-used`, `other-service`, `csr`, ...).
+    result: &'static str,
+}
+
 /// 0.25 ms to ~8 s, doubling.
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00025, 2.0, 16))
@@ -176,6 +184,21 @@ impl Metrics {
             "store_write_duration_seconds",
             "Time from a store write's submission to its durable acknowledgement, in this process",
             process.store_writes.clone(),
+        );
+        registry.register(
+            "certificate_requests",
+            "Certificate requests to the CA by kind (first, renewal) and result (issued, or the refusal's reason), in this process",
+            process.certificates.clone(),
+        );
+        registry.register(
+            "join_tokens_created",
+            "Join tokens created, in this process",
+            process.join_tokens.clone(),
+        );
+        registry.register(
+            "ca_certificate_expiry_timestamp_seconds",
+            "Unix time at which the CA's issuing certificate expires",
+            process.ca_expiry.clone(),
         );
         Metrics {
             registry,
@@ -364,12 +387,18 @@ pub struct ProcessMetrics {
     lease_expiries: Counter,
     health_checks: Family<ResultLabels, Counter>,
     store_writes: Histogram,
+    certificates: Family<CertificateLabels, Counter>,
+    join_tokens: Counter,
+    ca_expiry: Gauge,
 }
 
 static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
     lease_expiries: Counter::default(),
     health_checks: Family::default(),
     store_writes: duration_histogram(),
+    certificates: Family::default(),
+    join_tokens: Counter::default(),
+    ca_expiry: Gauge::default(),
 });
 
 /// The process-wide metrics, for one-line instrumentation where things happen.
@@ -389,6 +418,23 @@ impl ProcessMetrics {
         self.health_checks
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// One certificate request ended: `result` is `issued` or the refusal's reason.
+    pub fn certificate(&self, renewal: bool, result: &'static str) {
+        let kind = if renewal { "renewal" } else { "first" };
+        self.certificates
+            .get_or_create(&CertificateLabels { kind, result })
+            .inc();
+    }
+
+    pub fn join_token_created(&self) {
+        self.join_tokens.inc();
+    }
+
+    /// The CA's issuing certificate expires at `unix_seconds`.
+    pub fn ca_expires(&self, unix_seconds: i64) {
+        self.ca_expiry.set(unix_seconds);
     }
 
     /// Times a store write from now until the returned guard drops.

@@ -557,6 +557,7 @@ fn check_issuing_cert(der: &[u8], key: &KeyPair, cert_ttl: Duration) -> Result<S
             validity.not_after
         ));
     }
+    crate::metrics::process().ca_expires(validity.not_after.timestamp());
     if not_after < SystemTime::now() + cert_ttl {
         tracing::warn!(subject = %cert.subject(), not_after = %validity.not_after, "the CA's certificate expires within one certificate TTL: certificates will be shortened to end with it; replace it soon");
     }

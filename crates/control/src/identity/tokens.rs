@@ -96,6 +96,7 @@ impl<S: Store> JoinTokens<S> {
         self.store
             .put(&key(&token), value, Some(lease.id), Precondition::Absent)
             .await?;
+        crate::metrics::process().join_token_created();
         Ok(Created {
             token,
             service: service.clone(),

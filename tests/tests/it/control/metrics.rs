@@ -205,3 +205,57 @@ async fn lease_expiries_and_health_checks_are_counted() {
             && sample(&now, failed) - sample(&before, failed) >= 1.0
     });
 }
+
+/// The CA's work is counted: tokens created, certificates issued and refused by reason,
+/// the CA certificate's expiry. (The counters are process-wide, and tests share the
+/// process: they are compared before and after.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_requests_are_counted() {
+    use malla_core::ServiceName;
+    let control = TestControl::start_without_dns().await;
+    let issued = r#"malla_control_certificate_requests_total{kind="first",result="issued"}"#;
+    let used = r#"malla_control_certificate_requests_total{kind="first",result="token-used"}"#;
+    let tokens = "malla_control_join_tokens_created_total";
+    let before = scrape(&control).await;
+    let checkout = ServiceName::new("checkout").unwrap();
+    let token = control
+        .identity()
+        .tokens
+        .create(&checkout, None)
+        .await
+        .unwrap()
+        .token;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    let credential = malla_control::identity::Credential::JoinToken(token);
+    control
+        .identity()
+        .certify(&checkout, csr.der(), &credential)
+        .await
+        .unwrap();
+    assert!(control
+        .identity()
+        .certify(&checkout, csr.der(), &credential)
+        .await
+        .is_err());
+    let after = scrape(&control).await;
+    assert!(
+        sample(&after, issued) >= sample(&before, issued) + 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, used) >= sample(&before, used) + 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, tokens) >= sample(&before, tokens) + 1.0,
+        "{after}"
+    );
+    let expiry = sample(
+        &after,
+        "malla_control_ca_certificate_expiry_timestamp_seconds",
+    );
+    assert!(expiry > 2.0e9, "a root valid ten years: {expiry}");
+}
