@@ -381,7 +381,12 @@ fn mutated_policy_documents_hold_the_invariants() {
 /// panic found by `policy::document`'s mutated mixed documents).
 #[test]
 fn paths_ending_in_any_character_are_checked() {
-    for (path, ok) in [("/café", true), ("/caf*é", false), ("/é*", true), ("é", false)] {
+    for (path, ok) in [
+        ("/café", true),
+        ("/caf*é", false),
+        ("/é*", true),
+        ("é", false),
+    ] {
         let p = AuthorizationPolicy {
             service: "a".into(),
             default: Action::Allow,
