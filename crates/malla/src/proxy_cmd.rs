@@ -91,6 +91,11 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "FILE")]
     join_token_file: Option<std::path::PathBuf>,
 
+    /// Where the sidecar keeps its key (0600), certificate and trust bundle, so that a
+    /// restart renews them without a new join token.
+    #[arg(long, value_name = "DIR")]
+    identity_dir: Option<std::path::PathBuf>,
+
     /// Worker threads (each with its own event loop); 0 = one per core.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -180,7 +185,8 @@ fn apply_control_flags(args: &ProxyArgs, config: &mut ProxyConfig) -> anyhow::Re
         || args.instance_id.is_some()
         || !args.label.is_empty()
         || args.register_address.is_some()
-        || args.join_token_file.is_some();
+        || args.join_token_file.is_some()
+        || args.identity_dir.is_some();
     if !registers {
         return Ok(());
     }
@@ -204,6 +210,9 @@ fn apply_control_flags(args: &ProxyArgs, config: &mut ProxyConfig) -> anyhow::Re
     }
     if let Some(addr) = args.register_address {
         control.register_address = Some(addr);
+    }
+    if let Some(dir) = &args.identity_dir {
+        control.identity_dir = Some(dir.clone());
     }
     if let Some(path) = &args.join_token_file {
         control.join_token_file = Some(path.clone());

@@ -218,6 +218,11 @@ pub struct ControlPlaneConfig {
     /// A file holding the join token (read at start; surrounding whitespace ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token_file: Option<std::path::PathBuf>,
+    /// Where the sidecar keeps its key (0600), certificate and trust bundle, so that a
+    /// restart renews with them instead of needing a new join token. Without it they live
+    /// in memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 impl ControlPlaneConfig {
@@ -232,6 +237,7 @@ impl ControlPlaneConfig {
             connect_timeout: defaults::connect_timeout(),
             join_token: None,
             join_token_file: None,
+            identity_dir: None,
         }
     }
 
@@ -668,6 +674,7 @@ fn check_control(
             ("register_address", c.register_address.is_some()),
             ("join_token", c.join_token.is_some()),
             ("join_token_file", c.join_token_file.is_some()),
+            ("identity_dir", c.identity_dir.is_some()),
         ] {
             if set {
                 problems.push(format!(

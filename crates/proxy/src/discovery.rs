@@ -96,8 +96,9 @@ pub struct DiscoveryStatus {
     watches: BTreeMap<String, Arc<WatchStatus>>,
     /// Every upstream's policy watch, by upstream name.
     policies: BTreeMap<String, Arc<policy::PolicyStatus>>,
-    /// This sidecar's certificate, when it has a join token for its service.
-    identity: Option<(Arc<IdentityState>, String)>,
+    /// This sidecar's certificate, when it has a join token for its service or keeps its
+    /// identity in a directory.
+    identity: Option<(Arc<IdentityState>, identity::Credentials)>,
 }
 
 /// The registration of this proxy's instance.
@@ -188,10 +189,15 @@ impl DiscoveryStatus {
         let identity = match (
             &registration,
             control.join_token().map_err(anyhow::Error::msg)?,
+            &control.identity_dir,
         ) {
-            (Some(r), Some(token)) => {
-                Some((Arc::new(IdentityState::new(r.service.clone())), token))
-            }
+            (Some(r), token, dir) if token.is_some() || dir.is_some() => Some((
+                Arc::new(IdentityState::new(r.service.clone())),
+                identity::Credentials {
+                    join_token: token,
+                    dir: dir.clone(),
+                },
+            )),
             _ => None,
         };
         Ok(Some(DiscoveryStatus {
@@ -436,11 +442,11 @@ async fn run(
         shared.events.clone(),
         reporter.clone(),
     ));
-    if let Some((state, token)) = &status.identity {
+    if let Some((state, credentials)) = &status.identity {
         tasks.spawn(identity::run(
             identity_client,
             state.clone(),
-            token.clone(),
+            credentials.clone(),
             shared.metrics.identity(),
         ));
     }

@@ -147,3 +147,103 @@ async fn the_certificate_is_renewed_before_it_expires_with_the_same_key() {
     assert_eq!(requests(&proxy, "renewal", "refused"), 0.0);
     assert_eq!(requests(&proxy, "first", "ok"), 1.0, "one token use");
 }
+
+/// With `identity_dir`, a restarted sidecar puts its kept certificate in force at once and
+/// renews with it: no new join token. Without a token or anything kept, it says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_renews_with_its_kept_identity() {
+    let control = TestControl::start_with_identity(IdentitySettings {
+        cert_ttl: Duration::from_secs(6),
+        ..IdentitySettings::default()
+    })
+    .await;
+    let checkout = ServiceName::new("checkout").unwrap();
+    let token = control
+        .identity()
+        .tokens
+        .create(&checkout, None)
+        .await
+        .unwrap()
+        .token;
+    let dir = malla_tests::control::TempDir::new("sidecar-identity-dir");
+    let identity_dir = dir.path().join("identity");
+    let with_dir = |token: Option<String>| {
+        let peer = HttpPeer::http1("app");
+        let url = control.url();
+        let identity_dir = identity_dir.clone();
+        TestProxy::builder()
+            .upstream("app", &[peer.addr()])
+            .outbound("app")
+            .admin()
+            .config(move |c| {
+                c.control = Some(ControlPlaneConfig {
+                    service: Some("checkout".into()),
+                    register_address: Some("127.0.0.1:4143".parse().unwrap()),
+                    join_token: token,
+                    identity_dir: Some(identity_dir),
+                    ..ControlPlaneConfig::new(url)
+                });
+            })
+            .start()
+    };
+    let state = |proxy: &TestProxy| {
+        proxy
+            .handle()
+            .discovery()
+            .and_then(|d| d.identity().cloned())
+            .expect("an identity")
+    };
+
+    let first = with_dir(Some(token));
+    assert_eventually!(state(&first).current().is_some());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(identity_dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert!(identity_dir.join("bundle.pem").exists());
+    drop(first);
+    let on_disk: Vec<Vec<u8>> =
+        pem::parse_many(std::fs::read(identity_dir.join("chain.pem")).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(pem::Pem::into_contents)
+            .collect();
+
+    // Restarted without a token: the kept certificate at once, then renewed with it.
+    let second = with_dir(None);
+    assert_eventually!(state(&second).current().is_some());
+    let kept = state(&second).current().unwrap();
+    assert_eq!(kept.chain, on_disk, "the kept certificate");
+    assert_eq!(
+        kept.spiffe_id.to_string(),
+        "spiffe://malla.local/svc/checkout"
+    );
+    assert_eq!(requests(&second, "first", "ok"), 0.0, "no token used");
+    assert_eventually!(
+        requests(&second, "renewal", "ok") >= 1.0,
+        "{}",
+        second.metrics_text()
+    );
+    assert_ne!(state(&second).current().unwrap().chain, on_disk);
+    drop(second);
+
+    // Nothing kept and no token: it says what to do, and keeps serving.
+    let _ = std::fs::remove_dir_all(&identity_dir);
+    let third = with_dir(None);
+    let mut config = serde_json::Value::Null;
+    assert_eventually!(
+        {
+            config = admin::config(third.admin()).await;
+            identity(&config)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("malla token create --service"))
+        },
+        "{config}"
+    );
+    assert_eq!(admin::status(third.admin(), "/live").await, 200);
+}

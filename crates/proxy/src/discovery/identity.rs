@@ -7,8 +7,14 @@
 //! certificate's remaining life when it arrives (jittered, so that sidecars started together do not renew together)
 //! and retries with backoff until it succeeds; the current certificate stays in use
 //! meanwhile, so a control-plane outage shorter than the remaining ~30 % costs nothing.
+//!
+//! With `[control] identity_dir` the key (0600), the certificate chain and the trust
+//! bundle are kept there ([`stored`]): a restarted sidecar puts a still-valid certificate
+//! in force at once and renews with it, needing no new join token.
 
-use std::{sync::Arc, time::SystemTime};
+mod stored;
+
+use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
 use malla_api::{identity_pb as pb, IdentityClient};
 use malla_core::SpiffeId;
@@ -30,25 +36,74 @@ const REFUSED_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// The first retry after a failed request waits at most this long.
 const RETRY_BASE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How this sidecar proves its identity: a join token, and/or a directory where its key
+/// and certificate outlive the process (`[control] identity_dir`).
+#[derive(Clone, Debug)]
+pub(crate) struct Credentials {
+    pub join_token: Option<String>,
+    pub dir: Option<PathBuf>,
+}
+
 pub(crate) async fn run(
     client: IdentityClient<Channel>,
     state: Arc<IdentityState>,
-    join_token: String,
+    credentials: Credentials,
     metrics: IdentityMetrics,
 ) {
-    let (key, csr) = match key_and_csr() {
-        Ok(pair) => pair,
+    let mut rng = fastrand::Rng::new();
+    // A certificate kept from an earlier run, still valid: in force at once, renewed with.
+    let kept = credentials.dir.as_deref().and_then(|dir| match stored::load(dir) {
+        Ok(kept) => kept,
+        Err(why) => {
+            warn!(dir = %dir.display(), %why, "the kept identity is unusable; a join token is needed");
+            None
+        }
+    });
+    let (key, mut credential, mut first_wait) = match (kept, &credentials.join_token) {
+        (Some((key, svid)), _) => {
+            info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), "certificate kept from an earlier run in force");
+            metrics.set_expiry(svid.not_after);
+            let credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
+            let renew_at = svid.renew_at(
+                SystemTime::now(),
+                RENEW_FROM + rng.f64() * (RENEW_TO - RENEW_FROM),
+            );
+            state.set(svid);
+            (key, credential, Some(renew_at))
+        }
+        (None, Some(token)) => match KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256) {
+            Ok(key) => (
+                key,
+                pb::certify_request::Credential::JoinToken(token.clone()),
+                None,
+            ),
+            Err(e) => {
+                error!(error = %e, "cannot generate this sidecar's key: it has no identity");
+                state.set_error(Some(format!("generating the key: {e}")));
+                return;
+            }
+        },
+        (None, None) => {
+            let why = "no join token, and no valid certificate kept in control.identity_dir: create one with `malla token create --service SERVICE` and give it with MALLA_JOIN_TOKEN";
+            error!("{why}");
+            state.set_error(Some(why.to_string()));
+            return;
+        }
+    };
+    let csr = match CertificateParams::default().serialize_request(&key) {
+        Ok(csr) => csr.der().to_vec(),
         Err(e) => {
-            error!(error = %e, "cannot generate this sidecar's key: it has no identity");
-            state.set_error(Some(format!("generating the key: {e}")));
+            error!(error = %e, "cannot make this sidecar's CSR: it has no identity");
+            state.set_error(Some(format!("making the CSR: {e}")));
             return;
         }
     };
     let key_pkcs8 = Arc::new(key.serialize_der());
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
-    let mut credential = pb::certify_request::Credential::JoinToken(join_token);
-    let mut rng = fastrand::Rng::new();
     loop {
+        if let Some(at) = first_wait.take() {
+            sleep_until(at).await;
+        }
         let renewal = matches!(credential, pb::certify_request::Credential::Certificate(_));
         match certify(&client, &state, &csr, credential.clone()).await {
             Ok(answer) => {
@@ -65,6 +120,11 @@ pub(crate) async fn run(
                 };
                 metrics.request(renewal, "ok");
                 metrics.set_expiry(svid.not_after);
+                if let Some(dir) = &credentials.dir {
+                    if let Err(why) = stored::save(dir, &key, &svid) {
+                        warn!(dir = %dir.display(), %why, "cannot keep the identity for the next start");
+                    }
+                }
                 info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), renewal, "certificate in force");
                 credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
                 let renew_at = svid.renew_at(
@@ -113,12 +173,6 @@ pub(crate) async fn run(
             }
         }
     }
-}
-
-fn key_and_csr() -> Result<(KeyPair, Vec<u8>), rcgen::Error> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default().serialize_request(&key)?;
-    Ok((key, csr.der().to_vec()))
 }
 
 async fn certify(
