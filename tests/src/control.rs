@@ -276,7 +276,6 @@ impl TestControl {
             .authorizations
     }
 
-    /// The resilience events sidecars reported to the running control plane.
     /// The CA and the join tokens, to create tokens in-process.
     pub fn identity(&self) -> &Arc<Identity<EmbeddedStore>> {
         &self
@@ -286,6 +285,7 @@ impl TestControl {
             .identity
     }
 
+    /// The resilience events sidecars reported to the running control plane.
     pub fn events(&self) -> &Arc<EventRing> {
         &self
             .control
