@@ -21,6 +21,7 @@ pub mod client;
 pub mod control;
 pub mod cross_version;
 pub mod eventually;
+pub mod identity;
 pub mod peers;
 pub mod proxy;
 

@@ -21,6 +21,7 @@ use malla_proxy::{
 use malla_tests::{
     assert_eventually,
     control::TestControl,
+    identity::svid,
     peers::HttpPeer,
     proxy::{admin, TestProxy},
 };
@@ -30,24 +31,6 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
-
-fn svid(ca: &Ca, service: &str) -> Svid {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let issued = ca
-        .issue_for_service(csr.der(), &ServiceName::new(service).unwrap())
-        .unwrap();
-    Svid {
-        spiffe_id: issued.spiffe_id,
-        chain: issued.chain,
-        key_pkcs8: Arc::new(key.serialize_der()),
-        trust_bundle: ca.bundle().to_vec(),
-        not_before: issued.not_before,
-        not_after: issued.not_after,
-    }
-}
 
 fn payments() -> SpiffeId {
     SpiffeId::parse("spiffe://malla.local/svc/payments").unwrap()

@@ -9,10 +9,8 @@ use std::{sync::Arc, time::Duration};
 
 use malla_control::identity::Ca;
 use malla_core::{ServiceName, SpiffeId, TrustDomain};
-use malla_proxy::{
-    identity::Svid,
-    tls::{self, ALPN_MESH},
-};
+use malla_proxy::tls::{self, ALPN_MESH};
+use malla_tests::identity::svid;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::{
@@ -23,24 +21,6 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 fn ca(ttl: Duration) -> Ca {
     Ca::ephemeral(TrustDomain::new("malla.local").unwrap(), ttl).unwrap()
-}
-
-fn svid(ca: &Ca, service: &str) -> Svid {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let issued = ca
-        .issue_for_service(csr.der(), &ServiceName::new(service).unwrap())
-        .unwrap();
-    Svid {
-        spiffe_id: issued.spiffe_id,
-        chain: issued.chain,
-        key_pkcs8: Arc::new(key.serialize_der()),
-        trust_bundle: ca.bundle().to_vec(),
-        not_before: issued.not_before,
-        not_after: issued.not_after,
-    }
 }
 
 fn id(service: &str) -> SpiffeId {

@@ -64,10 +64,7 @@ pub(crate) async fn run(
             info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), "certificate kept from an earlier run in force");
             metrics.set_expiry(svid.not_after);
             let credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
-            let renew_at = svid.renew_at(
-                SystemTime::now(),
-                RENEW_FROM + rng.f64() * (RENEW_TO - RENEW_FROM),
-            );
+            let renew_at = renew_at(&svid, &mut rng);
             state.set(svid);
             (key, credential, Some(renew_at))
         }
@@ -127,10 +124,7 @@ pub(crate) async fn run(
                 }
                 info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), renewal, "certificate in force");
                 credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
-                let renew_at = svid.renew_at(
-                    SystemTime::now(),
-                    RENEW_FROM + rng.f64() * (RENEW_TO - RENEW_FROM),
-                );
+                let renew_at = renew_at(&svid, &mut rng);
                 state.set(svid);
                 sleep_until(renew_at).await;
             }
@@ -173,6 +167,13 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// When to renew `svid`, received now: somewhere between [`RENEW_FROM`] and [`RENEW_TO`] of
+/// its remaining life.
+fn renew_at(svid: &Svid, rng: &mut fastrand::Rng) -> SystemTime {
+    let fraction = RENEW_FROM + rng.f64() * (RENEW_TO - RENEW_FROM);
+    svid.renew_at(SystemTime::now(), fraction)
 }
 
 async fn certify(
