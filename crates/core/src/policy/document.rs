@@ -864,6 +864,33 @@ ports = [0]
 
     /// Bad input never panics: thousands of byte-level mutations of a full document each
     /// parse to policies or to located problems.
+    /// `count` variants of `base`, each with one to four random edits (a byte replaced,
+    /// removed, or a TOML token inserted), from a fixed seed so that a failure reproduces.
+    fn mutations(base: &[u8], mut seed: u64, count: usize) -> Vec<String> {
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        (0..count)
+            .map(|_| {
+                let mut doc = base.to_vec();
+                for _ in 0..(next() % 4 + 1) {
+                    let at = (next() % doc.len() as u64) as usize;
+                    match next() % 3 {
+                        0 => doc[at] = (next() % 256) as u8,
+                        1 => {
+                            doc.remove(at);
+                        }
+                        _ => doc.insert(at, b"=[]\"\n.-"[next() as usize % 7]),
+                    }
+                }
+                String::from_utf8_lossy(&doc).into_owned()
+            })
+            .collect()
+    }
+
     #[test]
     fn mutated_documents_never_panic() {
         let base = br#"[[policy]]
@@ -888,26 +915,7 @@ abort_percent = 1
 [policy.failover]
 prefer = "env=prod"
 "#;
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..3000 {
-            let mut doc = base.to_vec();
-            for _ in 0..(next() % 4 + 1) {
-                let at = (next() % doc.len() as u64) as usize;
-                match next() % 3 {
-                    0 => doc[at] = (next() % 256) as u8,
-                    1 => {
-                        doc.remove(at);
-                    }
-                    _ => doc.insert(at, b"=[]\"\n.-"[next() as usize % 7]),
-                }
-            }
-            let text = String::from_utf8_lossy(&doc);
+        for text in mutations(base, 0x9e37_79b9_7f4a_7c15, 3000) {
             match parse(&text, "fuzz.toml") {
                 Ok(policies) => assert!(!policies.is_empty()),
                 Err(e) => assert!(!e.problems.is_empty()),
@@ -940,26 +948,7 @@ max_attempts = 3
 service = "billing"
 rule = [{ action = "allow", from = ["a"] }]
 "#;
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..3000 {
-            let mut doc = base.to_vec();
-            for _ in 0..(next() % 4 + 1) {
-                let at = (next() % doc.len() as u64) as usize;
-                match next() % 3 {
-                    0 => doc[at] = (next() % 256) as u8,
-                    1 => {
-                        doc.remove(at);
-                    }
-                    _ => doc.insert(at, b"=[]\"\n.-"[next() as usize % 7]),
-                }
-            }
-            let text = String::from_utf8_lossy(&doc);
+        for text in mutations(base, 0x2545_f491_4f6c_dd1d, 3000) {
             match parse_resources(&text, "fuzz.toml") {
                 Ok(resources) => {
                     assert!(!resources.is_empty());
