@@ -250,3 +250,34 @@ async fn curl_with_a_mesh_certificate_is_a_caller_like_any_sidecar() {
         "{headers}"
     );
 }
+
+/// Hostile bytes where a handshake should be (a TLS record header, then garbage; a record
+/// that never completes): the connection is closed and counted, the listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_a_tls_record_header_closes_the_connection_only() {
+    let control = TestControl::start_without_dns().await;
+    let app = HttpPeer::http1("payments-app");
+    let proxy = sidecar(&control, &app, MtlsMode::Permissive).await;
+    for garbage in [
+        &b"\x16\x03\x01\x00\x05hello"[..],
+        &b"\x16\x03\x03\xff\xff\x01\x00"[..],
+        &b"\x16GET / HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+    ] {
+        let mut stream = TcpStream::connect(proxy.inbound()).await.unwrap();
+        stream.write_all(garbage).await.unwrap();
+        let _ = stream.shutdown().await;
+        let mut out = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the connection was not closed");
+        assert!(
+            !String::from_utf8_lossy(&out).contains("HTTP/1.1 200"),
+            "{out:?}"
+        );
+    }
+    assert_eventually!(security(&proxy, "handshake-failed", "") == 3.0);
+    let checkout = svid(&control.identity().ca, "checkout");
+    let response = http1_exchange(tls_connect(proxy.inbound(), &checkout).await.unwrap()).await;
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert_eq!(app.requests(), 1);
+}
