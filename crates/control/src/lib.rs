@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod policies;
 pub mod proxies;
 pub mod registry;
+pub mod resources;
 pub mod server;
 pub mod serving;
 pub mod store;

@@ -3,12 +3,12 @@
 //! Every answer is JSON. Errors are `{"error": {"code": "...", "message": "..."}}` with a
 //! 4xx/5xx status; the message names the bad value and says what to do. Request bodies are
 //! limited to [`MAX_BODY`] and must not carry unknown fields. The routes are listed in
-//! `docs/control.md`; the policy and event routes are in [`policies`], the authorization
-//! policy routes in [`authorizations`].
+//! `docs/control.md`; the routes of per-service resources (resilience and authorization
+//! policies) are in [`resources`], the event routes in [`events`].
 
-mod authorizations;
+mod events;
 mod identity;
-mod policies;
+mod resources;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -26,7 +26,9 @@ use serde_json::json;
 
 use crate::{
     api::Backend,
+    authorizations::AuthorizationKind,
     events::EventFilter,
+    policies::PolicyKind,
     registry::{record::instance_json, Registration, Registry, RegistryError, ServiceSpec},
     store::{Store, StoreError},
 };
@@ -60,21 +62,9 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
             put(register::<S>).delete(deregister::<S>),
         )
         .route("/v1/leases/{lease}/keepalive", put(keep_alive::<S>))
-        .route("/v1/policies", get(policies::list::<S>))
-        .route(
-            "/v1/policies/{service}",
-            get(policies::get::<S>)
-                .put(policies::put::<S>)
-                .delete(policies::delete::<S>),
-        )
-        .route("/v1/authorizations", get(authorizations::list::<S>))
-        .route(
-            "/v1/authorizations/{service}",
-            get(authorizations::get::<S>)
-                .put(authorizations::put::<S>)
-                .delete(authorizations::delete::<S>),
-        )
-        .route("/v1/events", get(policies::events::<S>))
+        .merge(resources::routes::<S, PolicyKind>())
+        .merge(resources::routes::<S, AuthorizationKind>())
+        .route("/v1/events", get(events::events::<S>))
         .route("/v1/proxies", get(proxies::<S>))
         .route("/v1/tokens", post(identity::create_token::<S>))
         .route("/v1/identity", get(identity::identity::<S>))
@@ -322,11 +312,11 @@ async fn get_service<S: Store + Clone>(
     let policy = backend
         .policies
         .get(&name)
-        .map(|stored| policies::policy_json(&stored));
+        .map(|stored| resources::item_json(&stored));
     let authorization = backend
         .authorizations
         .get(&name)
-        .map(|stored| authorizations::authorization_json(&stored));
+        .map(|stored| resources::item_json(&stored));
     let events = backend.events.query(
         &EventFilter {
             service: Some(name.to_string()),

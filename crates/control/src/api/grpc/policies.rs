@@ -72,7 +72,7 @@ impl<S: Store + Clone> malla_api::PoliciesService for PoliciesGrpc<S> {
 
 /// The message for a service's state in `view`.
 fn state(view: &PolicyView, service: &ServiceName) -> pb::PolicyUpdate {
-    update(view.policies.get(service))
+    update(view.by_service.get(service))
 }
 
 fn update(policy: Option<&StoredPolicy>) -> pb::PolicyUpdate {
