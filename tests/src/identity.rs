@@ -1,5 +1,6 @@
-//! Workload certificates for tests: an SVID of a service from a real CA, as a sidecar
-//! would hold it (its key made here, its CSR certified by the CA).
+//! Workload identity for tests: an SVID of a service from a real CA, as a sidecar would
+//! hold it (its key made here, its CSR certified by the CA), and sidecars that join a test
+//! control plane's mesh with a join token.
 
 use std::sync::Arc;
 
@@ -28,4 +29,51 @@ pub fn svid(ca: &Ca, service: &str) -> Svid {
         not_before: issued.not_before,
         not_after: issued.not_after,
     }
+}
+
+/// A single-use join token for `service` from `control`'s CA (as `malla token create`
+/// makes one).
+pub async fn join_token(control: &crate::control::TestControl, service: &str) -> String {
+    control
+        .identity()
+        .tokens
+        .create(
+            &ServiceName::new(service).expect("a valid service name"),
+            None,
+        )
+        .await
+        .expect("a join token")
+        .token
+}
+
+/// `[control]` of a sidecar of `service` that joins `control`'s mesh with `token`.
+pub fn joined(
+    control: &crate::control::TestControl,
+    service: &str,
+    token: Option<String>,
+) -> malla_proxy::config::ControlPlaneConfig {
+    malla_proxy::config::ControlPlaneConfig {
+        service: Some(service.into()),
+        join_token: token,
+        ..malla_proxy::config::ControlPlaneConfig::new(control.url())
+    }
+}
+
+/// The identity state of a sidecar that has one configured.
+pub fn state(proxy: &crate::proxy::TestProxy) -> Arc<malla_proxy::identity::IdentityState> {
+    proxy
+        .handle()
+        .discovery()
+        .and_then(|d| d.identity().cloned())
+        .expect("the sidecar has an identity configured")
+}
+
+/// Waits until `proxy` holds its certificate.
+pub async fn wait_for_certificate(proxy: &crate::proxy::TestProxy) {
+    let state = state(proxy);
+    crate::assert_eventually!(
+        state.current().is_some(),
+        "the sidecar got no certificate: {}",
+        state.to_json()
+    );
 }

@@ -313,6 +313,7 @@ pub async fn in_process(watchers: usize, registrations: usize) -> anyhow::Result
                     ttl_seconds: Some(3600),
                     is_static: false,
                     annotations: Default::default(),
+                    mtls: false,
                 };
                 registry
                     .register(&service, &format!("r-{k}"), registration)

@@ -138,6 +138,7 @@ impl TryFrom<pb::Instance> for Instance {
             protocol: protocol("instance.protocol", i.protocol)?,
             labels: labels("instance.labels", i.labels)?,
             health: health("instance.health", i.health)?,
+            mtls: i.mtls,
         })
     }
 }
@@ -156,6 +157,7 @@ impl From<&Instance> for pb::Instance {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             health: pb::Health::from(i.health).into(),
+            mtls: i.mtls,
         }
     }
 }
@@ -187,6 +189,7 @@ impl TryFrom<pb::RegisterRequest> for Registration {
                 protocol: protocol("protocol", r.protocol)?,
                 labels: labels("labels", r.labels)?,
                 health: Health::Unknown,
+                mtls: r.mtls,
             },
             ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(r.ttl_seconds))),
         })
@@ -203,6 +206,7 @@ impl From<&Registration> for pb::RegisterRequest {
             port: i.port,
             protocol: i.protocol,
             labels: i.labels,
+            mtls: i.mtls,
             // Whole seconds, at least one; 0 asks for the server's default.
             ttl_seconds: r
                 .ttl
@@ -323,6 +327,7 @@ mod tests {
         let mut labels = Labels::new();
         labels.insert("env", "prod").unwrap();
         Instance {
+            mtls: false,
             id: "quote-1".into(),
             service: ServiceName::new("shipping-quote").unwrap(),
             address: "10.0.0.7".parse().unwrap(),

@@ -159,6 +159,7 @@ mod pick_tests {
 
     fn instance(i: u8, health: Health) -> Arc<Instance> {
         Arc::new(Instance {
+            mtls: false,
             id: format!("i{i}"),
             service: ServiceName::new("s").unwrap(),
             address: std::net::IpAddr::from([10, 0, 0, i]),

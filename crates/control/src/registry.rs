@@ -75,6 +75,9 @@ pub struct Registration {
     pub is_static: bool,
     #[serde(default)]
     pub annotations: Annotations,
+    /// The instance's sidecar accepts mTLS ([`Instance::mtls`]).
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +325,7 @@ impl<S: Store + Clone> Registry<S> {
             protocol: reg.protocol,
             labels: reg.labels,
             health: Health::Unknown,
+            mtls: reg.mtls,
         };
         let record = InstanceRecord::new(
             instance,

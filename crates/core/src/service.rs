@@ -119,6 +119,11 @@ pub struct Instance {
     pub labels: Labels,
     #[serde(default)]
     pub health: Health,
+    /// Its sidecar accepts mTLS from the mesh's sidecars: it registered holding a
+    /// certificate of its service. Callers then connect over TLS and require the service's
+    /// SPIFFE ID, which they derive from the service, never from this record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mtls: bool,
 }
 
 impl Instance {

@@ -349,6 +349,7 @@ async fn register(control: &Control, instance: &Instance, zone: &str) -> anyhow:
                 ttl_seconds: Some(3600),
                 is_static: false,
                 annotations: Default::default(),
+                mtls: false,
             },
         )
         .await

@@ -74,6 +74,7 @@ mod tests {
                 let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + i));
                 Arc::new(Endpoint::new(
                     addr,
+                    false,
                     metrics.endpoint("t", &addr.to_string()),
                 ))
             })

@@ -351,6 +351,7 @@ impl Discovery {
                         protocol,
                         labels: r.labels.clone(),
                         health: Health::Unknown,
+                        mtls: shared.inbound_tls.is_some(),
                     },
                     ttl: Some(control.lease_ttl),
                 })
@@ -451,10 +452,18 @@ async fn run(
         ));
     }
     if let (Some(registration), Some(reg_status)) = (registration, status.registration.clone()) {
+        // An instance that accepts mTLS registers once it can: callers would otherwise
+        // reach a sidecar with no certificate to answer their handshake with.
+        let ready = registration
+            .instance
+            .mtls
+            .then(|| status.identity().cloned())
+            .flatten();
         tasks.spawn(registration::run(
             client.clone(),
             registration,
             reg_status,
+            ready,
             deregister,
         ));
     }

@@ -35,6 +35,9 @@ const DECAY: Duration = Duration::from_secs(10);
 
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// Its sidecar accepts mTLS: connections to it are made over the mesh's TLS when this
+    /// sidecar has a certificate ([`crate::connect::open`]). Fixed for the endpoint's life.
+    pub mtls: bool,
     in_flight: AtomicU32,
     ewma: Mutex<PeakEwma>,
     requests: AtomicU64,
@@ -68,9 +71,10 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn new(addr: SocketAddr, metrics: EndpointMetrics) -> Self {
+    pub(crate) fn new(addr: SocketAddr, mtls: bool, metrics: EndpointMetrics) -> Self {
         Endpoint {
             addr,
+            mtls,
             in_flight: AtomicU32::new(0),
             ewma: Mutex::new(PeakEwma {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,

@@ -31,6 +31,8 @@ pub enum ProxyError {
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
+    #[error("the mTLS handshake with {addr} failed: {reason}")]
+    Handshake { addr: SocketAddr, reason: String },
     #[error("{addr} closed or reset the connection before answering")]
     UpstreamReset { addr: SocketAddr },
     #[error("{addr} sent no response head within {timeout:?}")]
@@ -76,6 +78,7 @@ impl ProxyError {
             ProxyError::ConnectRefused { .. } => "connect-refused",
             ProxyError::ConnectTimeout { .. } => "connect-timeout",
             ProxyError::Connect { .. } => "connect-error",
+            ProxyError::Handshake { .. } => "tls-handshake-error",
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::ResponseTimeout { .. } => "response-timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
@@ -107,6 +110,7 @@ impl ProxyError {
             }
             ProxyError::ConnectRefused { .. }
             | ProxyError::Connect { .. }
+            | ProxyError::Handshake { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
@@ -155,6 +159,7 @@ impl ProxyError {
                 | ProxyError::ConnectRefused { .. }
                 | ProxyError::ConnectTimeout { .. }
                 | ProxyError::Connect { .. }
+                | ProxyError::Handshake { .. }
                 | ProxyError::UpstreamReset { .. }
                 | ProxyError::ResponseTimeout { .. }
                 | ProxyError::UpstreamProtocol { .. }

@@ -60,7 +60,7 @@ use crate::{
     config::Limits,
     error::ProxyError,
     listener::ListenerCtx,
-    stream::ClientStream,
+    stream::Stream,
     upstream::Upstream,
 };
 
@@ -91,7 +91,7 @@ struct Session<'a> {
 }
 
 pub(crate) async fn serve(
-    mut client: ClientStream,
+    mut client: Stream,
     mut buf: BytesMut,
     peer: SocketAddr,
     identity: Option<&malla_core::SpiffeId>,
@@ -159,7 +159,7 @@ impl Session<'_> {
     /// proxy is draining between requests.
     async fn read_request(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut Stream,
         buf: &mut BytesMut,
         mut drained: Pin<&mut impl Future>,
         mut timer: Pin<&mut tokio::time::Sleep>,
@@ -222,7 +222,7 @@ impl Session<'_> {
     /// its attempts, then the answer relayed.
     async fn exchange(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut Stream,
         buf: &mut BytesMut,
         req: &RequestInfo,
         upstream: &Upstream,
@@ -315,7 +315,7 @@ impl Session<'_> {
     /// arrive, never ahead of them: a `Content-Length` is a claim, not an allocation.
     async fn read_body(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut Stream,
         buf: &mut BytesMut,
         n: usize,
     ) -> Option<usize> {
@@ -330,7 +330,7 @@ impl Session<'_> {
     }
 
     /// Switches to a tunnel after `101 Switching Protocols`.
-    async fn switch_protocols(&mut self, client: &mut ClientStream, up: UpConn) -> Next {
+    async fn switch_protocols(&mut self, client: &mut Stream, up: UpConn) -> Next {
         head::finish_response(&mut self.resp_head, false, false);
         if client.write_all(&self.resp_head).await.is_err() {
             return Next::Close;
@@ -342,7 +342,7 @@ impl Session<'_> {
     /// nothing of the request is left unread on the connection.
     async fn fail(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut Stream,
         req: &RequestInfo,
         upstream: &Upstream,
         err: ProxyError,
@@ -361,7 +361,7 @@ impl Session<'_> {
 }
 
 /// Relays bytes both ways after a protocol switch until both sides are done.
-async fn tunnel(mut client: ClientStream, client_buf: BytesMut, mut up: UpConn) {
+async fn tunnel(mut client: Stream, client_buf: BytesMut, mut up: UpConn) {
     if !client_buf.is_empty() && up.stream.write_all(&client_buf).await.is_err() {
         return;
     }
@@ -379,7 +379,7 @@ async fn tunnel(mut client: ClientStream, client_buf: BytesMut, mut up: UpConn) 
 /// Closes a connection whose client may still be sending (an early response or an
 /// error): shut our side, then read and discard for a short, bounded while so the
 /// client receives the response instead of a reset.
-async fn linger_close(client: &mut ClientStream) {
+async fn linger_close(client: &mut Stream) {
     let _ = client.shutdown().await;
     let mut sink = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(1);

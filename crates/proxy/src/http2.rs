@@ -88,7 +88,7 @@ use crate::{
     forwarding,
     listener::ListenerCtx,
     resilience::{deadline, limits::Slot},
-    stream::ClientStream,
+    stream::Stream,
     upstream::Upstream,
 };
 
@@ -147,7 +147,7 @@ impl Drop for Relaying {
 /// Serves one client connection that opened with the HTTP/2 preface; `prefix` holds the
 /// bytes detection already read (the preface at least).
 pub(crate) async fn serve(
-    stream: ClientStream,
+    stream: Stream,
     prefix: BytesMut,
     peer: SocketAddr,
     identity: Option<&malla_core::SpiffeId>,

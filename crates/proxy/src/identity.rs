@@ -56,6 +56,8 @@ pub struct IdentityState {
     pub service: ServiceName,
     current: ArcSwapOption<Svid>,
     last_error: std::sync::Mutex<Option<String>>,
+    /// Set once a first certificate is in force.
+    issued: tokio::sync::watch::Sender<bool>,
 }
 
 impl IdentityState {
@@ -64,7 +66,13 @@ impl IdentityState {
             service,
             current: ArcSwapOption::empty(),
             last_error: std::sync::Mutex::new(None),
+            issued: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Returns once a certificate is in force (at once if one is).
+    pub async fn issued(&self) {
+        let _ = self.issued.subscribe().wait_for(|issued| *issued).await;
     }
 
     pub fn current(&self) -> Option<Arc<Svid>> {
@@ -74,6 +82,7 @@ impl IdentityState {
     pub(crate) fn set(&self, svid: Svid) {
         self.current.store(Some(Arc::new(svid)));
         self.set_error(None);
+        self.issued.send_replace(true);
     }
 
     pub(crate) fn set_error(&self, error: Option<String>) {

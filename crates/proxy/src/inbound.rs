@@ -51,7 +51,7 @@ use tracing::debug;
 use crate::{
     config::{MtlsMode, UpstreamConfig},
     listener::Shared,
-    stream::ClientStream,
+    stream::Stream,
     tls::{self, MeshTls},
 };
 
@@ -66,7 +66,7 @@ pub(crate) async fn accept(
     peer: SocketAddr,
     shared: &Shared,
     tls: &MeshTls,
-) -> Option<(ClientStream, Option<SpiffeId>)> {
+) -> Option<(Stream, Option<SpiffeId>)> {
     let mode = shared
         .config
         .inbound
@@ -90,7 +90,7 @@ pub(crate) async fn accept(
             }
             _ => {
                 shared.metrics.inbound_security("plaintext", String::new());
-                Some((ClientStream::Plain(stream), None))
+                Some((Stream::Plain(stream), None))
             }
         };
     }
@@ -109,12 +109,13 @@ pub(crate) async fn accept(
         Ok(Ok(session)) => {
             let state = session.get_ref().1;
             let identity = tls::peer_identity(state);
-            let group = state
-                .negotiated_key_exchange_group()
-                .map(|g| format!("{:?}", g.name()))
-                .unwrap_or_default();
-            shared.metrics.inbound_security("mtls", group);
-            Some((ClientStream::Tls(Box::new(session)), identity))
+            shared
+                .metrics
+                .inbound_security("mtls", tls::group_name(state));
+            Some((
+                Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(session))),
+                identity,
+            ))
         }
         Ok(Err(e)) => {
             shared

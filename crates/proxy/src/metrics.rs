@@ -105,13 +105,16 @@ struct ControlFamilies {
     registrations: Counter,
     certificate_expiry: Gauge,
     certificate_requests: Family<CertificateRequestLabels, Counter>,
-    inbound_connections: Family<InboundSecurityLabels, Counter>,
+    inbound_connections: Family<SecurityLabels, Counter>,
+    outbound_connections: Family<SecurityLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InboundSecurityLabels {
-    /// `mtls` (a handshake that proved a peer), `handshake-failed`, `plaintext` (accepted,
-    /// permissive), `plaintext-refused` (strict).
+pub struct SecurityLabels {
+    /// `mtls` (a handshake that proved a peer), `handshake-failed`; inbound: `plaintext`
+    /// (accepted, permissive), `plaintext-refused` (strict); outbound (to endpoints whose
+    /// sidecar accepts mTLS): `plaintext-no-identity` (this sidecar has no certificate
+    /// yet).
     pub security: &'static str,
     /// The negotiated key exchange group of an mTLS connection (`X25519MLKEM768`...), or
     /// empty.
@@ -172,6 +175,11 @@ impl ControlFamilies {
             "inbound_connections_by_security",
             "Inbound connections by how they were secured: mtls, handshake-failed, plaintext (permissive) or plaintext-refused (strict), with the mTLS key exchange group",
             self.inbound_connections.clone(),
+        );
+        registry.register(
+            "outbound_connections_by_security",
+            "Connections to endpoints by how they were secured: mtls, handshake-failed, or plaintext-no-identity (the endpoint accepts mTLS, this sidecar has no certificate yet), with the mTLS key exchange group",
+            self.outbound_connections.clone(),
         );
     }
 }
@@ -352,7 +360,15 @@ impl Metrics {
     pub(crate) fn inbound_security(&self, security: &'static str, group: String) {
         self.control()
             .inbound_connections
-            .get_or_create(&InboundSecurityLabels { security, group })
+            .get_or_create(&SecurityLabels { security, group })
+            .inc();
+    }
+
+    /// Counts a connection to an endpoint whose sidecar accepts mTLS by how it was secured.
+    pub(crate) fn outbound_security(&self, security: &'static str, group: String) {
+        self.control()
+            .outbound_connections
+            .get_or_create(&SecurityLabels { security, group })
             .inc();
     }
 

@@ -40,7 +40,7 @@ use crate::{
     listener::{normalize_host, Direction, ListenerCtx, Shared, Target},
     metrics::Metrics,
     resilience::events::EventLog,
-    stream::ClientStream,
+    stream::Stream,
     tcp,
     tls::MeshTls,
     upstream::Upstream,
@@ -144,16 +144,20 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         .as_ref()
         .and_then(|c| Labels::try_from(c.labels.clone()).ok())
         .unwrap_or_default();
+    // This sidecar's mTLS, both ways, when it has an identity: it calls the endpoints
+    // whose sidecars accept mTLS with it, and its inbound listener answers with it.
+    let mesh_tls = discovery
+        .as_ref()
+        .and_then(|d| d.identity())
+        .map(|identity| Arc::new(MeshTls::new(identity.clone())));
     let mut upstreams = HashMap::new();
     for u in &config.upstreams {
         upstreams.insert(
             u.name.clone(),
-            Arc::new(Upstream::new(
-                u.clone(),
-                metrics.clone(),
-                local.clone(),
-                events.clone(),
-            )?),
+            Arc::new(
+                Upstream::new(u.clone(), metrics.clone(), local.clone(), events.clone())?
+                    .with_mesh_tls(mesh_tls.clone()),
+            ),
         );
     }
     let routes = config
@@ -176,15 +180,12 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
     };
     let (drain_tx, _) = watch::channel(false);
     let (stopped_tx, _) = watch::channel(false);
-    let inbound_tls = match (
-        &config.inbound,
-        discovery.as_ref().and_then(|d| d.identity()),
-    ) {
-        (Some(inbound), Some(identity)) if inbound.mtls != MtlsMode::Off => {
-            Some(Arc::new(MeshTls::new(identity.clone())))
-        }
-        _ => None,
-    };
+    let inbound_tls = mesh_tls.filter(|_| {
+        config
+            .inbound
+            .as_ref()
+            .is_some_and(|inbound| inbound.mtls != MtlsMode::Off)
+    });
     let shared = Arc::new(Shared {
         upstreams,
         routes,
@@ -414,7 +415,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
                 None => return,
             }
         }
-        _ => (ClientStream::Plain(stream), None),
+        _ => (Stream::Plain(stream), None),
     };
     let mut buf = BytesMut::with_capacity(http1::READ_BUF);
     let limits = &ctx.shared.config.limits;

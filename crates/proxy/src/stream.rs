@@ -1,7 +1,8 @@
-//! A client connection as the protocols see it: plain TCP, or TCP under the mesh's TLS
-//! (an inbound connection from another sidecar, [`crate::tls`]). One enum rather than
-//! generics, so that `http1`, `http2` and `tcp` are written once; plain TCP costs a branch
-//! per read or write.
+//! A connection as the protocols see it, either way: plain TCP, or TCP under the mesh's
+//! TLS ([`crate::tls`]) as the server of another sidecar's call (inbound) or as the client
+//! of a call to one (outbound). One enum rather than generics, so that `http1`, `http2` and
+//! `tcp` are written once for both ends and both kinds; plain TCP costs a branch per read
+//! or write.
 
 use std::{
     io,
@@ -13,39 +14,53 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{tcp, TcpStream},
 };
-use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsStream;
 
-pub enum ClientStream {
+pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// The read half of a [`ClientStream`], borrowed (see [`ClientStream::split`]).
-pub enum ClientRead<'a> {
+/// The read half of a [`Stream`], borrowed (see [`Stream::split`]).
+pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
     Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
 }
 
-/// The write half of a [`ClientStream`], borrowed.
-pub enum ClientWrite<'a> {
+/// The write half of a [`Stream`], borrowed.
+pub enum WriteHalf<'a> {
     Plain(tcp::WriteHalf<'a>),
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
 }
 
-impl ClientStream {
+impl Stream {
     /// Halves to read and write at once. Plain TCP splits by reference, for free; a TLS
     /// session is one state machine, so its halves share it through tokio's split.
-    pub fn split(&mut self) -> (ClientRead<'_>, ClientWrite<'_>) {
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
         match self {
-            ClientStream::Plain(s) => {
+            Stream::Plain(s) => {
                 let (r, w) = s.split();
-                (ClientRead::Plain(r), ClientWrite::Plain(w))
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
-            ClientStream::Tls(s) => {
+            Stream::Tls(s) => {
                 let (r, w) = tokio::io::split(s.as_mut());
-                (ClientRead::Tls(r), ClientWrite::Tls(w))
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
             }
         }
+    }
+}
+
+impl Stream {
+    /// Whether an idle connection is still open, with nothing unread: one read that must
+    /// not complete. A closed connection reads its end, and bytes no request asked for
+    /// make it unusable. Under TLS the read also consumes what the peer may send between
+    /// requests (session tickets, a close_notify alert), which a peek at the socket would
+    /// mistake for data.
+    pub fn idle_and_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        Pin::new(self).poll_read(&mut cx, &mut buf).is_pending()
     }
 }
 
@@ -115,7 +130,7 @@ macro_rules! delegate_write {
     };
 }
 
-delegate_read!(ClientStream);
-delegate_write!(ClientStream);
-delegate_read!(ClientRead<'_>);
-delegate_write!(ClientWrite<'_>);
+delegate_read!(Stream);
+delegate_write!(Stream);
+delegate_read!(ReadHalf<'_>);
+delegate_write!(WriteHalf<'_>);

@@ -16,26 +16,23 @@ use std::{
 
 use bytes::BytesMut;
 use malla_core::policy::Outcome;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
 use crate::{
     call::{Answer, Call, Failure, Judged, Protocol, Timer},
-    connect::connect,
+    connect::open,
     endpoint::{Endpoint, InFlight},
     metrics::ConnectionTracker,
     resilience::{
         limits::{Limit, Slot},
         outlier,
     },
-    stream::ClientStream,
+    stream::Stream,
     upstream::Upstream,
 };
 
-pub async fn proxy(mut client: ClientStream, prefix: BytesMut, upstream: &Arc<Upstream>) {
+pub async fn proxy(mut client: Stream, prefix: BytesMut, upstream: &Arc<Upstream>) {
     let res = upstream.resilience_full();
     // Idempotent as far as retries go: only failed connects are retried, nothing was sent.
     let call = Call::new(
@@ -84,7 +81,7 @@ pub async fn proxy(mut client: ClientStream, prefix: BytesMut, upstream: &Arc<Up
 /// ([`crate::resilience::stall`]): a relaxed store per chunk at most, none when the
 /// millisecond has not changed.
 struct Watched<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Stream,
     endpoint: &'a Endpoint,
 }
 
@@ -127,7 +124,7 @@ impl AsyncWrite for Watched<'_> {
 
 /// An upstream connection, holding its `max_connections` slot.
 struct Server {
-    stream: TcpStream,
+    stream: Stream,
     _slot: Option<Slot>,
 }
 
@@ -147,7 +144,7 @@ impl Protocol for Connect<'_> {
         let slot = upstream
             .acquire(Limit::Connections, res)
             .map_err(Failure::connect)?;
-        let stream = connect(in_flight.endpoint().addr, res.connect_timeout)
+        let stream = open(upstream, in_flight.endpoint(), res.connect_timeout)
             .await
             .map_err(Failure::connect)?;
         Ok(Server {

@@ -77,6 +77,11 @@ impl MeshTls {
         }
     }
 
+    /// The identity the configurations are made from.
+    pub fn identity(&self) -> &IdentityState {
+        &self.identity
+    }
+
     /// The configuration that accepts other sidecars.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let svid = self.identity.current().ok_or(TlsError::NoIdentity)?;
@@ -260,6 +265,39 @@ pub fn spiffe_id(der: &[u8]) -> Option<SpiffeId> {
     match (uris.next(), uris.next()) {
         (Some(uri), None) => SpiffeId::parse(uri).ok(),
         _ => None,
+    }
+}
+
+/// The key exchange group a finished handshake agreed (`X25519MLKEM768`...), for metrics.
+pub fn group_name(connection: &rustls::CommonState) -> String {
+    connection
+        .negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()))
+        .unwrap_or_default()
+}
+
+/// A failed client handshake in words a user can act on: which check refused the server
+/// (rustls' error comes wrapped in an I/O error).
+pub fn explain(error: &std::io::Error, expected: &SpiffeId) -> String {
+    let tls = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {
+            format!("the server does not prove {expected} (its certificate names another identity)")
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
+        | Some(rustls::Error::InvalidCertificate(CertificateError::BadSignature)) => {
+            "the server's certificate is not from this mesh's CA".to_string()
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::Expired)) => {
+            "the server's certificate has expired".to_string()
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("the server refused this sidecar's certificate ({alert:?})")
+        }
+        Some(other) => other.to_string(),
+        None => error.to_string(),
     }
 }
 

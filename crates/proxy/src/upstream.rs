@@ -19,7 +19,7 @@ use std::{
 use arc_swap::{ArcSwap, Guard};
 use malla_core::{
     policy::{Outcome, Policy},
-    Labels,
+    Labels, ServiceName,
 };
 use tokio::{sync::Notify, time::Instant};
 
@@ -37,6 +37,7 @@ use crate::{
         outlier::{self, Admission, State, Verdict},
         PolicySource, Resilience,
     },
+    tls::MeshTls,
 };
 
 /// What the balancer picks from.
@@ -79,6 +80,12 @@ pub struct Upstream {
     /// When a call through it last failed (ms on [`outlier::now_ms`]'s clock; 0: never),
     /// for the inbound edge's check of an application's relayed-failure claim.
     last_failure_ms: AtomicU64,
+    /// The service its endpoints belong to, when its name (or `service`) is a valid one:
+    /// the identity their sidecars must prove over mTLS.
+    service: Option<ServiceName>,
+    /// This sidecar's mesh TLS, for endpoints whose sidecar accepts mTLS
+    /// ([`crate::connect::open`]); `None` without an identity.
+    mesh_tls: Option<Arc<MeshTls>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -114,13 +121,34 @@ impl Upstream {
             maintenance: Notify::new(),
             upstream_metrics: metrics.upstream(&config.name),
             metrics,
-            config,
             update_lock: Mutex::new(()),
             panic: AtomicBool::new(false),
             last_failure_ms: AtomicU64::new(0),
+            service: ServiceName::new(config.discovery_service()).ok(),
+            mesh_tls: None,
+            config,
         };
         upstream.set_endpoints(&addrs);
         Ok(upstream)
+    }
+
+    /// Calls its endpoints that accept mTLS with this sidecar's identity.
+    pub(crate) fn with_mesh_tls(mut self, tls: Option<Arc<MeshTls>>) -> Self {
+        self.mesh_tls = tls;
+        self
+    }
+
+    pub(crate) fn mesh_tls(&self) -> Option<&MeshTls> {
+        self.mesh_tls.as_deref()
+    }
+
+    /// The service whose identity its endpoints' sidecars prove.
+    pub(crate) fn service(&self) -> Option<&ServiceName> {
+        self.service.as_ref()
+    }
+
+    pub(crate) fn metrics(&self) -> &SharedMetrics {
+        &self.metrics
     }
 
     pub fn name(&self) -> &str {
@@ -177,6 +205,7 @@ impl Upstream {
                 addr: *addr,
                 labels: labels.clone(),
                 unhealthy: false,
+                mtls: false,
             })
             .collect();
         self.set_discovered_endpoints(&discovered);
@@ -206,11 +235,14 @@ impl Upstream {
             if labels.insert(d.addr, d.labels.clone()).is_some() {
                 continue; // a duplicate in the input
             }
-            let endpoint = match existing.remove(&d.addr) {
+            // An address whose sidecar starts or stops accepting mTLS is a new endpoint:
+            // its pooled connections were made the other way.
+            let endpoint = match existing.remove(&d.addr).filter(|e| e.mtls == d.mtls) {
                 Some(e) => e.clone(),
                 None => {
                     let endpoint = Arc::new(Endpoint::new(
                         d.addr,
+                        d.mtls,
                         self.metrics
                             .endpoint(&self.config.name, &d.addr.to_string()),
                     ));
@@ -797,6 +829,8 @@ pub struct DiscoveredEndpoint {
     pub labels: Labels,
     /// The control plane marks the instance unhealthy (its health checks).
     pub unhealthy: bool,
+    /// The instance's sidecar accepts mTLS (it registered with a certificate).
+    pub mtls: bool,
 }
 
 /// Why the endpoints of an upstream are unavailable, for the panic decision and its

@@ -85,6 +85,7 @@ pub(crate) async fn register(
             &service(name),
             id,
             Registration {
+                mtls: false,
                 address: peer.addr().ip(),
                 port: peer.addr().port(),
                 protocol: Default::default(),

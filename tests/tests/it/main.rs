@@ -62,6 +62,7 @@ mod http1;
 mod http2;
 mod inbound_mtls;
 mod memory;
+mod mesh_mtls;
 mod mtls;
 mod policy;
 mod registry_health;

@@ -1,6 +1,6 @@
 //! The gRPC API for sidecars: `malla.registry.v1.Registry` (`crates/api`), here,
-//! `malla.policy.v1.Policies` ([`policies`]) and `malla.identity.v1.Identity`
-//! ([`identity`]), on the same port.
+//! `malla.policy.v1.Policies` ([`policies`]), `malla.authz.v1.Authorizations`
+//! ([`authorizations`]) and `malla.identity.v1.Identity` ([`identity`]), on the same port.
 //!
 //! Register, Heartbeat and Deregister are thin: convert the request to domain types
 //! (`malla-api` rejects bad fields with a precise message), call the [`Registry`], map its
@@ -28,8 +28,10 @@
 //! (to this process when it comes back, or to another replica) and resynchronise from a
 //! snapshot.
 
+pub mod authorizations;
 pub mod identity;
 pub mod policies;
+mod resource_watch;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -52,7 +54,8 @@ use crate::{
     store::{Store, StoreError},
 };
 
-/// Messages a watch stream (registry or policy) buffers for a slow client before its task waits.
+/// Messages a watch stream (registry, policy or authorization) buffers for a slow client
+/// before its task waits.
 pub const STREAM_BUFFER: usize = 64;
 /// Most queued changes coalesced into one update.
 const MAX_BATCH: usize = 1024;
@@ -79,7 +82,7 @@ impl<S: Store + Clone> RegistryGrpc<S> {
     }
 }
 
-/// Both gRPC services, to be served by [`crate::serving`] (on the same connections as the
+/// Every gRPC service, to be served by [`crate::serving`] (on the same connections as the
 /// HTTP API); every watch stream ends when `stop` turns `true`.
 pub fn routes<S: Store + Clone>(
     backend: Backend<S>,
@@ -93,6 +96,9 @@ pub fn routes<S: Store + Clone>(
     .add_service(malla_api::IdentityServer::new(identity::IdentityGrpc::new(
         backend.identity.clone(),
     )))
+    .add_service(malla_api::AuthorizationsServer::new(
+        authorizations::AuthorizationsGrpc::new(backend.clone(), stop.clone()),
+    ))
     .add_service(PoliciesServer::new(policies::PoliciesGrpc::new(
         backend, stop,
     )))
@@ -153,6 +159,7 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
                     ttl_seconds: ttl.map(|t| t.as_secs()),
                     is_static: false,
                     annotations: Default::default(),
+                    mtls: instance.mtls,
                 },
                 &by,
             )

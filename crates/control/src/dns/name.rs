@@ -252,6 +252,7 @@ mod tests {
     #[test]
     fn target_labels() {
         let instance = |id: &str, address: &str| Instance {
+            mtls: false,
             id: id.into(),
             service: ServiceName::new("a").unwrap(),
             address: address.parse().unwrap(),

@@ -51,6 +51,7 @@ impl FakeCatalog {
             .entry(service.clone())
             .or_default()
             .push(Arc::new(Instance {
+                mtls: false,
                 id: id.to_string(),
                 service,
                 address,

@@ -28,6 +28,8 @@ pub struct InstanceRecord {
     pub labels: Labels,
     #[serde(default)]
     pub health: Health,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mtls: bool,
     #[serde(default, skip_serializing_if = "Annotations::is_empty")]
     pub annotations: Annotations,
     /// RFC 3339, UTC, to the second.
@@ -62,6 +64,7 @@ impl InstanceRecord {
             protocol: instance.protocol,
             labels: instance.labels,
             health: instance.health,
+            mtls: instance.mtls,
             annotations: meta.annotations,
             registered_at: meta.registered_at,
             registered_by: meta.registered_by,
@@ -80,6 +83,7 @@ impl InstanceRecord {
                 protocol: self.protocol,
                 labels: self.labels,
                 health: self.health,
+                mtls: self.mtls,
             },
             InstanceMeta {
                 annotations: self.annotations,

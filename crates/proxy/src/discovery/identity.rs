@@ -115,8 +115,6 @@ pub(crate) async fn run(
                         continue;
                     }
                 };
-                metrics.request(renewal, "ok");
-                metrics.set_expiry(svid.not_after);
                 if let Some(dir) = &credentials.dir {
                     if let Err(why) = stored::save(dir, &key, &svid) {
                         warn!(dir = %dir.display(), %why, "cannot keep the identity for the next start");
@@ -125,7 +123,10 @@ pub(crate) async fn run(
                 info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), renewal, "certificate in force");
                 credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
                 let renew_at = renew_at(&svid, &mut rng);
+                metrics.set_expiry(svid.not_after);
                 state.set(svid);
+                // Counted once in force: whoever sees the count sees the certificate.
+                metrics.request(renewal, "ok");
                 sleep_until(renew_at).await;
             }
             Err(status) => {

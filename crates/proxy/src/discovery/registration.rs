@@ -9,6 +9,7 @@ use tonic::{transport::Channel, Code};
 use tracing::{debug, info, warn};
 
 use super::{backoff::Backoff, set_error, RegistrationStatus, RETRY_BASE, RETRY_MAX, RPC_TIMEOUT};
+use crate::identity::IdentityState;
 
 type Deregister = mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>;
 
@@ -31,10 +32,30 @@ pub(super) async fn run(
     mut client: RegistryClient<Channel>,
     registration: Registration,
     status: Arc<RegistrationStatus>,
+    ready: Option<Arc<IdentityState>>,
     mut deregister: Deregister,
 ) {
     let request = pb::RegisterRequest::from(&registration);
     let instance = &registration.instance;
+    if let Some(identity) = ready {
+        if identity.current().is_none() {
+            set_error(
+                &status.last_error,
+                Some("waiting for this sidecar's certificate before registering (see control.identity)".into()),
+            );
+            info!("registering once this sidecar has its certificate");
+        }
+        tokio::select! {
+            // Nothing registered yet: nothing to deregister.
+            done = deregister.recv() => {
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            () = identity.issued() => {}
+        }
+    }
     let ttl = registration.ttl.unwrap_or(Duration::from_secs(10));
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     loop {

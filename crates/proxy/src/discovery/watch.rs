@@ -84,18 +84,22 @@ impl Known {
 /// The endpoints of a set of instances, sorted by address. Instances the control plane
 /// marks unhealthy are kept, flagged: whether they take traffic is the upstream's
 /// decision (its panic threshold). Two instances on one address are one endpoint, healthy
-/// when either may serve.
+/// when either may serve, called over mTLS when both accept it.
 fn endpoints(instances: &BTreeMap<String, Instance>) -> Vec<DiscoveredEndpoint> {
     let mut by_addr: BTreeMap<SocketAddr, DiscoveredEndpoint> = BTreeMap::new();
     for i in instances.values() {
         let unhealthy = !i.health.serving();
         by_addr
             .entry(i.socket_addr())
-            .and_modify(|e| e.unhealthy &= unhealthy)
+            .and_modify(|e| {
+                e.unhealthy &= unhealthy;
+                e.mtls &= i.mtls;
+            })
             .or_insert_with(|| DiscoveredEndpoint {
                 addr: i.socket_addr(),
                 labels: i.labels.clone(),
                 unhealthy,
+                mtls: i.mtls,
             });
     }
     by_addr.into_values().collect()
@@ -206,6 +210,7 @@ mod tests {
             protocol: Default::default(),
             labels: Labels::new(),
             health,
+            mtls: false,
         }
     }
 

@@ -23,7 +23,6 @@ use bytes::{Buf, BytesMut};
 use malla_core::policy::Outcome;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
     time::{Instant, Sleep},
 };
 use tracing::debug;
@@ -40,7 +39,7 @@ use crate::{
     listener::ListenerCtx,
     metrics::ConnectionTracker,
     resilience::limits::{self, Limit},
-    stream::ClientStream,
+    stream::Stream,
 };
 
 /// A pooled connection idle for longer than this is checked for a close by its peer
@@ -50,7 +49,7 @@ const PROBE_AFTER: Duration = Duration::from_secs(1);
 /// An upstream connection owned by one client connection.
 pub(super) struct UpConn {
     endpoint: Arc<Endpoint>,
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     pub last_used: Instant,
     /// This worker's pool bounds for the endpoint's upstream.
@@ -64,7 +63,7 @@ pub(super) struct UpConn {
 impl UpConn {
     fn new(
         endpoint: Arc<Endpoint>,
-        stream: TcpStream,
+        stream: Stream,
         slot: Option<limits::Slot>,
         upstream: &crate::upstream::Upstream,
     ) -> Self {
@@ -111,7 +110,7 @@ struct Ended {
 /// The attempts of one request, as [`Call::run`] drives them.
 pub(super) struct Attempts<'s, 'a> {
     session: &'s mut Session<'a>,
-    client: &'s mut ClientStream,
+    client: &'s mut Stream,
     /// The client's read buffer: a streaming body's first bytes, then what follows it.
     buf: &'s mut BytesMut,
     req: &'s RequestInfo,
@@ -124,7 +123,7 @@ pub(super) struct Attempts<'s, 'a> {
 impl<'s, 'a> Attempts<'s, 'a> {
     pub fn new(
         session: &'s mut Session<'a>,
-        client: &'s mut ClientStream,
+        client: &'s mut Stream,
         buf: &'s mut BytesMut,
         req: &'s RequestInfo,
         call: &'s Call<'s>,
@@ -147,9 +146,9 @@ impl<'s, 'a> Attempts<'s, 'a> {
     /// be stale).
     async fn connection(&mut self, endpoint: &Arc<Endpoint>) -> Result<(UpConn, bool), ProxyError> {
         let (upstream, res) = (self.call.upstream, self.call.res);
-        if let Some(up) = self.session.held.take() {
+        if let Some(mut up) = self.session.held.take() {
             if Arc::ptr_eq(&up.endpoint, endpoint)
-                && (up.last_used.elapsed() < PROBE_AFTER || alive(&up.stream))
+                && (up.last_used.elapsed() < PROBE_AFTER || up.stream.idle_and_open())
             {
                 return Ok((up, true));
             }
@@ -158,13 +157,13 @@ impl<'s, 'a> Attempts<'s, 'a> {
             }
         }
         let slot = upstream.acquire(Limit::Connections, res)?;
-        while let Some(stream) = pool::checkout(endpoint) {
-            if alive(&stream) {
+        while let Some(mut stream) = pool::checkout(endpoint) {
+            if stream.idle_and_open() {
                 return Ok((UpConn::new(endpoint.clone(), stream, slot, upstream), true));
             }
         }
         let _pending = upstream.acquire(Limit::PendingRequests, res)?;
-        let stream = crate::connect::connect(endpoint.addr, res.connect_timeout).await?;
+        let stream = crate::connect::open(upstream, endpoint, res.connect_timeout).await?;
         Ok((UpConn::new(endpoint.clone(), stream, slot, upstream), false))
     }
 
@@ -437,11 +436,7 @@ impl Relay {
     /// Sends the response head and relays the body (unless the attempt already did).
     /// Returns the upstream connection when it can carry another request, and whether the
     /// client connection stays open.
-    pub async fn finish(
-        self,
-        client: &mut ClientStream,
-        head: &mut Vec<u8>,
-    ) -> (Option<UpConn>, bool) {
+    pub async fn finish(self, client: &mut Stream, head: &mut Vec<u8>) -> (Option<UpConn>, bool) {
         let Relay {
             mut resp,
             close,
@@ -536,13 +531,6 @@ impl TimeoutField {
         head.splice(self.at..self.at + self.len, field[..n].iter().copied());
         self.len = n;
     }
-}
-
-/// An idle connection may have been closed by the endpoint; one non-blocking read tells
-/// (no data and no EOF means it is alive).
-fn alive(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Why an attempt ended before a final response head.

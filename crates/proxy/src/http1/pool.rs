@@ -18,9 +18,9 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 
-use crate::endpoint::Endpoint;
+use crate::{endpoint::Endpoint, stream::Stream};
 
 /// How often a worker closes its expired idle connections.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -33,7 +33,7 @@ thread_local! {
 struct Idle {
     endpoint: Weak<Endpoint>,
     max_age: Duration,
-    conns: Vec<(TcpStream, Instant)>,
+    conns: Vec<(Stream, Instant)>,
 }
 
 impl Idle {
@@ -62,7 +62,7 @@ fn key(endpoint: &Arc<Endpoint>) -> usize {
 
 /// The most recently used idle connection to `endpoint` on this worker, if one is younger
 /// than `max_age`.
-pub fn checkout(endpoint: &Arc<Endpoint>) -> Option<TcpStream> {
+pub fn checkout(endpoint: &Arc<Endpoint>) -> Option<Stream> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.get_mut(&key(endpoint))?;
@@ -79,7 +79,7 @@ pub fn checkout(endpoint: &Arc<Endpoint>) -> Option<TcpStream> {
 
 /// Keeps a connection for later requests to `endpoint` from this worker, unless the pool
 /// for it is full.
-pub fn checkin(endpoint: &Arc<Endpoint>, stream: TcpStream, max_idle: usize, max_age: Duration) {
+pub fn checkin(endpoint: &Arc<Endpoint>, stream: Stream, max_idle: usize, max_age: Duration) {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.entry(key(endpoint)).or_insert_with(|| Idle {
@@ -125,15 +125,16 @@ mod tests {
         let metrics = Metrics::new();
         Arc::new(Endpoint::new(
             "127.0.0.1:1".parse().unwrap(),
+            false,
             metrics.endpoint("u", "127.0.0.1:1"),
         ))
     }
 
-    async fn stream() -> (TcpStream, tokio::net::TcpStream) {
+    async fn stream() -> (Stream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
+        (Stream::Plain(client.unwrap()), accepted.unwrap().0)
     }
 
     #[tokio::test]

@@ -133,7 +133,7 @@ async fn connect(
     let slot = settings
         .upstream
         .acquire(Limit::Connections, settings.resilience)?;
-    let tcp = connect::connect(addr, settings.connect_timeout).await?;
+    let stream = connect::open(settings.upstream, endpoint, settings.connect_timeout).await?;
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -143,7 +143,7 @@ async fn connect(
         .keep_alive_interval(super::KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(super::KEEP_ALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    let handshake = builder.handshake::<_, RequestBody>(TokioIo::new(tcp));
+    let handshake = builder.handshake::<_, RequestBody>(TokioIo::new(stream));
     let (send, conn) = match tokio::time::timeout(settings.connect_timeout, handshake).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
@@ -184,6 +184,10 @@ fn replay(e: &ProxyError, addr: std::net::SocketAddr) -> ProxyError {
         ProxyError::Connect { addr, source } => ProxyError::Connect {
             addr: *addr,
             source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        ProxyError::Handshake { addr, reason } => ProxyError::Handshake {
+            addr: *addr,
+            reason: reason.clone(),
         },
         // Connecting fails only in the ways above.
         other => ProxyError::Connect {

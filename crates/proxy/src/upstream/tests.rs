@@ -166,6 +166,7 @@ fn discovered(ports: &[(u16, bool)]) -> Vec<DiscoveredEndpoint> {
             addr: addr(port),
             labels: Labels::new(),
             unhealthy,
+            mtls: false,
         })
         .collect()
 }

@@ -65,6 +65,7 @@ async fn metrics_move_with_known_traffic() {
     let mut registry = RegistryClient::new(channel.clone());
     let registered = registry
         .register(pb::RegisterRequest {
+            mtls: false,
             service: "orders".into(),
             id: "o-3".into(),
             address: "127.0.0.1".into(),

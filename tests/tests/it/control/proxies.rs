@@ -31,6 +31,7 @@ async fn a_sidecar_is_listed_with_its_instance_version_and_watches_until_it_disc
     let mut registry = RegistryClient::new(channel.clone());
     registry
         .register(pb::RegisterRequest {
+            mtls: false,
             service: "orders".into(),
             id: "o-1".into(),
             address: "127.0.0.1".into(),

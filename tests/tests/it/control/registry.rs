@@ -320,6 +320,7 @@ async fn unreachable_addresses_are_refused_by_both_apis() {
         );
         let status = grpc
             .register(pb::RegisterRequest {
+                mtls: false,
                 service: "app".into(),
                 id: "a".into(),
                 address: address.into(),
@@ -463,6 +464,7 @@ async fn describe_data_for_a_service() {
         .unwrap();
     RegistryClient::new(channel)
         .register(pb::RegisterRequest {
+            mtls: false,
             service: "orders".into(),
             id: "o-2".into(),
             address: "fd00::5".into(),

@@ -24,6 +24,7 @@ async fn grpc(addr: SocketAddr) -> RegistryClient<Channel> {
 
 fn registration(service: &str, id: &str, port: u32) -> pb::RegisterRequest {
     pb::RegisterRequest {
+        mtls: false,
         service: service.into(),
         id: id.into(),
         address: "127.0.0.1".into(),

@@ -70,6 +70,7 @@ fn register_request(
     labels: &[(&str, &str)],
 ) -> pb::RegisterRequest {
     pb::RegisterRequest {
+        mtls: false,
         service: service.into(),
         id: id.into(),
         address: "127.0.0.1".into(),
@@ -535,6 +536,7 @@ fn instance(id: &str, env: &str) -> malla_core::Instance {
     let mut labels = malla_core::Labels::new();
     labels.insert("env", env).unwrap();
     malla_core::Instance {
+        mtls: false,
         id: id.into(),
         service: ServiceName::new("svc").unwrap(),
         address: "127.0.0.1".parse().unwrap(),

@@ -1,0 +1,281 @@
+//! Sidecar to sidecar over mTLS, end to end: two sidecars that joined the mesh with join
+//! tokens, one calling the other's service found through the control plane. The called
+//! sidecar registers its instance as accepting mTLS once it holds its certificate; the
+//! caller connects over TLS and requires the called service's SPIFFE ID; the application
+//! behind sees the caller's identity. Over HTTP/1.1, HTTP/2 and opaque TCP. A caller
+//! without a certificate falls back to plaintext, which permissive mode accepts and strict
+//! mode refuses; an instance that proves another service's identity is refused by the
+//! caller with an error that names the identity it expected.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::Version;
+use malla_control::registry::Registration;
+use malla_core::ServiceName;
+use malla_proxy::config::{ListenerProtocol, MtlsMode};
+use malla_tests::{
+    assert_eventually,
+    client::{self, collect, Collected},
+    control::TestControl,
+    identity::{join_token, joined, wait_for_certificate},
+    peers::{HttpPeer, TcpPeer},
+    proxy::TestProxy,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A sidecar of `service` in front of `app`, joined with a fresh token (or none), its
+/// inbound listener in `mode`.
+async fn server(
+    control: &TestControl,
+    service: &str,
+    app: SocketAddr,
+    protocol: ListenerProtocol,
+    mode: MtlsMode,
+) -> TestProxy {
+    let token = join_token(control, service).await;
+    let control_config = joined(control, service, Some(token));
+    let proxy = TestProxy::builder()
+        .inbound(app, protocol)
+        .admin()
+        .config(move |c| {
+            c.inbound.as_mut().unwrap().mtls = mode;
+            c.control = Some(control_config);
+        })
+        .start();
+    wait_for_certificate(&proxy).await;
+    proxy
+}
+
+/// A sidecar of `web` whose app calls `upstream` (discovered) on its outbound listener;
+/// with a join token when `joins`.
+async fn caller(
+    control: &TestControl,
+    upstream: &str,
+    protocol: ListenerProtocol,
+    joins: bool,
+) -> TestProxy {
+    let token = match joins {
+        true => Some(join_token(control, "web").await),
+        false => None,
+    };
+    // No inbound listener of its own: it registers an address nobody calls.
+    let control_config = malla_proxy::config::ControlPlaneConfig {
+        register_address: Some("127.0.0.1:4143".parse().unwrap()),
+        ..joined(control, "web", token)
+    };
+    let proxy = TestProxy::builder()
+        .upstream(upstream, &[])
+        .outbound_with(upstream, protocol)
+        .admin()
+        .config(move |c| c.control = Some(control_config))
+        .start();
+    if joins {
+        wait_for_certificate(&proxy).await;
+    }
+    let upstream = proxy.upstream(upstream);
+    assert_eventually!(
+        !upstream.endpoints().is_empty(),
+        "the caller never discovered an endpoint"
+    );
+    proxy
+}
+
+fn security(proxy: &TestProxy, direction: &str, security: &str) -> f64 {
+    let text = proxy.metrics_text();
+    let name = format!("malla_proxy_{direction}_connections_by_security_total");
+    text.lines()
+        .filter(|l| l.starts_with(&name) && l.contains(&format!("security=\"{security}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get(proxy: &TestProxy, version: Version, authority: &str) -> Collected {
+    let request = client::get(version, authority, "/hello");
+    let response = match version {
+        Version::HTTP_2 => client::Http2::connect(proxy.outbound())
+            .await
+            .unwrap()
+            .send(request)
+            .await
+            .unwrap(),
+        _ => client::Http1::connect(proxy.outbound())
+            .await
+            .unwrap()
+            .send(request)
+            .await
+            .unwrap(),
+    };
+    collect(response).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_talk_mtls_over_http1_and_http2_and_the_app_sees_the_caller() {
+    let control = TestControl::start_without_dns().await;
+    let (h1_app, h2_app) = (
+        HttpPeer::http1("checkout-app"),
+        HttpPeer::http2("orders-app"),
+    );
+    let checkout = server(
+        &control,
+        "checkout",
+        h1_app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Strict,
+    )
+    .await;
+    let orders = server(
+        &control,
+        "orders",
+        h2_app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Strict,
+    )
+    .await;
+
+    // Registered as accepting mTLS, once the certificate was there.
+    let instances = control
+        .registry()
+        .instances(&ServiceName::new("checkout").unwrap(), &Default::default())
+        .map(|(_, i)| i)
+        .unwrap_or_default();
+    assert_eq!(instances.len(), 1);
+    assert!(instances[0].mtls, "{instances:?}");
+    assert_eq!(instances[0].socket_addr(), checkout.inbound());
+
+    for (upstream, version, server) in [
+        ("checkout", Version::HTTP_11, &checkout),
+        ("orders", Version::HTTP_2, &orders),
+    ] {
+        let web = caller(&control, upstream, ListenerProtocol::Auto, true).await;
+        for _ in 0..3 {
+            let response = get(&web, version, upstream).await;
+            assert_eq!(response.status, 200, "{upstream}: {}", response.text());
+            assert_eq!(
+                response.header("x-echo-h-malla-client-id"),
+                Some("spiffe://malla.local/svc/web"),
+                "{upstream}: {:?}",
+                response.headers
+            );
+        }
+        assert!(security(&web, "outbound", "mtls") >= 1.0, "{upstream}");
+        assert!(
+            web.metrics_text().contains("group=\"X25519MLKEM768\""),
+            "{upstream}: the hybrid post-quantum group"
+        );
+        assert!(security(server, "inbound", "mtls") >= 1.0, "{upstream}");
+        assert_eq!(security(server, "inbound", "plaintext-refused"), 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_between_sidecars_travels_over_mtls() {
+    let control = TestControl::start_without_dns().await;
+    let app = TcpPeer::echo();
+    let db = server(
+        &control,
+        "db",
+        app.addr(),
+        ListenerProtocol::Tcp,
+        MtlsMode::Strict,
+    )
+    .await;
+    let web = caller(&control, "db", ListenerProtocol::Tcp, true).await;
+
+    let mut stream = tokio::net::TcpStream::connect(web.outbound())
+        .await
+        .unwrap();
+    stream.write_all(b"ping over mtls").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut echoed))
+        .await
+        .expect("an echo in time")
+        .unwrap();
+    assert_eq!(echoed, b"ping over mtls");
+    assert!(security(&web, "outbound", "mtls") >= 1.0);
+    assert!(security(&db, "inbound", "mtls") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_without_a_certificate_is_plaintext_accepted_when_permissive_refused_when_strict()
+{
+    let control = TestControl::start_without_dns().await;
+    let (open_app, strict_app) = (HttpPeer::http1("open"), HttpPeer::http1("closed"));
+    let open = server(
+        &control,
+        "open",
+        open_app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Permissive,
+    )
+    .await;
+    let strict = server(
+        &control,
+        "closed",
+        strict_app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Strict,
+    )
+    .await;
+
+    let web = caller(&control, "open", ListenerProtocol::Auto, false).await;
+    let response = get(&web, Version::HTTP_11, "open").await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.header("x-echo-h-malla-client-id"), None);
+    assert!(security(&web, "outbound", "plaintext-no-identity") >= 1.0);
+    assert!(security(&open, "inbound", "plaintext") >= 1.0);
+
+    let web = caller(&control, "closed", ListenerProtocol::Auto, false).await;
+    let response = get(&web, Version::HTTP_11, "closed").await;
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert_eq!(strict_app.requests(), 0);
+    assert!(security(&strict, "inbound", "plaintext-refused") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_proves_another_service_is_refused_by_the_caller() {
+    let control = TestControl::start_without_dns().await;
+    let app = HttpPeer::http1("payments-app");
+    let payments = server(
+        &control,
+        "payments",
+        app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Strict,
+    )
+    .await;
+    // Someone registers the payments sidecar as an instance of checkout: its traffic must
+    // not reach payments, whose certificate says payments.
+    control
+        .registry()
+        .register(
+            &ServiceName::new("checkout").unwrap(),
+            "impostor",
+            Registration {
+                address: payments.inbound().ip(),
+                port: payments.inbound().port(),
+                protocol: Default::default(),
+                labels: Default::default(),
+                ttl_seconds: Some(60),
+                is_static: false,
+                annotations: Default::default(),
+                mtls: true,
+            },
+        )
+        .await
+        .unwrap();
+    let web = caller(&control, "checkout", ListenerProtocol::Auto, true).await;
+
+    let response = get(&web, Version::HTTP_11, "checkout").await;
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert_eq!(response.cause(), Some("tls-handshake-error"));
+    assert!(
+        response
+            .text()
+            .contains("does not prove spiffe://malla.local/svc/checkout"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(app.requests(), 0);
+    assert!(security(&web, "outbound", "handshake-failed") >= 1.0);
+}
