@@ -11,8 +11,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use http::Version;
 use malla_control::registry::Registration;
+use malla_control::server::IdentitySettings;
 use malla_core::ServiceName;
-use malla_proxy::config::{ListenerProtocol, MtlsMode};
+use malla_proxy::config::{ListenerProtocol, MtlsMode, UpstreamConfig};
 use malla_tests::{
     assert_eventually,
     client::{self, collect, Collected},
@@ -54,6 +55,17 @@ async fn caller(
     protocol: ListenerProtocol,
     joins: bool,
 ) -> TestProxy {
+    caller_with(control, upstream, protocol, joins, |_| {}).await
+}
+
+/// [`caller`], with the upstream's configuration changed.
+async fn caller_with(
+    control: &TestControl,
+    upstream: &str,
+    protocol: ListenerProtocol,
+    joins: bool,
+    change: impl FnOnce(&mut UpstreamConfig),
+) -> TestProxy {
     let token = match joins {
         true => Some(join_token(control, "web").await),
         false => None,
@@ -65,6 +77,7 @@ async fn caller(
     };
     let proxy = TestProxy::builder()
         .upstream(upstream, &[])
+        .upstream_config(change)
         .outbound_with(upstream, protocol)
         .admin()
         .config(move |c| c.control = Some(control_config))
@@ -278,4 +291,63 @@ async fn an_instance_that_proves_another_service_is_refused_by_the_caller() {
     );
     assert_eq!(app.requests(), 0);
     assert!(security(&web, "outbound", "handshake-failed") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_under_continuous_traffic_without_a_failed_request() {
+    // 5 s certificates, renewed every ~3.5 s on both sides while requests flow, each on a
+    // new mTLS connection (the caller keeps no idle connection), so handshakes keep
+    // happening with the old certificates and then the new ones.
+    let control = TestControl::start_with_identity(IdentitySettings {
+        cert_ttl: Duration::from_secs(5),
+        ..IdentitySettings::default()
+    })
+    .await;
+    let app = HttpPeer::http1("checkout-app");
+    let checkout = server(
+        &control,
+        "checkout",
+        app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Strict,
+    )
+    .await;
+    let web = caller_with(&control, "checkout", ListenerProtocol::Auto, true, |u| {
+        u.max_idle_per_endpoint = 0;
+    })
+    .await;
+    let renewals = |proxy: &TestProxy| {
+        malla_tests::proxy::admin::metric(
+            &proxy.metrics_text(),
+            "malla_proxy_identity_certificate_requests_total",
+            &[("kind", "renewal"), ("result", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    let (mut ok, mut failed) = (0u64, Vec::new());
+    // Bounded: 30 s of traffic at most; two renewals on each side take ~7 s.
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (renewals(&web) < 2.0 || renewals(&checkout) < 2.0) && tokio::time::Instant::now() < until
+    {
+        let response = get(&web, Version::HTTP_11, "checkout").await;
+        match response.status {
+            200 => ok += 1,
+            _ => failed.push(format!("{}: {}", response.status, response.text())),
+        }
+    }
+    assert!(
+        renewals(&web) >= 2.0 && renewals(&checkout) >= 2.0,
+        "both sides renewed twice"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok
+    );
+    assert!(ok >= 20, "{ok} requests");
+    assert!(
+        security(&web, "outbound", "mtls") >= ok as f64,
+        "a handshake per request"
+    );
 }
