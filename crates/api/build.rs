@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/malla/registry/v1/registry.proto",
         "proto/malla/policy/v1/policy.proto",
         "proto/malla/identity/v1/identity.proto",
+        "proto/malla/authz/v1/authz.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

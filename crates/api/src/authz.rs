@@ -1,11 +1,29 @@
 //! Authorization policies ([`malla_core::authz`]) as JSON: how the control plane reads
-//! what an operator writes (`PUT /v1/authorizations/{service}`), strictly, with every
-//! problem named by its field.
+//! what an operator writes (`PUT /v1/authorizations/{service}`), and how a sidecar reads
+//! what the control plane sends (`malla.authz.v1.Authorizations`, [`AuthorizationState`]);
+//! both strictly, with every problem named by its field.
+//!
+//! Strictly on the sidecar too, unlike resilience policies ([`crate::policy`]): a field
+//! this version does not know may be a condition, and a rule read without one of its
+//! conditions matches more than it says; an allow rule would let in callers the operator
+//! meant to keep out. So a policy from a newer control plane that this sidecar cannot read
+//! whole is refused, and the one in force stays.
 
-use malla_core::{authz::AuthorizationPolicy, policy::FieldError};
+use malla_core::{
+    authz::{AuthorizationPolicy, CompiledPolicy},
+    identity::TrustDomain,
+    policy::FieldError,
+};
 use serde_json::Value;
 
-use crate::InvalidPolicy;
+use crate::{authz_pb as pb, InvalidPolicy};
+
+fn one(field: &str, message: String) -> InvalidPolicy {
+    InvalidPolicy(vec![FieldError {
+        field: field.to_string(),
+        message,
+    }])
+}
 
 /// Reads the authorization policy of `service` from JSON and validates it
 /// ([`AuthorizationPolicy::validate`]). `service` may be left out (it is then `service`);
@@ -13,12 +31,6 @@ use crate::InvalidPolicy;
 /// value of the wrong type are refused, naming the field (`rule[0].ports[0]: invalid
 /// type: string "80", expected u16`).
 pub fn parse_json(json: &[u8], service: &str) -> Result<AuthorizationPolicy, InvalidPolicy> {
-    let one = |field: &str, message: String| {
-        InvalidPolicy(vec![FieldError {
-            field: field.to_string(),
-            message,
-        }])
-    };
     let mut value: Value =
         serde_json::from_slice(json).map_err(|e| one("", format!("invalid JSON: {e}")))?;
     let Some(object) = value.as_object_mut() else {
@@ -39,16 +51,7 @@ pub fn parse_json(json: &[u8], service: &str) -> Result<AuthorizationPolicy, Inv
         }
         Some(_) => {}
     }
-    let policy: AuthorizationPolicy = serde_path_to_error::deserialize(&value).map_err(|e| {
-        // serde_path_to_error writes the root as "." and an unknown place as "?".
-        let field = e.path().to_string();
-        let field = if field == "." || field.contains('?') {
-            String::new()
-        } else {
-            field
-        };
-        one(&field, e.into_inner().to_string())
-    })?;
+    let policy = deserialize(&value)?;
     let errors = policy.validate();
     if errors.is_empty() {
         Ok(policy)
@@ -57,9 +60,132 @@ pub fn parse_json(json: &[u8], service: &str) -> Result<AuthorizationPolicy, Inv
     }
 }
 
+/// Reads a policy from a JSON value; a type error or an unknown field names its field.
+fn deserialize(value: &Value) -> Result<AuthorizationPolicy, InvalidPolicy> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        // serde_path_to_error writes the root as "." and an unknown place as "?".
+        let field = e.path().to_string();
+        let field = if field == "." || field.contains('?') {
+            String::new()
+        } else {
+            field
+        };
+        one(&field, e.into_inner().to_string())
+    })
+}
+
+/// What one `AuthorizationUpdate` says: the policy in force for a service, ready to
+/// decide, or none (every caller allowed).
+#[derive(Clone, Debug)]
+pub struct AuthorizationState {
+    /// The store revision of the policy's last write; 0 without a policy.
+    pub version: u64,
+    /// The policy compiled for the mesh's trust domain.
+    pub policy: Option<CompiledPolicy>,
+}
+
+impl AuthorizationState {
+    /// Reads an update of the policy of `service`: `Err` when its policy cannot be used
+    /// (then the caller keeps the one it has).
+    pub fn from_update(
+        update: &pb::AuthorizationUpdate,
+        service: &str,
+    ) -> Result<Self, InvalidPolicy> {
+        if update.policy_json.is_empty() {
+            return Ok(AuthorizationState {
+                version: update.version,
+                policy: None,
+            });
+        }
+        let domain = TrustDomain::new(&update.trust_domain)
+            .map_err(|e| one("trust_domain", e.to_string()))?;
+        let value: Value = serde_json::from_str(&update.policy_json)
+            .map_err(|e| one("", format!("invalid JSON: {e}")))?;
+        let policy = deserialize(&value)?;
+        if policy.service != service {
+            return Err(one(
+                "service",
+                format!(
+                    "{:?} is not the service watched ({service:?})",
+                    policy.service
+                ),
+            ));
+        }
+        let compiled = policy.compile(&domain).map_err(InvalidPolicy)?;
+        Ok(AuthorizationState {
+            version: update.version,
+            policy: Some(compiled),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use malla_core::{
+        authz::{Action, Request},
+        SpiffeId,
+    };
+
     use super::*;
+
+    fn update(version: u64, json: &str, domain: &str) -> pb::AuthorizationUpdate {
+        pb::AuthorizationUpdate {
+            version,
+            policy_json: json.into(),
+            trust_domain: domain.into(),
+        }
+    }
+
+    #[test]
+    fn updates_become_compiled_states_or_are_refused_whole() {
+        let none = AuthorizationState::from_update(&update(0, "", ""), "payments").unwrap();
+        assert_eq!(none.version, 0);
+        assert!(none.policy.is_none());
+
+        // A service named in `from` means the mesh's trust domain, as the update says.
+        let json = r#"{"service": "payments", "default": "deny",
+                       "rule": [{"action": "allow", "from": ["checkout"]}]}"#;
+        let state =
+            AuthorizationState::from_update(&update(7, json, "prod.example"), "payments").unwrap();
+        assert_eq!(state.version, 7);
+        let policy = state.policy.unwrap();
+        let decide = |id: &str| {
+            let id = SpiffeId::parse(id).unwrap();
+            policy
+                .decide(&Request {
+                    source: Some(&id),
+                    port: 8080,
+                    l7: None,
+                })
+                .action
+        };
+        assert_eq!(decide("spiffe://prod.example/svc/checkout"), Action::Allow);
+        assert_eq!(decide("spiffe://malla.local/svc/checkout"), Action::Deny);
+
+        // Refused whole: another service's, a field this version does not know (it may be
+        // a condition), an invalid value, a bad trust domain, broken JSON.
+        for (bad, field) in [
+            (r#"{"service": "billing"}"#, "service"),
+            (
+                r#"{"service": "payments", "rule": [{"action": "allow", "headers": ["x"]}]}"#,
+                "rule[0].headers",
+            ),
+            (
+                r#"{"service": "payments", "rule": [{"action": "allow", "ports": [0]}]}"#,
+                "rule[0].ports[0]",
+            ),
+            (r#"{"service": "payments""#, ""),
+        ] {
+            let err = AuthorizationState::from_update(&update(8, bad, "malla.local"), "payments")
+                .unwrap_err();
+            assert_eq!(err.0[0].field, field, "{bad}: {err}");
+        }
+        let err = AuthorizationState::from_update(&update(8, json, "Not A Domain"), "payments")
+            .unwrap_err();
+        assert_eq!(err.0[0].field, "trust_domain");
+    }
 
     #[test]
     fn the_service_comes_from_the_path_and_every_problem_is_named() {

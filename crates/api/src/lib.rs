@@ -10,6 +10,9 @@
 //!   resilience events it observes.
 //! - `malla.identity.v1.Identity` (`proto/malla/identity/v1/identity.proto`): a sidecar
 //!   gets its service's certificate from the control plane's CA and renews it.
+//! - `malla.authz.v1.Authorizations` (`proto/malla/authz/v1/authz.proto`): a sidecar
+//!   watches the authorization policy of its own service ([`authz`]), which decides who
+//!   may call it.
 //!
 //! This crate sits between the domain model and the two processes that speak the API:
 //!
@@ -39,12 +42,23 @@ pub mod policy_pb {
     tonic::include_proto!("malla.policy.v1");
 }
 
+/// The generated messages and stubs of `malla.authz.v1`.
+pub mod authz_pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("malla.authz.v1");
+}
+
 /// The generated messages and stubs of `malla.identity.v1`.
 pub mod identity_pb {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("malla.identity.v1");
 }
 
+pub use authz::AuthorizationState;
+pub use authz_pb::authorizations_client::AuthorizationsClient;
+pub use authz_pb::authorizations_server::{
+    Authorizations as AuthorizationsService, AuthorizationsServer,
+};
 pub use convert::{ConversionError, Registration, WatchEvent, WatchTarget};
 pub use identity_pb::identity_client::IdentityClient;
 pub use identity_pb::identity_server::{Identity as IdentityService, IdentityServer};

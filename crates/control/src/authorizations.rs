@@ -1,7 +1,7 @@
 //! Authorization policies as resources: at most one [`AuthorizationPolicy`] per service,
-//! deciding who may call that service and what, written by `malla apply` (HTTP API). The
-//! view and its change broadcast are kept for the sidecars' watch (the inbound sidecar
-//! enforces them; not yet).
+//! deciding who may call that service and what, written by `malla apply` (HTTP API) and
+//! streamed to the sidecars of that service (gRPC `WatchAuthorization`): the destination
+//! decides, on its inbound side.
 //!
 //! Keys:
 //!

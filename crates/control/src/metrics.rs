@@ -52,6 +52,8 @@ pub enum WatchKind {
     Registry,
     /// `Policies/WatchPolicy`: a service's resilience policy.
     Policy,
+    /// `Authorizations/WatchAuthorization`: a service's authorization policy.
+    Authorization,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -312,6 +314,7 @@ impl Metrics {
                 kind: match kind {
                     WatchKind::Registry => "registry",
                     WatchKind::Policy => "policy",
+                    WatchKind::Authorization => "authorization",
                 },
             })
             .clone();
