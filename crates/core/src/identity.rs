@@ -14,6 +14,8 @@
 
 use std::fmt;
 
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
+
 use crate::ServiceName;
 
 /// Longest SPIFFE ID, in bytes (the standard's limit).
@@ -155,6 +157,24 @@ impl std::str::FromStr for SpiffeId {
 
     fn from_str(s: &str) -> Result<Self, IdentityError> {
         SpiffeId::parse(s)
+    }
+}
+
+/// The SPIFFE ID an X.509 SVID proves: its one URI SAN. Refused, with the reason: no
+/// subject alternative names, no URI SAN, more than one, or one that is not a SPIFFE ID.
+pub fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, String> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("its subject alternative names do not parse ({e})"))?
+        .ok_or("it has no SPIFFE ID (no subject alternative name)")?;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => SpiffeId::parse(uri).map_err(|e| e.to_string()),
+        (None, _) => Err("it has no SPIFFE ID (no URI SAN)".into()),
+        (Some(_), Some(_)) => Err("it has more than one URI SAN".into()),
     }
 }
 

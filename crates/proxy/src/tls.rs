@@ -33,7 +33,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
     SignatureScheme,
 };
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::identity::{IdentityState, Svid};
 
@@ -257,15 +257,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// The SPIFFE ID of a certificate: its one URI SAN, when that is a valid SPIFFE ID.
 pub fn spiffe_id(der: &[u8]) -> Option<SpiffeId> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
-    match (uris.next(), uris.next()) {
-        (Some(uri), None) => SpiffeId::parse(uri).ok(),
-        _ => None,
-    }
+    malla_core::identity::spiffe_id_of(&cert).ok()
 }
 
 /// The key exchange group a finished handshake agreed (`X25519MLKEM768`...), for metrics.

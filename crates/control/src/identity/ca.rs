@@ -15,15 +15,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use malla_core::{ServiceName, SpiffeId, TrustDomain};
+use malla_core::{identity::spiffe_id_of, ServiceName, SpiffeId, TrustDomain};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
     PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
 };
 use x509_parser::{
-    certificate::X509Certificate, certification_request::X509CertificationRequest,
-    extensions::GeneralName, prelude::FromDer,
+    certificate::X509Certificate, certification_request::X509CertificationRequest, prelude::FromDer,
 };
 
 /// Longest CSR or certificate accepted, in bytes of DER: a P-256 CSR is ~250 bytes, a
@@ -349,23 +348,6 @@ fn csr_key(der: &[u8]) -> Result<CsrKey, IssueError> {
         der: info.subject_public_key.data.to_vec(),
         spki,
     })
-}
-
-/// The one URI SAN of a certificate, as a SPIFFE ID.
-fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, String> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("its subject alternative names do not parse ({e})"))?
-        .ok_or("it has no SPIFFE ID (no subject alternative name)")?;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
-    match (uris.next(), uris.next()) {
-        (Some(uri), None) => SpiffeId::parse(uri).map_err(|e| e.to_string()),
-        (None, _) => Err("it has no SPIFFE ID (no URI SAN)".into()),
-        (Some(_), Some(_)) => Err("it has more than one URI SAN".into()),
-    }
 }
 
 fn random_serial() -> SerialNumber {
