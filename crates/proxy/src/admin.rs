@@ -146,6 +146,7 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
                 "draining": shared.is_draining(),
                 "config": shared.config,
                 "control": discovery.map(|d| d.to_json()),
+                "authorization": discovery.and_then(|d| d.authorization_json()),
                 "upstreams": upstreams,
             });
             Response::builder()

@@ -17,6 +17,9 @@
 //! - **Policies** ([`policy`]): every upstream, discovered or static, follows the
 //!   resilience policy of its service (`WatchPolicy`); each valid version becomes
 //!   [`Upstream::set_policy`], an invalid one is refused and the version in force stays.
+//! - **Authorization** ([`authz`]), when `control.service` is set: the proxy follows the
+//!   authorization policy of its own service (`WatchAuthorization`); each valid version is
+//!   put in force in its [`Authorizer`], which the inbound side asks per call.
 //! - **Events** ([`events`]): the resilience events the upstreams record (ejections,
 //!   panic mode, limits hit...) are sent in batches with `ReportEvents`.
 //!
@@ -38,11 +41,13 @@
 //! [`DiscoveryStatus`]: metrics `malla_proxy_control_*` and the `control` /
 //! `upstreams[].discovery` parts of `/config`.
 
+mod authz;
 mod backoff;
 mod events;
 mod identity;
 mod policy;
 mod registration;
+mod state_stream;
 mod watch;
 
 use std::{
@@ -57,7 +62,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use malla_api::{IdentityClient, PoliciesClient, Registration, RegistryClient, WatchTarget};
+use malla_api::{
+    AuthorizationsClient, IdentityClient, PoliciesClient, Registration, RegistryClient, WatchTarget,
+};
 use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -65,6 +72,7 @@ use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::{
+    authz::Authorizer,
     config::{ControlPlaneConfig, ListenerProtocol, ProxyConfig},
     identity::IdentityState,
     listener::Shared,
@@ -99,6 +107,8 @@ pub struct DiscoveryStatus {
     /// This sidecar's certificate, when it has a join token for its service or keeps its
     /// identity in a directory.
     identity: Option<(Arc<IdentityState>, identity::Credentials)>,
+    /// The authorization policy of this sidecar's service, when it registers one.
+    authz: Option<Arc<authz::AuthzWatch>>,
 }
 
 /// The registration of this proxy's instance.
@@ -200,12 +210,19 @@ impl DiscoveryStatus {
             )),
             _ => None,
         };
+        let authz = registration.as_ref().map(|r| {
+            Arc::new(authz::AuthzWatch::new(Authorizer::new(
+                r.service.clone(),
+                metrics,
+            )))
+        });
         Ok(Some(DiscoveryStatus {
             url: control.url.clone(),
             registration,
             watches,
             policies,
             identity,
+            authz,
         }))
     }
 
@@ -258,6 +275,19 @@ impl DiscoveryStatus {
     /// This sidecar's identity, when it has one configured (a join token for its service).
     pub fn identity(&self) -> Option<&Arc<IdentityState>> {
         self.identity.as_ref().map(|(state, _)| state)
+    }
+
+    /// This sidecar's authorization state, for the inbound side to [`Authorizer::check`]
+    /// each call with; `None` when the sidecar registers no service (no policy can apply:
+    /// every call is allowed).
+    pub fn authorizer(&self) -> Option<&Arc<Authorizer>> {
+        self.authz.as_ref().map(|w| &w.authorizer)
+    }
+
+    /// The `authorization` part of `/config`: the policy in force (version, mode, default,
+    /// rules) and its watch; `None` when the sidecar registers no service.
+    pub fn authorization_json(&self) -> Option<serde_json::Value> {
+        self.authz.as_ref().map(|w| w.to_json())
     }
 
     /// The control-plane policy version in force for an upstream, if any.
@@ -418,6 +448,7 @@ async fn run(
     let channel = endpoint.connect_lazy();
     let client = RegistryClient::new(channel.clone());
     let identity_client = IdentityClient::new(channel.clone());
+    let authorizations = AuthorizationsClient::new(channel.clone());
     let policies = PoliciesClient::new(channel);
     info!(url = %control.url, upstreams = status.watches.len(), policies = status.policies.len(), registers = registration.is_some(), "following the control plane");
     let mut tasks = tokio::task::JoinSet::new();
@@ -466,6 +497,9 @@ async fn run(
             ready,
             deregister,
         ));
+    }
+    if let Some(watch) = &status.authz {
+        tasks.spawn(authz::run(authorizations, watch.clone()));
     }
     for (name, watch_status) in &status.watches {
         let Some(upstream) = shared.upstreams.get(name).cloned() else {

@@ -17,6 +17,7 @@
 //! [`error`]. The crate is a library; `malla proxy` is a thin command over [`start`].
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 mod call;
 pub mod config;

@@ -107,6 +107,18 @@ struct ControlFamilies {
     certificate_requests: Family<CertificateRequestLabels, Counter>,
     inbound_connections: Family<SecurityLabels, Counter>,
     outbound_connections: Family<SecurityLabels, Counter>,
+    authz_decisions: Family<AuthzDecisionLabels, Counter>,
+}
+
+/// One inbound authorization decision (see [`crate::authz`], which bounds `source`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzDecisionLabels {
+    /// `allow`, `deny`, or `audit_deny` (would deny; let through by a policy in audit mode).
+    pub decision: &'static str,
+    /// The caller's SPIFFE ID, `unauthenticated` (plaintext), or `other`.
+    pub source: String,
+    /// `http1`, `http2`, `grpc` or `tcp`.
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -175,6 +187,11 @@ impl ControlFamilies {
             "inbound_connections_by_security",
             "Inbound connections by how they were secured: mtls, handshake-failed, plaintext (permissive) or plaintext-refused (strict), with the mTLS key exchange group",
             self.inbound_connections.clone(),
+        );
+        registry.register(
+            "inbound_authz_decisions",
+            "Decisions of this sidecar's authorization policy on inbound calls (while one is in force), by decision (allow, deny, audit_deny), caller (SPIFFE ID or unauthenticated) and protocol",
+            self.authz_decisions.clone(),
         );
         registry.register(
             "outbound_connections_by_security",
@@ -370,6 +387,11 @@ impl Metrics {
             .outbound_connections
             .get_or_create(&SecurityLabels { security, group })
             .inc();
+    }
+
+    /// The family of inbound authorization decisions ([`crate::authz`] keeps the handles).
+    pub(crate) fn authz_decisions(&self) -> Family<AuthzDecisionLabels, Counter> {
+        self.control().authz_decisions.clone()
     }
 
     /// The handles of this sidecar's certificate requests.

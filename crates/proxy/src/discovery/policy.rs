@@ -1,7 +1,7 @@
-//! Following the resilience policy of one upstream's service: `WatchPolicy`, each state
-//! read and validated (`malla_api::PolicyState`, the same checks the control plane made
-//! when the policy was written) and put in force with [`Upstream::set_policy`];
-//! reconnecting with backoff when the stream breaks.
+//! Following the resilience policy of one upstream's service: `WatchPolicy` (a
+//! [`super::state_stream`]), each state read and validated (`malla_api::PolicyState`, the
+//! same checks the control plane made when the policy was written) and put in force with
+//! [`Upstream::set_policy`].
 //!
 //! Every upstream follows its service's policy, discovered or static: a policy is about
 //! the callers of a service, whichever way they find its endpoints.
@@ -14,40 +14,29 @@
 //! other reason (a bound it checks differently, a value of a type it does not expect) is
 //! refused whole: the policy in force stays, the refusal is logged, counted and shown in
 //! `/config`.
-//!
-//! While the control plane is away the policy in force stays, as the endpoints do; a
-//! reconnection starts with the current state, which is applied only if its version
-//! differs from the one in force.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex,
 };
 
 use malla_api::{policy_pb as pb, PoliciesClient, PolicyState};
 use malla_core::ServiceName;
 use serde_json::json;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::{backoff::Backoff, get_error, set_error, RETRY_BASE, RETRY_MAX};
+use super::state_stream::{self, StreamStatus, Subject};
 use crate::upstream::Upstream;
-
-/// Longest wait for a new stream's first message.
-const START_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One upstream's policy watch, for `/config`.
 pub(crate) struct PolicyStatus {
     pub(super) service: ServiceName,
     /// The control-plane version in force; 0: none (local policy or defaults).
     version: AtomicU64,
-    connected: AtomicBool,
+    stream: StreamStatus,
     /// Policies received and refused (invalid for this sidecar).
     rejected: AtomicU64,
-    last_error: Mutex<Option<String>>,
     /// Fields of the control-plane policy in force that this sidecar ignored.
     unknown_fields: Mutex<Vec<String>>,
 }
@@ -57,9 +46,8 @@ impl PolicyStatus {
         PolicyStatus {
             service,
             version: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
+            stream: StreamStatus::default(),
             rejected: AtomicU64::new(0),
-            last_error: Mutex::new(None),
             unknown_fields: Mutex::new(Vec::new()),
         }
     }
@@ -86,86 +74,38 @@ impl PolicyStatus {
     pub(super) fn to_json(&self) -> serde_json::Value {
         json!({
             "service": self.service,
-            "connected": self.connected.load(Ordering::Relaxed),
+            "connected": self.stream.connected(),
             "version": self.version(),
             "rejected": self.rejected.load(Ordering::Relaxed),
-            "last_error": get_error(&self.last_error),
+            "last_error": self.stream.last_error(),
             "unknown_fields": self.unknown_fields(),
         })
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum WatchError {
-    #[error("{:?}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
-    #[error("the control plane ended the stream")]
-    Ended,
-    #[error("no policy state within {START_TIMEOUT:?}")]
-    Timeout,
-}
-
 pub(super) async fn run(
-    mut client: PoliciesClient<Channel>,
+    client: PoliciesClient<Channel>,
     upstream: Arc<Upstream>,
     status: Arc<PolicyStatus>,
 ) {
-    let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
-    let mut streams = 0u64;
-    loop {
-        let before = streams;
-        let error = follow(&mut client, &upstream, &status, &mut backoff, &mut streams).await;
-        status.connected.store(false, Ordering::Relaxed);
-        set_error(&status.last_error, Some(error.to_string()));
-        let wait = backoff.next_delay();
-        if streams > before {
-            warn!(upstream = %upstream.name(), %error, retry_in = ?wait, version = status.version(), "lost the policy stream; keeping the policy in force");
-        } else {
-            debug!(upstream = %upstream.name(), %error, retry_in = ?wait, "cannot watch the policy; retrying");
-        }
-        tokio::time::sleep(wait).await;
-    }
-}
-
-/// One stream, from the request to its end.
-async fn follow(
-    client: &mut PoliciesClient<Channel>,
-    upstream: &Upstream,
-    status: &PolicyStatus,
-    backoff: &mut Backoff,
-    streams: &mut u64,
-) -> WatchError {
-    let request = pb::WatchPolicyRequest {
-        service: status.service.to_string(),
-    };
-    let start = async {
-        let mut stream = client.watch_policy(request).await?.into_inner();
-        let first = stream.message().await?;
-        Ok::<_, tonic::Status>((stream, first))
-    };
-    let (mut stream, mut next) = match tokio::time::timeout(START_TIMEOUT, start).await {
-        Ok(Ok(started)) => started,
-        Ok(Err(status)) => return status.into(),
-        Err(_) => return WatchError::Timeout,
-    };
-    if next.is_none() {
-        return WatchError::Ended;
-    }
-    *streams += 1;
-    status.connected.store(true, Ordering::Relaxed);
-    set_error(&status.last_error, None);
-    backoff.reset();
-    loop {
-        let message = match next.take() {
-            Some(message) => message,
-            None => match stream.message().await {
-                Ok(Some(message)) => message,
-                Ok(None) => return WatchError::Ended,
-                Err(status) => return status.into(),
-            },
+    let of = format!("upstream {}", upstream.name());
+    let in_force = || status.version();
+    let open = || {
+        let mut client = client.clone();
+        let request = pb::WatchPolicyRequest {
+            service: status.service.to_string(),
         };
-        apply(&message, upstream, status);
-    }
+        async move { client.watch_policy(request).await }
+    };
+    let subject = Subject {
+        what: "policy",
+        of: &of,
+        in_force: &in_force,
+    };
+    state_stream::follow(subject, &status.stream, open, |message| {
+        apply(&message, &upstream, &status)
+    })
+    .await;
 }
 
 /// Puts one received state in force, unless it is already, or cannot be used.
@@ -177,7 +117,7 @@ fn apply(message: &pb::PolicyUpdate, upstream: &Upstream, status: &PolicyStatus)
             upstream.upstream_metrics.policy_rejected.inc();
             let error = format!("policy version {} refused: {e}", message.version);
             warn!(upstream = %upstream.name(), service = %status.service, version = message.version, in_force = status.version(), error = %e, "refusing a policy this sidecar cannot use; keeping the one in force");
-            set_error(&status.last_error, Some(error));
+            status.stream.set_error(Some(error));
             return;
         }
     };
@@ -207,7 +147,7 @@ fn apply(message: &pb::PolicyUpdate, upstream: &Upstream, status: &PolicyStatus)
         }
     }
     status.version.store(state.version, Ordering::Relaxed);
-    set_error(&status.last_error, None);
+    status.stream.set_error(None);
 }
 
 #[cfg(test)]
@@ -270,7 +210,7 @@ mod tests {
             source(&upstream),
             json!({"source": "control-plane", "version": 12})
         );
-        let error = get_error(&status.last_error).unwrap();
+        let error = status.stream.last_error().unwrap();
         assert!(
             error.starts_with("policy version 13 refused: service"),
             "{error}"
@@ -284,7 +224,7 @@ mod tests {
         }
         assert_eq!(status.version(), Some(14));
         assert_eq!(status.rejected.load(Ordering::Relaxed), 3);
-        assert_eq!(get_error(&status.last_error), None);
+        assert_eq!(status.stream.last_error(), None);
         assert_eq!(
             status.to_json()["unknown_fields"],
             json!(["retries.hedging", "mirror"])
@@ -310,6 +250,6 @@ mod tests {
         apply(&update(0, ""), &upstream, &status);
         assert_eq!(source(&upstream), json!({"source": "defaults"}));
         assert_eq!(status.version(), None);
-        assert_eq!(get_error(&status.last_error), None);
+        assert_eq!(status.stream.last_error(), None);
     }
 }
