@@ -14,6 +14,9 @@
 //!   `cross_version` style): a [`cross_version::Flavor`] starts the matching peer and client.
 //! - [`control`]: [`control::TestControl`], the control plane in-process over a temporary
 //!   data directory (stop, restart on the same directory), and a JSON client for its API.
+//! - [`identity`] and [`mesh`]: workload certificates, and sidecars that join a test control
+//!   plane's mesh with join tokens (servers in front of an app, callers of discovered
+//!   services).
 //! - [`assert_eventually!`]: poll a condition a bounded number of times instead of sleeping.
 
 pub mod body;
@@ -22,6 +25,7 @@ pub mod control;
 pub mod cross_version;
 pub mod eventually;
 pub mod identity;
+pub mod mesh;
 pub mod peers;
 pub mod proxy;
 

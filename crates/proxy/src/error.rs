@@ -66,6 +66,10 @@ pub enum ProxyError {
     DeadlineExceeded { budget: Duration },
     #[error("fault injected by policy (status {status})")]
     FaultAbort { status: u16 },
+    /// The callee's authorization policy denies the call (`reason`: the caller and the
+    /// verdict, never the rules themselves).
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: String },
 }
 
 impl ProxyError {
@@ -93,6 +97,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
             ProxyError::FaultAbort { .. } => "fault-injected",
+            ProxyError::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -122,6 +127,7 @@ impl ProxyError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
             ProxyError::HeadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -132,12 +138,14 @@ impl ProxyError {
         const DEADLINE_EXCEEDED: u8 = 4;
         const UNIMPLEMENTED: u8 = 12;
         const RESOURCE_EXHAUSTED: u8 = 8;
+        const PERMISSION_DENIED: u8 = 7;
         match self {
             ProxyError::NoRoute { .. } | ProxyError::NotImplemented(_) => UNIMPLEMENTED,
             ProxyError::ResponseTimeout { .. } | ProxyError::DeadlineExceeded { .. } => {
                 DEADLINE_EXCEEDED
             }
             ProxyError::RateLimited { .. } => RESOURCE_EXHAUSTED,
+            ProxyError::Forbidden { .. } => PERMISSION_DENIED,
             ProxyError::FaultAbort { status } => grpc_status_for_http(*status),
             ProxyError::UpstreamProtocol { .. }
             | ProxyError::BadRequest(_)

@@ -56,6 +56,7 @@ use self::{
     head::{BodyKind, Parsed, RequestInfo},
 };
 use crate::{
+    authz,
     call::{Answer, Call},
     config::Limits,
     error::ProxyError,
@@ -128,7 +129,9 @@ pub(crate) async fn serve(
                 break;
             }
         };
-        let upstream = match ctx.route(info.host.map(|(a, b)| &buf[a..b])) {
+        let upstream = match authorize(ctx, identity, &buf, &info)
+            .and_then(|()| ctx.route(info.host.map(|(a, b)| &buf[a..b])))
+        {
             Ok(u) => u,
             Err(err) => {
                 buf.advance(info.head_len);
@@ -152,6 +155,30 @@ pub(crate) async fn serve(
     if let Some(up) = s.held.take() {
         up.release();
     }
+}
+
+/// The inbound authorization stage for one request (a no-op elsewhere, and while no
+/// policy is in force).
+fn authorize(
+    ctx: &ListenerCtx,
+    identity: Option<&malla_core::SpiffeId>,
+    buf: &[u8],
+    info: &RequestInfo,
+) -> Result<(), ProxyError> {
+    let Some(authorizer) = ctx.enforcing() else {
+        return Ok(());
+    };
+    let (method, content_type) = head::method_and_content_type(&buf[..info.head_len]);
+    let target = info.path(buf);
+    let call = authz::Inbound::http(
+        identity,
+        ctx.port,
+        authz::HttpVersion::Http1,
+        method,
+        &target,
+        content_type,
+    );
+    crate::inbound::authorize(authorizer, &call)
 }
 
 impl Session<'_> {

@@ -83,6 +83,7 @@ use self::{
     rewind::Rewind,
 };
 use crate::{
+    authz,
     call::{Answer, Call, Claim},
     error::ProxyError,
     forwarding,
@@ -117,7 +118,8 @@ struct Downstream {
     client: IpAddr,
     /// `X-Forwarded-For` for requests that carry none, built once per connection.
     xff: HeaderValue,
-    /// `malla-client-id`: the SPIFFE ID the caller proved with mTLS.
+    /// The SPIFFE ID the caller proved with mTLS, and as `malla-client-id`.
+    peer: Option<malla_core::SpiffeId>,
     identity: Option<HeaderValue>,
     /// Streams opened so far, and those whose response is still being relayed: the idle
     /// check compares the first between two ticks and leaves busy connections alone.
@@ -160,6 +162,7 @@ pub(crate) async fn serve(
         xff: HeaderValue::try_from(client.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         identity: identity.and_then(|id| HeaderValue::try_from(id.to_string()).ok()),
+        peer: identity.cloned(),
         streams: AtomicU64::new(0),
         relaying: AtomicU64::new(0),
         replay_budget: Arc::new(ReplayBudget::new(CONNECTION_REPLAY_BUDGET)),
@@ -238,6 +241,12 @@ async fn forward(
     let _busy = Relaying::new(&down);
     let arrived = Instant::now();
     let grpc = is_grpc(req.headers());
+    if let Some(authorizer) = down.ctx.enforcing() {
+        let call = authz::Inbound::from_request(down.peer.as_ref(), down.ctx.port, &req);
+        if let Err(e) = crate::inbound::authorize(authorizer, &call) {
+            return Ok(e.http_response(grpc, None));
+        }
+    }
     let (head, body) = match upstream_head(&down, req) {
         Ok(prepared) => prepared,
         Err(e) => return Ok(e.http_response(grpc, None)),

@@ -6,7 +6,8 @@
 //! ```text
 //! accept -> mTLS ([`accept`]: the caller's identity from its certificate)
 //!   -> detect (HTTP/1 | HTTP/2 | TCP)
-//!   -> [authorization: may that identity call this service?]
+//!   -> authorization ([`authorize`]: may that identity make this call to this service?
+//!      per request for HTTP, once per connection for TCP)
 //!   -> mesh headers at the edge (below) -> the call to the one local endpoint
 //!   -> the application's response, its mesh headers checked
 //! ```
@@ -49,7 +50,9 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::{
+    authz::{self, Authorizer},
     config::{MtlsMode, UpstreamConfig},
+    error::ProxyError,
     listener::Shared,
     stream::Stream,
     tls::{self, MeshTls},
@@ -132,6 +135,26 @@ pub(crate) async fn accept(
             None
         }
     }
+}
+
+/// The authorization stage: the call goes on when the service's policy allows it (or only
+/// audits its denial); a denied one is answered `403 forbidden` (gRPC `PERMISSION_DENIED`)
+/// or, for TCP, closed. The error names the caller and the verdict, not the rules.
+pub(crate) fn authorize(
+    authorizer: &Authorizer,
+    call: &authz::Inbound<'_>,
+) -> Result<(), ProxyError> {
+    let verdict = authorizer.check(call);
+    if verdict.allowed() {
+        return Ok(());
+    }
+    let caller = call.source.map_or_else(
+        || "an unauthenticated caller (no mTLS)".to_string(),
+        ToString::to_string,
+    );
+    Err(ProxyError::Forbidden {
+        reason: format!("{caller} may not call {}: {verdict}", authorizer.service()),
+    })
 }
 
 /// How recent an upstream's failure must be for the application's claim to relay it.

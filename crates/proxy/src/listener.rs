@@ -85,9 +85,21 @@ pub(crate) struct ListenerCtx {
     pub metrics_http1: ListenerMetrics,
     pub metrics_http2: ListenerMetrics,
     pub metrics_tcp: ListenerMetrics,
+    /// The port it listens on (every worker binds the same): the port a caller called,
+    /// for authorization.
+    pub port: u16,
+    /// Inbound only, when this sidecar registers a service: its authorization policy
+    /// ([`crate::inbound::authorize`]).
+    pub authorizer: Option<Arc<crate::authz::Authorizer>>,
 }
 
 impl ListenerCtx {
+    /// The authorizer to ask, when an authorization policy is in force (inbound only).
+    /// Without one every call is allowed, and a call skips reading what a decision needs.
+    pub fn enforcing(&self) -> Option<&crate::authz::Authorizer> {
+        self.authorizer.as_deref().filter(|a| a.version().is_some())
+    }
+
     /// The upstream for a request with this `Host` / `:authority` (if any).
     pub fn route(&self, host: Option<&[u8]>) -> Result<&Arc<Upstream>, ProxyError> {
         match &self.target {

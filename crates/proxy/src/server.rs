@@ -263,12 +263,22 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
             "inbound" => bound.inbound = Some(actual),
             _ => bound.outbound.push(actual),
         }
+        let direction = if name == "inbound" {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        };
+        let authorizer = match direction {
+            Direction::Inbound => shared
+                .discovery
+                .as_deref()
+                .and_then(|d| d.authorizer().cloned()),
+            Direction::Outbound => None,
+        };
         let ctx = Arc::new(ListenerCtx {
-            direction: if name == "inbound" {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            },
+            direction,
+            port: actual.port(),
+            authorizer,
             metrics_http1: shared.metrics.listener(&name, "http1"),
             metrics_http2: shared.metrics.listener(&name, "http2"),
             metrics_tcp: shared.metrics.listener(&name, "tcp"),
@@ -442,6 +452,13 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
         }
         Detected::Tcp => match ctx.tcp_upstream() {
             Some(upstream) => {
+                if let Some(authorizer) = ctx.enforcing() {
+                    let call = crate::authz::Inbound::tcp(identity.as_ref(), ctx.port);
+                    if let Err(e) = inbound::authorize(authorizer, &call) {
+                        debug!(%peer, error = %e, "tcp: connection closed");
+                        return;
+                    }
+                }
                 let _conn = ctx.metrics_tcp.track();
                 tcp::proxy(stream, buf, upstream).await;
             }

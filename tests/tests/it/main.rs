@@ -51,6 +51,7 @@ macro_rules! cross_version {
 }
 
 mod admin;
+mod authz_enforce;
 mod bad_input;
 mod balancing;
 mod control;

@@ -7,45 +7,21 @@
 //! mode refuses; an instance that proves another service's identity is refused by the
 //! caller with an error that names the identity it expected.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use http::Version;
 use malla_control::registry::Registration;
 use malla_control::server::IdentitySettings;
 use malla_core::ServiceName;
-use malla_proxy::config::{ListenerProtocol, MtlsMode, UpstreamConfig};
+use malla_proxy::config::{ListenerProtocol, MtlsMode};
 use malla_tests::{
-    assert_eventually,
     client::{self, collect, Collected},
     control::TestControl,
-    identity::{join_token, joined, wait_for_certificate},
+    mesh::{security, server, Caller},
     peers::{HttpPeer, TcpPeer},
     proxy::TestProxy,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A sidecar of `service` in front of `app`, joined with a fresh token (or none), its
-/// inbound listener in `mode`.
-async fn server(
-    control: &TestControl,
-    service: &str,
-    app: SocketAddr,
-    protocol: ListenerProtocol,
-    mode: MtlsMode,
-) -> TestProxy {
-    let token = join_token(control, service).await;
-    let control_config = joined(control, service, Some(token));
-    let proxy = TestProxy::builder()
-        .inbound(app, protocol)
-        .admin()
-        .config(move |c| {
-            c.inbound.as_mut().unwrap().mtls = mode;
-            c.control = Some(control_config);
-        })
-        .start();
-    wait_for_certificate(&proxy).await;
-    proxy
-}
 
 /// A sidecar of `web` whose app calls `upstream` (discovered) on its outbound listener;
 /// with a join token when `joins`.
@@ -55,51 +31,15 @@ async fn caller(
     protocol: ListenerProtocol,
     joins: bool,
 ) -> TestProxy {
-    caller_with(control, upstream, protocol, joins, |_| {}).await
+    web(upstream, protocol, joins).start(control).await
 }
 
-/// [`caller`], with the upstream's configuration changed.
-async fn caller_with(
-    control: &TestControl,
-    upstream: &str,
-    protocol: ListenerProtocol,
-    joins: bool,
-    change: impl FnOnce(&mut UpstreamConfig),
-) -> TestProxy {
-    let token = match joins {
-        true => Some(join_token(control, "web").await),
-        false => None,
-    };
-    // No inbound listener of its own: it registers an address nobody calls.
-    let control_config = malla_proxy::config::ControlPlaneConfig {
-        register_address: Some("127.0.0.1:4143".parse().unwrap()),
-        ..joined(control, "web", token)
-    };
-    let proxy = TestProxy::builder()
-        .upstream(upstream, &[])
-        .upstream_config(change)
-        .outbound_with(upstream, protocol)
-        .admin()
-        .config(move |c| c.control = Some(control_config))
-        .start();
-    if joins {
-        wait_for_certificate(&proxy).await;
+fn web<'a>(upstream: &'a str, protocol: ListenerProtocol, joins: bool) -> Caller<'a> {
+    Caller {
+        service: "web",
+        joins,
+        upstreams: vec![(upstream, protocol)],
     }
-    let upstream = proxy.upstream(upstream);
-    assert_eventually!(
-        !upstream.endpoints().is_empty(),
-        "the caller never discovered an endpoint"
-    );
-    proxy
-}
-
-fn security(proxy: &TestProxy, direction: &str, security: &str) -> f64 {
-    let text = proxy.metrics_text();
-    let name = format!("malla_proxy_{direction}_connections_by_security_total");
-    text.lines()
-        .filter(|l| l.starts_with(&name) && l.contains(&format!("security=\"{security}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn get(proxy: &TestProxy, version: Version, authority: &str) -> Collected {
@@ -312,10 +252,9 @@ async fn certificates_renew_under_continuous_traffic_without_a_failed_request() 
         MtlsMode::Strict,
     )
     .await;
-    let web = caller_with(&control, "checkout", ListenerProtocol::Auto, true, |u| {
-        u.max_idle_per_endpoint = 0;
-    })
-    .await;
+    let web = web("checkout", ListenerProtocol::Auto, true)
+        .start_with(&control, |u| u.max_idle_per_endpoint = 0)
+        .await;
     let renewals = |proxy: &TestProxy| {
         malla_tests::proxy::admin::metric(
             &proxy.metrics_text(),

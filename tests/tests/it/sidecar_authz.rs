@@ -2,8 +2,8 @@
 //! API, it reaches the sidecars of its service over gRPC (`WatchAuthorization`) and is in
 //! force there (`/config` says which version, mode, default and how many rules; the
 //! sidecar's `Authorizer` decides by it); a change replaces it, a control-plane restart
-//! does not lose it, and a delete returns to allowing everything. (Enforcement on the
-//! inbound path is not wired yet: these tests ask the `Authorizer` directly.)
+//! does not lose it, and a delete returns to allowing everything. These tests ask the
+//! `Authorizer` directly; `authz_enforce` calls through real sidecars.
 
 use malla_proxy::{
     authz::{DecidedBy, Inbound, Outcome},

@@ -30,7 +30,7 @@ use std::{mem::MaybeUninit, net::IpAddr, time::Duration};
 
 use malla_core::policy::{RELAYED_FAILURE_HEADER, TIMEOUT_HEADER};
 
-use self::fields::{is_regenerated, valid_host, Fields, Target, TransferEncoding};
+use self::fields::{is_regenerated, trim_ows, valid_host, Fields, Target, TransferEncoding};
 use crate::{
     error::ProxyError,
     forwarding::{self, is_hop_by_hop},
@@ -90,6 +90,27 @@ impl RequestInfo {
             path => path.into(),
         }
     }
+}
+
+/// The method and the `content-type` value of a request head that parsed (`head`: its
+/// bytes), as authorization reads them; only asked when a policy is in force, so the
+/// parse of every request does not carry them.
+pub fn method_and_content_type(head: &[u8]) -> (&str, Option<&[u8]>) {
+    let mut lines = head.split(|&b| b == b'\n');
+    let request_line = lines.next().unwrap_or_default();
+    let method = request_line
+        .split(|&b| b == b' ')
+        .next()
+        .unwrap_or_default();
+    // The parser accepted the method as a token: ASCII.
+    let method = std::str::from_utf8(method).unwrap_or_default();
+    let content_type = lines.find_map(|line| {
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (name, value) = line.split_at(colon);
+        name.eq_ignore_ascii_case(b"content-type")
+            .then(|| trim_ows(value[1..].strip_suffix(b"\r").unwrap_or(&value[1..])))
+    });
+    (method, content_type)
 }
 
 /// Parses one request head from `buf`. When complete, the head to send upstream has been
