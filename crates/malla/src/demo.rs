@@ -1,17 +1,29 @@
 //! `malla demo`: what already works, in one command and with nothing to install.
 //!
-//! Starts a control plane (embedded store in a temporary directory), three instances of a
-//! demo `shipping-quote` service registered in it (the third one slow), and a sidecar that
-//! discovers them through the control plane's watch API. It sends traffic through the
-//! sidecar over HTTP/1.1 and HTTP/2 and prints where it went (P2C over peak-EWMA steers
-//! away from the slow instance without being told), then deregisters the slow instance and
-//! registers a new one, and shows the traffic follow. Then resilience: a policy applied to
-//! the control plane reaches the sidecar, one instance starts answering 500 to everything,
-//! and the clients see no error (retries within the budget) while its circuit breaker
-//! ejects it; when it heals, a half-open probe brings it back. Then it keeps the mesh
-//! running for `curl`, the CLI and `dig` until Ctrl-C (or exits at once with `--exit`).
+//! Starts a control plane (embedded store in a temporary directory, its CA created there),
+//! three instances of a demo `shipping-quote` service (the third one slow), each behind a
+//! sidecar of its own, and a client sidecar (service `demo-client`) that discovers them
+//! through the control plane's watch API. Every sidecar joins the mesh with a single-use
+//! join token of its service, gets its certificate, and only then registers; the
+//! instances' sidecars take mutual TLS only (`mtls = strict`), so every hop between
+//! sidecars is mTLS. The demo sends traffic through the client sidecar over HTTP/1.1 and
+//! HTTP/2 and prints where it went (P2C over peak-EWMA steers away from the slow instance
+//! without being told), then shows it was secured: each sidecar's SPIFFE ID, the mTLS
+//! connections and their key exchange group as the sidecars counted them, the caller's
+//! identity as the instance saw it (`malla-client-id`), a plaintext request refused. Then
+//! it stops the slow instance's sidecar (which deregisters it) and starts a new instance
+//! behind a new sidecar, and shows the traffic follow. Then resilience: a policy applied to
+//! the control plane reaches the client sidecar, one instance starts answering 500 to
+//! everything, and the clients see no error (retries within the budget) while its circuit
+//! breaker ejects it; when it heals, a half-open probe brings it back. Then it keeps the
+//! mesh running for `curl`, the CLI and `dig` until Ctrl-C (or exits at once with
+//! `--exit`).
+//!
+//! Nothing registers an instance directly: each sidecar registers its own, with the
+//! labels the demo gives it, as `malla proxy --service` does.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -27,32 +39,44 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use malla_control::{
-    registry::Registration,
-    server::{Control, ControlConfig, DnsSettings},
-};
-use malla_core::{InstanceProtocol, Labels, ServiceName};
+use malla_control::server::{Control, ControlConfig, DnsSettings};
+use malla_core::ServiceName;
 use malla_proxy::{
-    config::{AdminConfig, ControlPlaneConfig, ListenerProtocol, OutboundConfig, UpstreamConfig},
-    ProxyConfig,
+    config::{
+        AdminConfig, ControlPlaneConfig, InboundConfig, ListenerProtocol, MtlsMode, OutboundConfig,
+        UpstreamConfig,
+    },
+    identity::{IdentityState, Svid},
+    ProxyConfig, ProxyHandle,
 };
-use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tokio::{
+    net::TcpListener,
+    task::{AbortHandle, JoinSet},
+    time::Instant,
+};
+
+/// The demo service, and the service of the client's sidecar.
+const SERVICE: &str = "shipping-quote";
+const CLIENT: &str = "demo-client";
+/// What the client's sidecar registers: it has no inbound listener, and nobody calls
+/// `demo-client` (port 9 is discard). A sidecar registers to get its certificate.
+const CLIENT_REGISTERED: &str = "127.0.0.1:9";
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// The control plane's HTTP API (what `malla services` talks to).
     #[arg(long, default_value = "127.0.0.1:7780")]
     control_http: SocketAddr,
-    /// The control plane's gRPC API (what the sidecar watches).
+    /// The control plane's gRPC API (what the sidecars watch).
     #[arg(long, default_value = "127.0.0.1:7781")]
     control_grpc: SocketAddr,
     /// The control plane's DNS.
     #[arg(long, default_value = "127.0.0.1:7753")]
     dns: SocketAddr,
-    /// Where the sidecar's outbound listener for `shipping-quote` listens.
+    /// Where the client sidecar's outbound listener for `shipping-quote` listens.
     #[arg(long, default_value = "127.0.0.1:4140")]
     listen: SocketAddr,
-    /// The sidecar's admin listener.
+    /// The client sidecar's admin listener.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
     /// Requests sent per protocol in the traffic phase.
@@ -66,13 +90,27 @@ pub struct DemoArgs {
     exit: bool,
 }
 
-/// One demo instance and what it served.
+/// One demo instance: the application, and the sidecar in front of it.
 struct Instance {
     name: &'static str,
+    /// Its sidecar's inbound listener: the address it registered, what callers reach.
     addr: SocketAddr,
+    /// The application, which only its sidecar calls.
+    app: SocketAddr,
+    sidecar: ProxyHandle,
     served: Arc<AtomicU64>,
     /// The status it answers with (200 unless the demo breaks it).
     status: Arc<AtomicU16>,
+    /// The application's accept loop.
+    server: AbortHandle,
+}
+
+impl Instance {
+    /// Stops the sidecar (it deregisters the instance first), then the application.
+    async fn stop(self) {
+        self.sidecar.shutdown().await;
+        self.server.abort();
+    }
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -84,7 +122,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    println!("malla demo: a control plane, three instances of shipping-quote, one sidecar\n");
+    println!(
+        "malla demo: a control plane, three instances of shipping-quote behind sidecars, a client sidecar, all mTLS\n"
+    );
     let data_dir = std::env::temp_dir().join(format!("malla-demo-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(data_dir.clone());
     let control = Control::start(ControlConfig {
@@ -103,7 +143,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         control.http_addr
     );
     println!(
-        "                  grpc://{}  (sidecars)   dns {dns}",
+        "                  grpc://{}  (sidecars, and their certificates)   dns {dns}",
         control.grpc_addr
     );
 
@@ -113,65 +153,65 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ("quote-b", "eu-2", 0),
         ("quote-c", "eu-1", args.slow_ms),
     ] {
-        let instance = start_instance(name, Duration::from_millis(delay)).await?;
-        register(&control, &instance, zone).await?;
+        let instance = start_instance(&control, name, zone, Duration::from_millis(delay)).await?;
         let slow = if delay > 0 { "  (slow)" } else { "" };
         println!(
-            "  instance        {:<8} http://{}  zone={zone}{slow}",
-            instance.name, instance.addr
+            "  instance        {:<8} sidecar {} (mTLS only) -> app http://{}  zone={zone}{slow}",
+            instance.name, instance.addr, instance.app
         );
         instances.push(instance);
     }
 
-    // The sidecar knows no endpoint: it learns them from the control plane.
-    let mut upstream = UpstreamConfig::new("shipping-quote", Vec::new());
+    // The client's sidecar knows no endpoint: it learns them from the control plane.
+    let mut upstream = UpstreamConfig::new(SERVICE, Vec::new());
     upstream.connect_timeout = Duration::from_millis(500);
     let config = ProxyConfig {
         upstreams: vec![upstream],
         outbound: vec![OutboundConfig {
             listen: args.listen,
-            upstream: "shipping-quote".into(),
+            upstream: SERVICE.into(),
             protocol: ListenerProtocol::Auto,
         }],
         admin: Some(AdminConfig { listen: args.admin }),
-        control: Some(ControlPlaneConfig::new(format!(
-            "http://{}",
-            control.grpc_addr
-        ))),
+        control: Some(ControlPlaneConfig {
+            service: Some(CLIENT.into()),
+            instance_id: Some(CLIENT.into()),
+            register_address: Some(CLIENT_REGISTERED.parse()?),
+            join_token: Some(join_token(&control, CLIENT).await?),
+            ..ControlPlaneConfig::new(format!("http://{}", control.grpc_addr))
+        }),
         ..ProxyConfig::default()
     };
+    let started = Instant::now();
     let proxy = malla_proxy::start(config).with_context(|| {
         format!(
-            "cannot start the sidecar; is something else on {} or {}? pick other ports with --listen/--admin",
+            "cannot start the client sidecar; is something else on {} or {}? pick other ports with --listen/--admin",
             args.listen, args.admin
         )
     })?;
     let sidecar = proxy.bound().outbound[0];
     let admin = proxy.bound().admin.context("admin listener")?;
-    println!("  sidecar         http://{sidecar}  (HTTP/1.1, HTTP/2, TCP: detected)");
-    println!("  sidecar admin   http://{admin}/metrics  /config  /ready\n");
-    let upstream = proxy
-        .upstream("shipping-quote")
-        .context("the demo upstream")?;
-    let started = Instant::now();
+    println!("  client sidecar  http://{sidecar}  (HTTP/1.1, HTTP/2, TCP: detected)");
+    println!("  its admin       http://{admin}/metrics  /config  /ready\n");
+    let upstream = proxy.upstream(SERVICE).context("the demo upstream")?;
+    // Without its certificate it would call in plaintext, which the instances refuse.
+    let client_svid = certificate(&proxy, CLIENT).await?;
     wait_for(|| upstream.endpoints().len() == instances.len()).await?;
     println!(
-        "The sidecar discovered {} endpoints through the control plane in {:.0} ms.\n",
+        "Every sidecar joined the mesh with a join token and got its certificate; the instances' sidecars registered\n\
+         them, and the client's sidecar discovered the {} endpoints through the control plane {:.0} ms after it started.\n",
         instances.len(),
         started.elapsed().as_secs_f64() * 1e3
     );
 
     for h2 in [false, true] {
         let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
-        let before: Vec<u64> = instances
-            .iter()
-            .map(|i| i.served.load(Ordering::Relaxed))
-            .collect();
+        let before = served(&instances);
         let started = Instant::now();
         let (ok, failed) = send_traffic(sidecar, args.requests, h2).await;
         let elapsed = started.elapsed();
         println!(
-            "{proto}: {ok} ok, {failed} failed, {:.0} req/s through the sidecar (16 concurrent)",
+            "{proto}: {ok} ok, {failed} failed, {:.0} req/s through the sidecars (16 concurrent)",
             ok as f64 / elapsed.as_secs_f64()
         );
         report(&instances, &before, ok);
@@ -180,74 +220,234 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "P2C over peak-EWMA latency sends little to the slow instance: no configuration needed.\n"
     );
 
-    // Take the slow instance out and bring a new one in: the sidecar follows the registry.
-    control
-        .registry
-        .deregister(&service_name()?, "quote-c")
-        .await
-        .context("deregister quote-c")?;
-    let d = start_instance("quote-d", Duration::ZERO).await?;
-    let registered = Instant::now();
-    register(&control, &d, "eu-2").await?;
-    let (gone, new) = (instances[2].addr, d.addr);
+    secured(&proxy, &client_svid, &instances, sidecar).await?;
+
+    // Take the slow instance out and bring a new one in: the client's sidecar follows the
+    // registry, which the instances' sidecars keep.
+    let old = instances.remove(2);
+    let (old_name, gone) = (old.name, old.addr);
+    old.stop().await;
+    let started = Instant::now();
+    let d = start_instance(&control, "quote-d", "eu-2", Duration::ZERO).await?;
+    let new = d.addr;
     wait_for(|| {
         let endpoints = upstream.endpoints();
         endpoints.iter().any(|e| e.addr == new) && endpoints.iter().all(|e| e.addr != gone)
     })
     .await?;
     println!(
-        "Deregistered quote-c and registered quote-d: the sidecar had the change {:.0} ms later.",
-        registered.elapsed().as_secs_f64() * 1e3
+        "Stopped {old_name}'s sidecar (it deregistered {old_name}) and started quote-d behind a new one: its certificate,\n\
+         its registration and the client's sidecar sending to it {:.0} ms after it started.",
+        started.elapsed().as_secs_f64() * 1e3
     );
-    instances[2] = d;
-    let before: Vec<u64> = instances
-        .iter()
-        .map(|i| i.served.load(Ordering::Relaxed))
-        .collect();
+    instances.insert(2, d);
+    let before = served(&instances);
     let (ok, failed) = send_traffic(sidecar, args.requests, false).await;
     println!("HTTP/1.1: {ok} ok, {failed} failed");
     report(&instances, &before, ok);
 
     resilience(&control, &proxy, &instances, sidecar, args.requests).await?;
 
-    if args.exit {
-        proxy.shutdown().await;
-        control.stop().await;
-        return Ok(());
+    if !args.exit {
+        let ctl = control.http_addr;
+        let a = instances[0].addr;
+        println!("The mesh keeps running. Try:");
+        println!("  curl -i http://{sidecar}/quote");
+        println!("  curl --http2-prior-knowledge -i http://{sidecar}/quote");
+        println!("  curl -i http://{a}/quote    (plaintext to quote-a's sidecar: refused)");
+        println!("  malla services --control http://{ctl}");
+        println!("  malla get policies --control http://{ctl}");
+        println!("  malla events --control http://{ctl}");
+        println!("  malla instances shipping-quote --selector zone=eu-2 --control http://{ctl}");
+        println!(
+            "  dig @{} -p {} +short eu-2.zone.shipping-quote.svc.malla",
+            dns.ip(),
+            dns.port()
+        );
+        println!("  curl -s http://{admin}/metrics | grep malla_proxy_responses_total");
+        println!(
+            "  curl -s http://{admin}/metrics | grep malla_proxy_outbound_connections_by_security"
+        );
+        println!("  curl -s http://{admin}/config    (control.identity: the client sidecar's certificate)");
+        println!("Ctrl-C stops it.");
+        tokio::signal::ctrl_c().await?;
+        println!("\ndraining...");
     }
-    let ctl = control.http_addr;
-    println!("The mesh keeps running. Try:");
-    println!("  curl -i http://{sidecar}/quote");
-    println!("  curl --http2-prior-knowledge -i http://{sidecar}/quote");
-    println!("  malla services --control http://{ctl}");
-    println!("  malla get policies --control http://{ctl}");
-    println!("  malla events --control http://{ctl}");
-    println!("  malla instances shipping-quote --selector zone=eu-2 --control http://{ctl}");
-    println!(
-        "  dig @{} -p {} +short eu-2.zone.shipping-quote.svc.malla",
-        dns.ip(),
-        dns.port()
-    );
-    println!("  curl -s http://{admin}/metrics | grep malla_proxy_responses_total");
-    println!("Ctrl-C stops it.");
-    tokio::signal::ctrl_c().await?;
-    println!("\ndraining...");
     proxy.shutdown().await;
+    let mut stopping = JoinSet::new();
+    for instance in instances {
+        stopping.spawn(instance.stop());
+    }
+    while stopping.join_next().await.is_some() {}
     control.stop().await;
     Ok(())
+}
+
+/// The section that shows the traffic was secured: the identities, the connections as the
+/// sidecars counted them, the caller as an instance saw it, and plaintext refused.
+async fn secured(
+    proxy: &ProxyHandle,
+    client: &Svid,
+    instances: &[Instance],
+    sidecar: SocketAddr,
+) -> anyhow::Result<()> {
+    println!("Secured, with nothing to set up. Each sidecar holds its service's identity, certified by the control plane's CA:");
+    println!("  {CLIENT:<15} {}", client.spiffe_id);
+    for i in instances {
+        let svid = certificate(&i.sidecar, SERVICE).await?;
+        println!("  {:<15} {}", i.name, svid.spiffe_id);
+    }
+    let outbound = connections(&[proxy], "outbound");
+    let sidecars: Vec<&ProxyHandle> = instances.iter().map(|i| &i.sidecar).collect();
+    let inbound = connections(&sidecars, "inbound");
+    println!(
+        "  connections the client's sidecar opened to the instances: {}",
+        describe(&outbound)
+    );
+    println!(
+        "  connections the instances' sidecars accepted:             {}",
+        describe(&inbound)
+    );
+
+    // The caller's identity reaches the application: the demo app echoes it.
+    let mut h1 = h1_connect(sidecar).await?;
+    let response = h1
+        .send_request(
+            Request::get("/quote")
+                .header("host", SERVICE)
+                .body(Empty::new())?,
+        )
+        .await?;
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("(none)")
+            .to_string()
+    };
+    println!(
+        "  {} saw its caller as malla-client-id: {}",
+        header("x-instance"),
+        header("x-caller")
+    );
+
+    // Plaintext straight to an instance's sidecar, past the client's: closed unanswered.
+    let a = &instances[0];
+    let answered = match h1_connect(a.addr).await {
+        Ok(mut s) => s
+            .send_request(
+                Request::get("/quote")
+                    .header("host", SERVICE)
+                    .body(Empty::new())?,
+            )
+            .await
+            .ok()
+            .map(|r| r.status()),
+        Err(_) => None,
+    };
+    let refused: u64 = connections(&[&a.sidecar], "inbound")
+        .iter()
+        .filter(|((security, _), _)| security == "plaintext-refused")
+        .map(|(_, n)| n)
+        .sum();
+    match answered {
+        None => println!(
+            "  a plaintext request straight to {}'s sidecar: closed unanswered (its plaintext-refused count: {refused})\n",
+            a.name
+        ),
+        Some(status) => println!(
+            "  a plaintext request straight to {}'s sidecar: answered {status}\n",
+            a.name
+        ),
+    }
+    Ok(())
+}
+
+/// A single-use join token for `service`, as `malla token create --service` makes one.
+async fn join_token(control: &Control, service: &str) -> anyhow::Result<String> {
+    Ok(control
+        .identity
+        .tokens
+        .create(&ServiceName::new(service)?, None)
+        .await
+        .with_context(|| format!("a join token for {service}"))?
+        .token)
+}
+
+/// The sidecar's certificate, waiting at most 5 s for the CA's answer.
+async fn certificate(proxy: &ProxyHandle, service: &str) -> anyhow::Result<Arc<Svid>> {
+    let state: Arc<IdentityState> = proxy
+        .discovery()
+        .and_then(|d| d.identity())
+        .cloned()
+        .context("the sidecar has no identity configured")?;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.issued()).await;
+    state.current().with_context(|| {
+        format!(
+            "a sidecar of {service} got no certificate within 5 s: {}",
+            state.to_json()["last_error"]
+        )
+    })
+}
+
+/// `malla_proxy_{direction}_connections_by_security_total` of `proxies`, summed by
+/// (security, group).
+fn connections(proxies: &[&ProxyHandle], direction: &str) -> BTreeMap<(String, String), u64> {
+    let name = format!("malla_proxy_{direction}_connections_by_security_total{{");
+    let mut counts = BTreeMap::new();
+    for proxy in proxies {
+        for line in proxy.metrics().encode().lines() {
+            let Some(rest) = line.strip_prefix(&name) else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\""))
+                    .map(|v| v.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+            *counts
+                .entry((label("security"), label("group")))
+                .or_default() += n;
+        }
+    }
+    counts
+}
+
+/// `24 mTLS (X25519MLKEM768)`, and any connection secured otherwise.
+fn describe(counts: &BTreeMap<(String, String), u64>) -> String {
+    let parts: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(
+            |((security, group), n)| match (security.as_str(), group.as_str()) {
+                ("mtls", "") => format!("{n} mTLS"),
+                ("mtls", group) => format!("{n} mTLS (TLS 1.3, key exchange {group})"),
+                (other, _) => format!("{n} {other}"),
+            },
+        )
+        .collect();
+    match parts.is_empty() {
+        true => "none".into(),
+        false => parts.join("; "),
+    }
 }
 
 /// A policy through the control plane, then one instance failing and healing.
 async fn resilience(
     control: &Control,
-    proxy: &malla_proxy::ProxyHandle,
+    proxy: &ProxyHandle,
     instances: &[Instance],
     sidecar: SocketAddr,
     requests: u64,
 ) -> anyhow::Result<()> {
-    let upstream = proxy
-        .upstream("shipping-quote")
-        .context("the demo upstream")?;
+    let upstream = proxy.upstream(SERVICE).context("the demo upstream")?;
     let policy: malla_core::Policy = toml::from_str(
         r#"
         service = "shipping-quote"
@@ -256,19 +456,19 @@ async fn resilience(
         base_ejection_time = "1s"
         "#,
     )?;
-    let applied = control.policies.put(&service_name()?, policy).await?;
+    let applied = control
+        .policies
+        .put(&ServiceName::new(SERVICE)?, policy)
+        .await?;
     wait_for(|| upstream.state()["policy"]["source"]["source"] == "control-plane").await?;
     println!(
-        "Applied a policy for shipping-quote (version {}): the sidecar runs on it (see /config).",
+        "Applied a policy for shipping-quote (version {}): the client's sidecar runs on it (see /config).",
         applied.version
     );
 
     let broken = &instances[1];
     broken.status.store(500, Ordering::Relaxed);
-    let before: Vec<u64> = instances
-        .iter()
-        .map(|i| i.served.load(Ordering::Relaxed))
-        .collect();
+    let before = served(instances);
     let (ok, failed) = send_traffic(sidecar, requests, false).await;
     println!(
         "{} now answers 500 to everything. HTTP/1.1: {ok} ok, {failed} failed: its failures were retried on the others,",
@@ -314,7 +514,7 @@ async fn resilience(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("The events the control plane received from the sidecar (malla events):");
+    println!("The events the control plane received from the client's sidecar (malla events):");
     for e in control
         .events
         .query(&filter, 100)
@@ -327,34 +527,51 @@ async fn resilience(
     Ok(())
 }
 
-fn service_name() -> anyhow::Result<ServiceName> {
-    Ok(ServiceName::new("shipping-quote")?)
-}
-
-/// Registers a demo instance with a lease long enough for a demo session.
-async fn register(control: &Control, instance: &Instance, zone: &str) -> anyhow::Result<()> {
-    let mut labels = Labels::new();
-    labels.insert("zone", zone)?;
-    labels.insert("env", "demo")?;
-    control
-        .registry
-        .register(
-            &service_name()?,
-            instance.name,
-            Registration {
-                address: instance.addr.ip(),
-                port: instance.addr.port(),
-                protocol: InstanceProtocol::Http,
-                labels,
-                ttl_seconds: Some(3600),
-                is_static: false,
-                annotations: Default::default(),
-                mtls: false,
-            },
-        )
-        .await
-        .with_context(|| format!("register {}", instance.name))?;
-    Ok(())
+/// Starts an instance and its sidecar, which joins the mesh with a fresh join token of
+/// `shipping-quote`, takes mTLS only, and registers the instance (with its labels) once
+/// it holds its certificate.
+async fn start_instance(
+    control: &Control,
+    name: &'static str,
+    zone: &str,
+    delay: Duration,
+) -> anyhow::Result<Instance> {
+    let (app, served, status, server) = start_app(name, delay).await?;
+    let config = ProxyConfig {
+        // One worker and a short drain: a demo instance serves little.
+        workers: 1,
+        drain_timeout: Duration::from_secs(1),
+        inbound: Some(InboundConfig {
+            listen: "127.0.0.1:0".parse()?,
+            forward_to: app.to_string(),
+            protocol: ListenerProtocol::Auto,
+            mtls: MtlsMode::Strict,
+        }),
+        control: Some(ControlPlaneConfig {
+            service: Some(SERVICE.into()),
+            instance_id: Some(name.into()),
+            labels: BTreeMap::from([
+                ("zone".to_string(), zone.to_string()),
+                ("env".to_string(), "demo".to_string()),
+            ]),
+            join_token: Some(join_token(control, SERVICE).await?),
+            ..ControlPlaneConfig::new(format!("http://{}", control.grpc_addr))
+        }),
+        ..ProxyConfig::default()
+    };
+    let sidecar =
+        malla_proxy::start(config).with_context(|| format!("cannot start {name}'s sidecar"))?;
+    let addr = sidecar.bound().inbound.context("the inbound listener")?;
+    certificate(&sidecar, SERVICE).await?;
+    Ok(Instance {
+        name,
+        addr,
+        app,
+        sidecar,
+        served,
+        status,
+        server,
+    })
 }
 
 /// Polls `done` every 10 ms for at most 5 s.
@@ -365,7 +582,14 @@ async fn wait_for(mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    anyhow::bail!("the sidecar did not catch up with the control plane within 5 s")
+    anyhow::bail!("the client's sidecar did not catch up with the control plane within 5 s")
+}
+
+fn served(instances: &[Instance]) -> Vec<u64> {
+    instances
+        .iter()
+        .map(|i| i.served.load(Ordering::Relaxed))
+        .collect()
 }
 
 fn report(instances: &[Instance], before: &[u64], ok: u64) {
@@ -391,14 +615,20 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<Instance> {
+/// The demo application: answers a quote naming itself and the caller its sidecar saw
+/// (`malla-client-id`), after `delay`. Returns its address, its served counter, its
+/// status switch and its accept loop.
+async fn start_app(
+    name: &'static str,
+    delay: Duration,
+) -> anyhow::Result<(SocketAddr, Arc<AtomicU64>, Arc<AtomicU16>, AbortHandle)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let served = Arc::new(AtomicU64::new(0));
     let status = Arc::new(AtomicU16::new(200));
     let counter = served.clone();
     let answer = status.clone();
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -414,8 +644,15 @@ async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<I
                             tokio::time::sleep(delay).await;
                         }
                         counter.fetch_add(1, Ordering::Relaxed);
+                        // Only this instance's sidecar can have set it (from the mTLS handshake).
+                        let caller = req
+                            .headers()
+                            .get("malla-client-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
                         let body = format!(
-                            "{{\"service\":\"shipping-quote\",\"instance\":\"{name}\",\"path\":\"{}\",\"price_eur\":12.5}}\n",
+                            "{{\"service\":\"shipping-quote\",\"instance\":\"{name}\",\"path\":\"{}\",\"caller\":\"{caller}\",\"price_eur\":12.5}}\n",
                             req.uri().path()
                         );
                         Ok::<_, Infallible>(
@@ -423,6 +660,7 @@ async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<I
                                 .status(status)
                                 .header("content-type", "application/json")
                                 .header("x-instance", name)
+                                .header("x-caller", caller)
                                 .body(Full::new(Bytes::from(body)))
                                 .unwrap_or_default(),
                         )
@@ -434,12 +672,7 @@ async fn start_instance(name: &'static str, delay: Duration) -> anyhow::Result<I
             });
         }
     });
-    Ok(Instance {
-        name,
-        addr,
-        served,
-        status,
-    })
+    Ok((addr, served, status, server.abort_handle()))
 }
 
 /// Sends `total` GETs through the sidecar over 16 connections (HTTP/1.1) or 16 streams
@@ -472,7 +705,7 @@ async fn send_traffic(sidecar: SocketAddr, total: u64, h2: bool) -> (u64, u64) {
                     "/quote"
                 };
                 let req = Request::get(uri)
-                    .header("host", "shipping-quote")
+                    .header("host", SERVICE)
                     .body(Empty::<Bytes>::new())
                     .unwrap_or_default();
                 let result = match &h2_sender {
