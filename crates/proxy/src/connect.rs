@@ -20,6 +20,7 @@ use tracing::debug;
 use crate::{
     endpoint::Endpoint,
     error::ProxyError,
+    metrics::SecurityLabels,
     stream::Stream,
     tls::{self, TlsError},
     upstream::Upstream,
@@ -56,7 +57,7 @@ pub(crate) async fn open(
         .mesh_tls()
         .and_then(|mesh| Some((mesh, mesh.identity().current()?)))
     else {
-        metrics.outbound_security("plaintext-no-identity", String::new());
+        metrics.outbound_security(SecurityLabels::plain("plaintext-no-identity"));
         return Ok(Stream::Plain(tcp));
     };
     let peer = SpiffeId::for_service(svid.spiffe_id.trust_domain(), service);
@@ -69,14 +70,13 @@ pub(crate) async fn open(
     let connector = tokio_rustls::TlsConnector::from(config);
     match tokio::time::timeout_at(deadline, connector.connect(tls::server_name(), tcp)).await {
         Ok(Ok(session)) => {
-            let group = tls::group_name(session.get_ref().1);
-            metrics.outbound_security("mtls", group);
+            metrics.outbound_security(tls::mtls_labels(session.get_ref().1));
             Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
                 session,
             ))))
         }
         Ok(Err(e)) => {
-            metrics.outbound_security("handshake-failed", String::new());
+            metrics.outbound_security(SecurityLabels::failed(tls::failure_reason(&e)));
             debug!(%addr, %peer, error = %e, "mTLS handshake failed");
             Err(ProxyError::Handshake {
                 addr,
@@ -84,7 +84,7 @@ pub(crate) async fn open(
             })
         }
         Err(_) => {
-            metrics.outbound_security("handshake-failed", String::new());
+            metrics.outbound_security(SecurityLabels::failed("timeout"));
             Err(ProxyError::ConnectTimeout { addr, timeout })
         }
     }

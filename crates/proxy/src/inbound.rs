@@ -54,6 +54,7 @@ use crate::{
     config::{MtlsMode, UpstreamConfig},
     error::ProxyError,
     listener::Shared,
+    metrics::SecurityLabels,
     stream::Stream,
     tls::{self, MeshTls},
 };
@@ -87,12 +88,14 @@ pub(crate) async fn accept(
             MtlsMode::Strict => {
                 shared
                     .metrics
-                    .inbound_security("plaintext-refused", String::new());
+                    .inbound_security(SecurityLabels::plain("plaintext-refused"));
                 debug!(%peer, "plaintext refused: [inbound] mtls = \"strict\"");
                 None
             }
             _ => {
-                shared.metrics.inbound_security("plaintext", String::new());
+                shared
+                    .metrics
+                    .inbound_security(SecurityLabels::plain("plaintext"));
                 Some((Stream::Plain(stream), None))
             }
         };
@@ -102,7 +105,7 @@ pub(crate) async fn accept(
         Err(e) => {
             shared
                 .metrics
-                .inbound_security("handshake-failed", String::new());
+                .inbound_security(SecurityLabels::failed("no-certificate"));
             debug!(%peer, error = %e, "mTLS refused: no certificate to answer with");
             return None;
         }
@@ -112,9 +115,7 @@ pub(crate) async fn accept(
         Ok(Ok(session)) => {
             let state = session.get_ref().1;
             let identity = tls::peer_identity(state);
-            shared
-                .metrics
-                .inbound_security("mtls", tls::group_name(state));
+            shared.metrics.inbound_security(tls::mtls_labels(state));
             Some((
                 Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(session))),
                 identity,
@@ -123,14 +124,14 @@ pub(crate) async fn accept(
         Ok(Err(e)) => {
             shared
                 .metrics
-                .inbound_security("handshake-failed", String::new());
+                .inbound_security(SecurityLabels::failed(tls::failure_reason(&e)));
             debug!(%peer, error = %e, "mTLS handshake failed");
             None
         }
         Err(_) => {
             shared
                 .metrics
-                .inbound_security("handshake-failed", String::new());
+                .inbound_security(SecurityLabels::failed("timeout"));
             debug!(%peer, "mTLS handshake timed out");
             None
         }

@@ -131,6 +131,32 @@ pub struct SecurityLabels {
     /// The negotiated key exchange group of an mTLS connection (`X25519MLKEM768`...), or
     /// empty.
     pub group: String,
+    /// The protocol agreed by ALPN on an mTLS connection (`malla/1`, `h2`, `http/1.1`), or
+    /// empty.
+    pub alpn: String,
+    /// Why a handshake failed (`handshake-failed`): one of [`crate::tls::FAILURE_REASONS`];
+    /// empty otherwise.
+    pub reason: &'static str,
+}
+
+impl SecurityLabels {
+    /// A connection with no handshake to describe (plaintext, refused or not).
+    pub fn plain(security: &'static str) -> Self {
+        SecurityLabels {
+            security,
+            group: String::new(),
+            alpn: String::new(),
+            reason: "",
+        }
+    }
+
+    /// A failed handshake, and why.
+    pub fn failed(reason: &'static str) -> Self {
+        SecurityLabels {
+            reason,
+            ..SecurityLabels::plain("handshake-failed")
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,7 +211,7 @@ impl ControlFamilies {
         );
         registry.register(
             "inbound_connections_by_security",
-            "Inbound connections by how they were secured: mtls, handshake-failed, plaintext (permissive) or plaintext-refused (strict), with the mTLS key exchange group",
+            "Inbound connections by how they were secured: mtls (with its key exchange group and ALPN protocol), handshake-failed (with the reason), plaintext (permissive) or plaintext-refused (strict)",
             self.inbound_connections.clone(),
         );
         registry.register(
@@ -195,7 +221,7 @@ impl ControlFamilies {
         );
         registry.register(
             "outbound_connections_by_security",
-            "Connections to endpoints by how they were secured: mtls, handshake-failed, or plaintext-no-identity (the endpoint accepts mTLS, this sidecar has no certificate yet), with the mTLS key exchange group",
+            "Connections to endpoints whose sidecar accepts mTLS by how they were secured: mtls (with its key exchange group and ALPN protocol), handshake-failed (with the reason), or plaintext-no-identity (this sidecar has no certificate)",
             self.outbound_connections.clone(),
         );
     }
@@ -374,18 +400,18 @@ impl Metrics {
     }
 
     /// Counts an inbound connection by how it was secured.
-    pub(crate) fn inbound_security(&self, security: &'static str, group: String) {
+    pub(crate) fn inbound_security(&self, labels: SecurityLabels) {
         self.control()
             .inbound_connections
-            .get_or_create(&SecurityLabels { security, group })
+            .get_or_create(&labels)
             .inc();
     }
 
     /// Counts a connection to an endpoint whose sidecar accepts mTLS by how it was secured.
-    pub(crate) fn outbound_security(&self, security: &'static str, group: String) {
+    pub(crate) fn outbound_security(&self, labels: SecurityLabels) {
         self.control()
             .outbound_connections
-            .get_or_create(&SecurityLabels { security, group })
+            .get_or_create(&labels)
             .inc();
     }
 

@@ -35,7 +35,10 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use crate::identity::{IdentityState, Svid};
+use crate::{
+    identity::{IdentityState, Svid},
+    metrics::SecurityLabels,
+};
 
 /// The ALPN protocol of malla's sidecar-to-sidecar connections.
 pub const ALPN_MESH: &[u8] = b"malla/1";
@@ -260,12 +263,73 @@ pub fn spiffe_id(der: &[u8]) -> Option<SpiffeId> {
     malla_core::identity::spiffe_id_of(&cert).ok()
 }
 
-/// The key exchange group a finished handshake agreed (`X25519MLKEM768`...), for metrics.
-pub fn group_name(connection: &rustls::CommonState) -> String {
-    connection
-        .negotiated_key_exchange_group()
-        .map(|g| format!("{:?}", g.name()))
-        .unwrap_or_default()
+/// The metric labels of a finished mTLS handshake: the key exchange group it agreed
+/// (`X25519MLKEM768`...) and the ALPN protocol.
+pub fn mtls_labels(connection: &rustls::CommonState) -> SecurityLabels {
+    SecurityLabels {
+        group: connection
+            .negotiated_key_exchange_group()
+            .map(|g| format!("{:?}", g.name()))
+            .unwrap_or_default(),
+        alpn: connection
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default(),
+        ..SecurityLabels::plain("mtls")
+    }
+}
+
+/// Every reason [`failure_reason`] gives, so the metric's label stays bounded.
+pub const FAILURE_REASONS: [&str; 9] = [
+    "unknown-ca",
+    "expired",
+    "wrong-identity",
+    "no-certificate",
+    "peer-refused",
+    "protocol",
+    "closed",
+    "timeout",
+    "other",
+];
+
+/// Why a handshake failed, in a word for metrics: the check of the peer's certificate
+/// that refused it, the peer's refusal of ours, a protocol violation, or the connection
+/// closing (`timeout` is the caller's to say).
+pub fn failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    let tls = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(E::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )) => "unknown-ca",
+        Some(E::InvalidCertificate(CertificateError::Expired | CertificateError::NotValidYet)) => {
+            "expired"
+        }
+        Some(E::InvalidCertificate(CertificateError::NotValidForName)) => "wrong-identity",
+        Some(E::NoCertificatesPresented) => "no-certificate",
+        Some(E::AlertReceived(_)) => "peer-refused",
+        Some(
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. }
+            | E::PeerMisbehaved(_)
+            | E::PeerIncompatible(_)
+            | E::NoApplicationProtocol,
+        ) => "protocol",
+        Some(_) => "other",
+        None if matches!(
+            error.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ) =>
+        {
+            "closed"
+        }
+        None => "other",
+    }
 }
 
 /// A failed client handshake in words a user can act on: which check refused the server

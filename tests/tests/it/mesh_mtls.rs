@@ -19,7 +19,7 @@ use malla_tests::{
     control::TestControl,
     mesh::{security, server, Caller},
     peers::{HttpPeer, TcpPeer},
-    proxy::TestProxy,
+    proxy::{admin, TestProxy},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -111,9 +111,18 @@ async fn two_sidecars_talk_mtls_over_http1_and_http2_and_the_app_sees_the_caller
             );
         }
         assert!(security(&web, "outbound", "mtls") >= 1.0, "{upstream}");
+        let mtls = admin::metric(
+            &web.metrics_text(),
+            "malla_proxy_outbound_connections_by_security_total",
+            &[
+                ("security", "mtls"),
+                ("group", "X25519MLKEM768"),
+                ("alpn", "malla/1"),
+            ],
+        );
         assert!(
-            web.metrics_text().contains("group=\"X25519MLKEM768\""),
-            "{upstream}: the hybrid post-quantum group"
+            mtls >= Some(1.0),
+            "{upstream}: the hybrid post-quantum group and the mesh's ALPN"
         );
         assert!(security(server, "inbound", "mtls") >= 1.0, "{upstream}");
         assert_eq!(security(server, "inbound", "plaintext-refused"), 0.0);
@@ -230,7 +239,15 @@ async fn an_instance_that_proves_another_service_is_refused_by_the_caller() {
         response.text()
     );
     assert_eq!(app.requests(), 0);
-    assert!(security(&web, "outbound", "handshake-failed") >= 1.0);
+    let failed = admin::metric(
+        &web.metrics_text(),
+        "malla_proxy_outbound_connections_by_security_total",
+        &[
+            ("security", "handshake-failed"),
+            ("reason", "wrong-identity"),
+        ],
+    );
+    assert!(failed >= Some(1.0), "{}", web.metrics_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
