@@ -29,6 +29,7 @@
 //! [`DENIAL_LOGS_PER_SECOND`] lines a second, so a flood of denied calls cannot flood the
 //! log, the next line counting the ones left out.
 
+pub mod invariants;
 mod request;
 #[cfg(test)]
 mod tests;

@@ -166,6 +166,9 @@ pub fn is_grpc(content_type: &[u8]) -> bool {
 
 /// The path of `target` as a policy matches it (see the module's notes).
 pub fn normalize_path(target: &[u8]) -> Cow<'_, str> {
+    if target == b"*" {
+        return Cow::Borrowed("*");
+    }
     let mut path = target;
     // An absolute-form target (`http://host/p`): its path, `/` when it has none.
     if !path.starts_with(b"/") && path != b"*" {
@@ -183,9 +186,12 @@ pub fn normalize_path(target: &[u8]) -> Cow<'_, str> {
     if path.is_empty() || path.starts_with(b"?") {
         return Cow::Borrowed("/");
     }
-    let plain = !path.contains(&b'%')
-        && !path.windows(2).any(|w| w == b"//" || w == b"/.")
-        && !path.starts_with(b".");
+    // A path that is not rooted (an authority-form target, or one an application might
+    // read relative to `/`) is rooted by the resolution below, so a rule on `/admin/*`
+    // also meets `admin/x`.
+    let plain = path.starts_with(b"/")
+        && !path.contains(&b'%')
+        && !path.windows(2).any(|w| w == b"//" || w == b"/.");
     if plain {
         return String::from_utf8_lossy(path);
     }
@@ -194,8 +200,9 @@ pub fn normalize_path(target: &[u8]) -> Cow<'_, str> {
 }
 
 /// Decodes `%XX` where it stands for an unreserved character or `/`; uppercases the hex
-/// of the others (so `%2f` and `%2F` read alike). A `%` not followed by two hex digits is
-/// kept as it is.
+/// of the others (so `%2f` and `%2F` read alike). A `%` not followed by two hex digits is a
+/// literal percent sign and is written `%25`: left bare, it could join what a decoding
+/// produced into an escape that was never sent (`%%61d` would read `%ad`).
 fn percent_decode_safe(path: &[u8]) -> Vec<u8> {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(path.len());
@@ -214,6 +221,11 @@ fn percent_decode_safe(path: &[u8]) -> Vec<u8> {
                 i += 3;
                 continue;
             }
+        }
+        if path[i] == b'%' {
+            out.extend_from_slice(b"%25");
+            i += 1;
+            continue;
         }
         out.push(path[i]);
         i += 1;
