@@ -142,7 +142,7 @@ mod tests {
 
     #[test]
     fn normalised_paths_hold_their_invariants_over_mutated_targets() {
-        let mut rng = Rng(0x5eed_a07_5a7b);
+        let mut rng = Rng(0x05ee_da07_5a7b);
         for seed in SEEDS {
             check_path_invariants(seed);
         }
