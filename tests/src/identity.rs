@@ -25,7 +25,7 @@ pub fn svid(ca: &Ca, service: &str) -> Svid {
         spiffe_id: issued.spiffe_id,
         chain: issued.chain,
         key_pkcs8: Arc::new(key.serialize_der()),
-        trust_bundle: ca.bundle().to_vec(),
+        trust_bundle: issued.trust_bundle,
         not_before: issued.not_before,
         not_after: issued.not_after,
     }

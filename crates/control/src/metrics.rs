@@ -199,8 +199,18 @@ impl Metrics {
         );
         registry.register(
             "ca_certificate_expiry_timestamp_seconds",
-            "Unix time at which the CA's issuing certificate expires",
+            "Unix time at which the CA's issuing certificate expires (during a root rotation: the one signing now)",
             process.ca_expiry.clone(),
+        );
+        registry.register(
+            "ca_trust_bundle_roots",
+            "Roots in the trust bundle the CA hands out (2 during a root rotation)",
+            process.ca_roots.clone(),
+        );
+        registry.register(
+            "ca_root_rotation_phase",
+            "The root rotation's phase: 0 none, 1 announcing (the new root is trusted, the old one signs), 2 retiring (the new root signs, the old one is still trusted)",
+            process.ca_rotation_phase.clone(),
         );
         Metrics {
             registry,
@@ -393,6 +403,8 @@ pub struct ProcessMetrics {
     certificates: Family<CertificateLabels, Counter>,
     join_tokens: Counter,
     ca_expiry: Gauge,
+    ca_roots: Gauge,
+    ca_rotation_phase: Gauge,
 }
 
 static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
@@ -402,6 +414,8 @@ static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
     certificates: Family::default(),
     join_tokens: Counter::default(),
     ca_expiry: Gauge::default(),
+    ca_roots: Gauge::default(),
+    ca_rotation_phase: Gauge::default(),
 });
 
 /// The process-wide metrics, for one-line instrumentation where things happen.
@@ -438,6 +452,13 @@ impl ProcessMetrics {
     /// The CA's issuing certificate expires at `unix_seconds`.
     pub fn ca_expires(&self, unix_seconds: i64) {
         self.ca_expiry.set(unix_seconds);
+    }
+
+    /// The CA's trust bundle holds `roots`; its rotation is in `phase` (0 none, 1
+    /// announcing, 2 retiring).
+    pub fn ca_roots(&self, roots: usize, phase: u8) {
+        self.ca_roots.set(i64::try_from(roots).unwrap_or(i64::MAX));
+        self.ca_rotation_phase.set(i64::from(phase));
     }
 
     /// Times a store write from now until the returned guard drops.

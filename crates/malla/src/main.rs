@@ -69,7 +69,8 @@ enum Command {
     Instances(registry_cmd::InstancesArgs),
     /// Join tokens for sidecars: `token create --service NAME [--ttl 1h]`.
     Token(identity_cmd::TokenArgs),
-    /// The mesh's trust domain and trust bundle (`--bundle`: the PEM alone).
+    /// The mesh's trust domain, trust bundle (`--bundle`: the PEM alone), roots and root
+    /// rotation; `identity rotate`: rotate the root.
     Identity(identity_cmd::IdentityArgs),
     /// Start demo services behind a sidecar, send traffic, and show where it went.
     Demo(demo::DemoArgs),

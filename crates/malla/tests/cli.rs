@@ -1885,6 +1885,112 @@ async fn identity_shows_the_trust_domain_and_the_bundle() {
     assert_eq!(v["trust_bundle_pem"].as_str(), Some(bundle.as_str()));
 }
 
+/// `malla identity rotate`: the plan, printed; `malla identity` then shows both roots, what
+/// each is and the phase; `--bundle` holds both. A second rotation, an overlap shorter than
+/// the certificate TTL and an operator's CA are refused with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_rotate_starts_a_root_rotation_that_identity_shows() {
+    let control = TestControl::start_without_dns().await;
+    let url = control.url();
+
+    let out = malla(&["identity", "rotate", "--overlap", "1h"], Some(&url)).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("overlap 1h is shorter than the certificate TTL (1day)"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = malla(&["identity", "rotate"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("root rotation started: the new root "),
+        "{text}"
+    );
+    for what in [
+        "the old one signs while sidecars renew",
+        "the new root signs",
+        "the old root leaves the trust bundle",
+    ] {
+        assert!(text.contains(what), "{what}: {text}");
+    }
+    assert!(stderr(&out).contains("malla identity"), "{}", stderr(&out));
+
+    let out = malla(&["identity"], Some(&url)).await;
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        line("Rotation:").contains("announcing: both roots trusted, the old one signs until"),
+        "{text}"
+    );
+    assert!(line("CA:").contains("made by malla"), "{text}");
+    assert!(line("ROLE").contains("SHA-256"), "{text}");
+    assert!(
+        line("signing ").contains("malla root CA malla.local"),
+        "{text}"
+    );
+    assert!(
+        line("next ").contains("malla root CA malla.local 20"),
+        "{text}"
+    );
+
+    let out = malla(&["identity", "--bundle"], Some(&url)).await;
+    assert_eq!(stdout(&out).matches("BEGIN CERTIFICATE").count(), 2);
+    let out = malla(&["identity", "-o", "json"], Some(&url)).await;
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON on stdout");
+    assert_eq!(v["rotation"]["phase"], "announcing");
+    assert_eq!(
+        v["rotation"]["overlap_seconds"],
+        24 * 3600 + 8640,
+        "TTL + 10 %"
+    );
+    assert_eq!(v["roots"].as_array().unwrap().len(), 2);
+
+    let out = malla(&["identity", "rotate"], Some(&url)).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("a root rotation is already under way (announcing"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A control plane given the CA's files: not malla's to rotate.
+    let files = TempDir::new("cli-operator-ca");
+    for name in ["root.crt", "root.key"] {
+        std::fs::copy(
+            control.data_dir().join("ca").join(name),
+            files.path().join(name),
+        )
+        .unwrap();
+    }
+    let theirs = TestControl::start_with_identity(malla_control::server::IdentitySettings {
+        ca_files: Some((files.path().join("root.crt"), files.path().join("root.key"))),
+        ..Default::default()
+    })
+    .await;
+    let out = malla(&["identity", "rotate"], Some(&theirs.url())).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out)
+            .contains("this CA is the operator's (--ca-cert, --ca-key): malla does not rotate it"),
+        "{}",
+        stderr(&out)
+    );
+    let out = malla(&["identity"], Some(&theirs.url())).await;
+    assert!(
+        stdout(&out).contains("CA:                the operator's"),
+        "{}",
+        stdout(&out)
+    );
+}
+
 const MIXED: &str = r#"
 [[policy]]
 service = "payments"

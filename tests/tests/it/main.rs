@@ -19,6 +19,7 @@
 //! | `control` | the control plane's HTTP API, leases, health checks, restarts, bad input, DNS |
 //! | `policy` | policies applied through the control plane reach sidecars; events reach the control plane |
 //! | `sidecar_authz` | authorization policies applied through the control plane reach the sidecars of their service, change, survive a control-plane restart, go away on delete |
+//! | `root_rotation` | the CA's root rotated while two sidecars talk mTLS: no failed request, the new root reaches both before it signs, the old one leaves |
 //! | `memory` | a 1 GiB streamed upload keeps the proxy's memory flat |
 
 // All of this binary is test code: an `unwrap` here is an assertion (clippy.toml allows it
@@ -70,6 +71,7 @@ mod policy;
 mod registry_health;
 mod requests;
 mod resilience;
+mod root_rotation;
 mod sidecar_authz;
 mod sidecar_identity;
 mod smuggling;

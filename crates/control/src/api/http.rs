@@ -68,6 +68,7 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
         .route("/v1/proxies", get(proxies::<S>))
         .route("/v1/tokens", post(identity::create_token::<S>))
         .route("/v1/identity", get(identity::identity::<S>))
+        .route("/v1/identity/rotate", post(identity::rotate::<S>))
         .route("/v1/certificates", post(identity::certify::<S>))
         .fallback(|| async {
             ApiError::new(
@@ -103,6 +104,8 @@ async fn note_route(req: axum::extract::Request, next: axum::middleware::Next) -
 
 /// `GET /metrics`: the control plane's own metrics, Prometheus text format.
 async fn metrics<S: Store + Clone>(State(backend): State<Backend<S>>) -> Response {
+    // The CA's gauges follow a root rotation's clock even when no certificate is asked for.
+    backend.identity.ca.refresh();
     (
         [(
             http::header::CONTENT_TYPE,

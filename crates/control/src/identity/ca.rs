@@ -7,22 +7,43 @@
 //! key; its subject and requested extensions are ignored. The identity comes from the
 //! credential the caller proved (a join token, or a current certificate of this CA whose key
 //! signed the CSR), and every field of the certificate is this module's choice.
+//!
+//! A root the CA made can be rotated ([`rotation`]): for a while two roots are trusted, and
+//! which one signs follows the rotation's phase. Every request reads the authorities in
+//! force once ([`InForce`]), so a certificate and the trust bundle sent with it always
+//! belong together.
+
+mod authority;
+mod files;
+pub mod rotation;
 
 use std::{
-    fs,
-    io::Write as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, PoisonError, RwLock,
+    },
     time::{Duration, SystemTime},
 };
 
 use malla_core::{identity::spiffe_id_of, ServiceName, SpiffeId, TrustDomain};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
-    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    SerialNumber, SubjectPublicKeyInfo, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
+    PKCS_ED25519,
 };
+use tracing::info;
 use x509_parser::{
     certificate::X509Certificate, certification_request::X509CertificationRequest, prelude::FromDer,
+};
+
+pub use self::{
+    authority::RootInfo,
+    rotation::{Phase, Plan, RotateError},
+};
+use self::{
+    authority::{asn1_time, Authority},
+    rotation::default_overlap,
 };
 
 /// Longest CSR or certificate accepted, in bytes of DER: a P-256 CSR is ~250 bytes, a
@@ -30,8 +51,6 @@ use x509_parser::{
 pub const MAX_DER_BYTES: usize = 16 * 1024;
 /// How long an issued certificate is valid by default (`--cert-ttl`).
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// How long a root the CA creates is valid.
-const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this long before they are issued, so that a peer whose clock is a
 /// little behind accepts them at once.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -40,7 +59,7 @@ const BACKDATE: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub enum CaSource {
     /// Created at first start under the data directory (`ca/root.crt`, `ca/root.key`,
-    /// 0600), read back on every later start.
+    /// 0600), read back on every later start; rotated on demand ([`Ca::rotate`]).
     Generated { dir: PathBuf },
     /// Given by the operator (`--ca-cert`, `--ca-key`): a root, or an intermediate followed
     /// in the same file by the chain up to its root.
@@ -89,21 +108,100 @@ pub struct Issued {
     pub spiffe_id: SpiffeId,
     /// The leaf first, then the intermediates up to (not including) the root, DER.
     pub chain: Vec<Vec<u8>>,
+    /// The roots trusted when it was signed, DER, the one it chains to first: what its
+    /// holder verifies peers with.
+    pub trust_bundle: Vec<Vec<u8>>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
+
+/// What a root is to the CA now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootRole {
+    /// The certificates the CA issues chain to it.
+    Signing,
+    /// In the bundle, signing from the rotation's switch on.
+    Next,
+    /// In the bundle until the rotation ends; signs no more.
+    Retiring,
+}
+
+impl RootRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootRole::Signing => "signing",
+            RootRole::Next => "next",
+            RootRole::Retiring => "retiring",
+        }
+    }
+}
+
+/// The CA as an operator sees it (`malla identity`).
+#[derive(Clone, Debug)]
+pub struct CaStatus {
+    /// Given by the operator (`--ca-cert`), not made (and rotated) by malla.
+    pub operator: bool,
+    /// The trust bundle, the signing root first.
+    pub roots: Vec<(RootInfo, RootRole)>,
+    /// The same roots, DER.
+    pub trust_bundle: Vec<Vec<u8>>,
+    /// The rotation under way, and its phase.
+    pub rotation: Option<(Plan, Phase)>,
+}
+
+/// The wall clock the CA reads (a test's, in tests).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 /// The CA.
 pub struct Ca {
     trust_domain: TrustDomain,
     cert_ttl: Duration,
-    issuer: Issuer<'static, KeyPair>,
-    /// The issuing certificate, then intermediates up to (not including) the root, DER.
-    chain: Vec<Vec<u8>>,
-    /// The roots every workload trusts, DER; the first is the one `chain` leads to.
-    bundle: Vec<Vec<u8>>,
-    /// When the issuing certificate expires: no certificate it signs outlives it.
-    issuer_not_after: SystemTime,
+    /// `DATA_DIR/ca` when the CA made its root (none: in memory only); `None` when the
+    /// operator gave it.
+    made: Option<Option<PathBuf>>,
+    roots: RwLock<Roots>,
+    clock: Clock,
+    /// The phase last told to the log and the metrics ([`Ca::tell`]).
+    told: AtomicU8,
+}
+
+/// The authorities: the one in force, and during a rotation the new one.
+struct Roots {
+    /// The root before the rotation under way (which signs in its first phase); the only
+    /// one otherwise.
+    current: Arc<Authority>,
+    rotation: Option<(Plan, Arc<Authority>)>,
+}
+
+/// The authorities in force at one instant.
+struct InForce {
+    signer: Arc<Authority>,
+    /// Every root trusted, the signer's first.
+    trusted: Vec<Arc<Authority>>,
+    rotation: Option<(Plan, Phase)>,
+}
+
+impl Roots {
+    fn in_force(&self, now: SystemTime) -> InForce {
+        let Some((plan, next)) = &self.rotation else {
+            return InForce {
+                signer: self.current.clone(),
+                trusted: vec![self.current.clone()],
+                rotation: None,
+            };
+        };
+        let phase = plan.phase(now);
+        let (signer, trusted) = match phase {
+            Phase::Announcing => (&self.current, vec![self.current.clone(), next.clone()]),
+            Phase::Retiring => (next, vec![next.clone(), self.current.clone()]),
+            Phase::Over => (next, vec![next.clone()]),
+        };
+        InForce {
+            signer: signer.clone(),
+            trusted,
+            rotation: (phase != Phase::Over).then(|| (plan.clone(), phase)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Ca {
@@ -111,31 +209,65 @@ impl std::fmt::Debug for Ca {
         f.debug_struct("Ca")
             .field("trust_domain", &self.trust_domain)
             .field("cert_ttl", &self.cert_ttl)
-            .field("chain", &self.chain.len())
-            .field("bundle", &self.bundle.len())
+            .field("made", &self.made)
             .finish_non_exhaustive()
     }
 }
 
 impl Ca {
     pub fn open(settings: &CaSettings) -> Result<Ca, CaError> {
-        let (key, certs) = match &settings.source {
-            CaSource::Generated { dir } => load_or_create(dir, &settings.trust_domain)?,
-            CaSource::Files { cert, key } => (read_key(key)?, read_certs(cert)?),
+        Self::open_with_clock(settings, Arc::new(SystemTime::now))
+    }
+
+    /// [`Ca::open`] reading `clock` for the time (rotation phases, validity).
+    pub fn open_with_clock(settings: &CaSettings, clock: Clock) -> Result<Ca, CaError> {
+        let now = clock();
+        let ttl = settings.cert_ttl;
+        let authority = |(key, certs): files::Keyed, path: PathBuf| {
+            Authority::new(key, certs, ttl, now)
+                .map(Arc::new)
+                .map_err(|why| CaError::File { path, why })
         };
-        let cert_path = match &settings.source {
-            CaSource::Generated { dir } => dir.join(ROOT_CERT),
-            CaSource::Files { cert, .. } => cert.clone(),
+        let (made, roots) = match &settings.source {
+            CaSource::Generated { dir } => {
+                let on_disk = files::open(dir, &settings.trust_domain, now)?;
+                let current = authority(on_disk.current, dir.join(files::ROOT_CERT))?;
+                let rotation = match on_disk.rotation {
+                    Some((plan, next)) => {
+                        if plan.overlap() < ttl {
+                            tracing::warn!(
+                                overlap = %humantime::format_duration(plan.overlap()),
+                                cert_ttl = %humantime::format_duration(ttl),
+                                "the root rotation under way was planned for shorter certificates: sidecars that have not renewed by the switch will fail handshakes with those that have; go back to the earlier --cert-ttl until it ends"
+                            );
+                        }
+                        Some((plan, authority(next, dir.join(files::NEXT_CERT))?))
+                    }
+                    None => None,
+                };
+                (Some(Some(dir.clone())), Roots { current, rotation })
+            }
+            CaSource::Files { cert, key } => {
+                let keyed = (files::read_key(key)?, files::read_certs(cert)?);
+                let current = authority(keyed, cert.clone())?;
+                (
+                    None,
+                    Roots {
+                        current,
+                        rotation: None,
+                    },
+                )
+            }
         };
-        Self::from_parts(settings, key, certs).map_err(|why| CaError::File {
-            path: cert_path,
-            why,
-        })
+        Ok(Self::new(settings, made, roots, clock))
     }
 
     /// A CA whose new root lives only in memory (fuzzing, benchmarks).
     pub fn ephemeral(trust_domain: TrustDomain, cert_ttl: Duration) -> Result<Ca, CaError> {
-        let (key, cert) = new_root(&trust_domain)?;
+        let now = SystemTime::now();
+        let (key, cert) = authority::new_root(&trust_domain, None, now)?;
+        let current = Authority::new(key, vec![cert.der().to_vec()], cert_ttl, now)
+            .map_err(CaError::Create)?;
         let settings = CaSettings {
             trust_domain,
             cert_ttl,
@@ -143,22 +275,29 @@ impl Ca {
                 dir: PathBuf::new(),
             },
         };
-        Self::from_parts(&settings, key, vec![cert.der().to_vec()]).map_err(CaError::Create)
+        let roots = Roots {
+            current: Arc::new(current),
+            rotation: None,
+        };
+        Ok(Self::new(
+            &settings,
+            Some(None),
+            roots,
+            Arc::new(SystemTime::now),
+        ))
     }
 
-    fn from_parts(settings: &CaSettings, key: KeyPair, certs: Vec<Vec<u8>>) -> Result<Ca, String> {
-        let (chain, root) = split_chain(certs)?;
-        let issuer_not_after = check_issuing_cert(&chain[0], &key, settings.cert_ttl)?;
-        let issuer = Issuer::from_ca_cert_der(&chain[0].clone().into(), key)
-            .map_err(|e| format!("cannot use the certificate as an issuer: {e}"))?;
-        Ok(Ca {
+    fn new(settings: &CaSettings, made: Option<Option<PathBuf>>, roots: Roots, clock: Clock) -> Ca {
+        let ca = Ca {
             trust_domain: settings.trust_domain.clone(),
             cert_ttl: settings.cert_ttl,
-            issuer,
-            chain,
-            bundle: vec![root],
-            issuer_not_after,
-        })
+            made,
+            roots: RwLock::new(roots),
+            clock,
+            told: AtomicU8::new(u8::MAX),
+        };
+        ca.in_force();
+        ca
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -169,17 +308,166 @@ impl Ca {
         self.cert_ttl
     }
 
-    /// The roots every workload trusts, DER.
-    pub fn bundle(&self) -> &[Vec<u8>] {
-        &self.bundle
+    /// The roots every workload trusts now, DER, the signing one first.
+    pub fn bundle(&self) -> Vec<Vec<u8>> {
+        self.in_force()
+            .trusted
+            .iter()
+            .map(|a| a.root.clone())
+            .collect()
     }
 
     /// The trust bundle as PEM, for files and tools (`openssl verify -CAfile`).
     pub fn bundle_pem(&self) -> String {
-        self.bundle
-            .iter()
-            .map(|der| pem("CERTIFICATE", der))
-            .collect()
+        bundle_pem(&self.bundle())
+    }
+
+    /// The roots, what each is to the CA, and the rotation under way.
+    pub fn status(&self) -> CaStatus {
+        let view = self.in_force();
+        let other = match view.rotation {
+            Some((_, Phase::Announcing)) => RootRole::Next,
+            _ => RootRole::Retiring,
+        };
+        CaStatus {
+            operator: self.made.is_none(),
+            roots: view
+                .trusted
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let role = if i == 0 { RootRole::Signing } else { other };
+                    (a.info.clone(), role)
+                })
+                .collect(),
+            trust_bundle: view.trusted.iter().map(|a| a.root.clone()).collect(),
+            rotation: view.rotation,
+        }
+    }
+
+    /// Starts rotating the root: a new root joins the trust bundle now, signs from one
+    /// `overlap` later, and is the only root one more `overlap` later ([`rotation`] says
+    /// why). `overlap` is at least the certificate TTL; by default the TTL and a margin.
+    pub fn rotate(&self, overlap: Option<Duration>) -> Result<Plan, RotateError> {
+        let Some(dir) = &self.made else {
+            return Err(RotateError::OperatorCa);
+        };
+        let overlap = overlap.unwrap_or_else(|| default_overlap(self.cert_ttl));
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        if overlap < self.cert_ttl {
+            return Err(RotateError::TooShort {
+                overlap: human(overlap),
+                ttl: human(self.cert_ttl),
+                default: human(default_overlap(self.cert_ttl)),
+            });
+        }
+        if overlap > rotation::MAX_OVERLAP {
+            return Err(RotateError::TooLong(human(overlap)));
+        }
+        // A rotation whose end has passed ends first.
+        self.in_force();
+        let plan = {
+            let mut roots = self.write();
+            let now = (self.clock)();
+            if let Some((plan, _)) = &roots.rotation {
+                return Err(RotateError::InProgress {
+                    phase: plan.phase(now).as_str(),
+                    ends_at: humantime::format_rfc3339_seconds(plan.ends_at).to_string(),
+                });
+            }
+            let created = humantime::format_rfc3339_seconds(now).to_string();
+            let (key, cert) = authority::new_root(&self.trust_domain, Some(&created), now)?;
+            let plan = Plan::new(now, overlap, authority::fingerprint(cert.der()));
+            if let Some(dir) = dir {
+                files::start(dir, &plan, &key, cert.der())?;
+            }
+            let next = Authority::new(key, vec![cert.der().to_vec()], self.cert_ttl, now)
+                .map_err(CaError::Create)?;
+            info!(
+                new_root = %plan.next_sha256,
+                switch_at = %humantime::format_rfc3339_seconds(plan.switch_at),
+                ends_at = %humantime::format_rfc3339_seconds(plan.ends_at),
+                "root rotation started: the new root is in the trust bundle; the old root signs until switch_at and is trusted until ends_at"
+            );
+            roots.rotation = Some((plan.clone(), Arc::new(next)));
+            plan
+        };
+        self.in_force();
+        Ok(plan)
+    }
+
+    /// Ends a rotation whose time is over, on disk too, and tells a change of phase: what
+    /// a request does first, and what the metrics scrape calls so that the gauges follow
+    /// the clock when no certificate is asked for.
+    pub fn refresh(&self) {
+        self.in_force();
+    }
+
+    /// The authorities in force now; a rotation whose end has passed is ended first.
+    fn in_force(&self) -> InForce {
+        let now = (self.clock)();
+        let view = {
+            let roots = self.roots.read().unwrap_or_else(PoisonError::into_inner);
+            match &roots.rotation {
+                Some((plan, _)) if plan.is_over(now) => None,
+                _ => Some(roots.in_force(now)),
+            }
+        };
+        let view = view.unwrap_or_else(|| {
+            let mut roots = self.write();
+            if let Some((plan, next)) = roots.rotation.take_if(|(plan, _)| plan.is_over(now)) {
+                if let Some(Some(dir)) = &self.made {
+                    // The new root is already the only one in memory; the files follow,
+                    // or the next start ends the rotation again.
+                    if let Err(e) = files::finish(dir, &plan) {
+                        tracing::error!(error = %e, "ending the root rotation on disk failed; the next start will try again");
+                    }
+                }
+                roots.current = next;
+            }
+            roots.in_force(now)
+        });
+        self.tell(&view);
+        view
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Roots> {
+        self.roots.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Logs a change of the rotation's phase and sets the CA's gauges, once per change.
+    fn tell(&self, view: &InForce) {
+        let code = match view.rotation {
+            None => 0,
+            Some((_, Phase::Announcing)) => 1,
+            Some((_, Phase::Retiring)) => 2,
+            Some((_, Phase::Over)) => 3,
+        };
+        let before = self.told.swap(code, Ordering::Relaxed);
+        if before == code {
+            return;
+        }
+        let metrics = crate::metrics::process();
+        metrics.ca_expires(unix_seconds(view.signer.not_after));
+        metrics.ca_roots(view.trusted.len(), code);
+        match (before, &view.rotation) {
+            (_, Some((plan, Phase::Retiring))) => info!(
+                signing = %view.signer.info.sha256,
+                ends_at = %humantime::format_rfc3339_seconds(plan.ends_at),
+                "root rotation: the new root signs from now on; the old root stays in the trust bundle until ends_at"
+            ),
+            (1 | 2, None) => info!(
+                root = %view.signer.info.sha256,
+                "root rotation over: the old root has left the trust bundle"
+            ),
+            (u8::MAX, Some((plan, phase))) => info!(
+                phase = phase.as_str(),
+                switch_at = %humantime::format_rfc3339_seconds(plan.switch_at),
+                ends_at = %humantime::format_rfc3339_seconds(plan.ends_at),
+                "root rotation under way: both roots are in the trust bundle"
+            ),
+            _ => {}
+        }
     }
 
     /// Issues the identity of `service` for the key of `csr` (DER), which must verify.
@@ -189,13 +477,18 @@ impl Ca {
         service: &ServiceName,
     ) -> Result<Issued, IssueError> {
         let key = csr_key(csr)?;
-        self.sign(&key, SpiffeId::for_service(&self.trust_domain, service))
+        let view = self.in_force();
+        self.sign(
+            &view,
+            &key,
+            SpiffeId::for_service(&self.trust_domain, service),
+        )
     }
 
-    /// Renews `current` (DER, a certificate this CA issued, still valid, `service`'s) for
-    /// the key of `csr`, which must be the certificate's own key: the CSR's signature is the
-    /// proof that the caller holds it (a certificate alone is public: every handshake shows
-    /// it). Every check comes before anything is signed.
+    /// Renews `current` (DER, a certificate of a root this CA trusts, still valid,
+    /// `service`'s) for the key of `csr`, which must be the certificate's own key: the
+    /// CSR's signature is the proof that the caller holds it (a certificate alone is
+    /// public: every handshake shows it). Every check comes before anything is signed.
     pub fn renew(
         &self,
         csr: &[u8],
@@ -203,7 +496,8 @@ impl Ca {
         service: &ServiceName,
     ) -> Result<Issued, IssueError> {
         let key = csr_key(csr)?;
-        let (id, spki) = self.check_current(current)?;
+        let view = self.in_force();
+        let (id, spki) = self.check_current(&view, current)?;
         if id.service().as_ref() != Some(service) {
             return Err(IssueError::OtherService {
                 have: id.to_string(),
@@ -213,11 +507,13 @@ impl Ca {
         if key.der != spki {
             return Err(IssueError::KeyMismatch);
         }
-        self.sign(&key, id)
+        self.sign(&view, &key, id)
     }
 
-    /// The identity in `current` if this CA issued it and it is valid now, and its key.
-    fn check_current(&self, der: &[u8]) -> Result<(SpiffeId, Vec<u8>), IssueError> {
+    /// The identity in `current` if an authority trusted now issued it and it is valid
+    /// now, and its key. During a rotation that is either root's: certificates of the old
+    /// root are renewed until it leaves the bundle.
+    fn check_current(&self, view: &InForce, der: &[u8]) -> Result<(SpiffeId, Vec<u8>), IssueError> {
         let refuse = |why: String| IssueError::Certificate(why);
         if der.len() > MAX_DER_BYTES {
             return Err(IssueError::TooLarge {
@@ -230,11 +526,14 @@ impl Ca {
         if !rest.is_empty() {
             return Err(refuse("trailing bytes after the certificate".into()));
         }
-        let (_, issuing) = X509Certificate::from_der(&self.chain[0])
-            .map_err(|e| refuse(format!("the CA's own certificate does not parse ({e})")))?;
-        cert.verify_signature(Some(issuing.public_key()))
-            .map_err(|_| refuse("not issued by this mesh's CA".into()))?;
-        if !cert.validity().is_valid() {
+        let issued_here = view.trusted.iter().any(|authority| {
+            X509Certificate::from_der(&authority.chain[0])
+                .is_ok_and(|(_, issuing)| cert.verify_signature(Some(issuing.public_key())).is_ok())
+        });
+        if !issued_here {
+            return Err(refuse("not issued by this mesh's CA".into()));
+        }
+        if !cert.validity().is_valid_at(asn1_time((self.clock)())) {
             return Err(refuse(
                 "expired (or not yet valid): prove the identity again with a new join token".into(),
             ));
@@ -249,11 +548,11 @@ impl Ca {
         Ok((id, cert.public_key().subject_public_key.data.to_vec()))
     }
 
-    fn sign(&self, key: &CsrKey, id: SpiffeId) -> Result<Issued, IssueError> {
-        let now = SystemTime::now();
+    fn sign(&self, view: &InForce, key: &CsrKey, id: SpiffeId) -> Result<Issued, IssueError> {
+        let now = (self.clock)();
         let not_before = now - BACKDATE;
         // Never past the issuing certificate's own end: peers would refuse the chain then.
-        let not_after = (now + self.cert_ttl).min(self.issuer_not_after);
+        let not_after = (now + self.cert_ttl).min(view.signer.not_after);
         if not_after <= now {
             return Err(IssueError::Signing(
                 "the CA's certificate has expired: give the control plane a new one (--ca-cert, --ca-key)".into(),
@@ -279,17 +578,34 @@ impl Ca {
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         let leaf = params
-            .signed_by(&key.spki, &self.issuer)
+            .signed_by(&key.spki, &view.signer.issuer)
             .map_err(|e| IssueError::Signing(e.to_string()))?;
         let mut chain = vec![leaf.der().to_vec()];
-        chain.extend(self.chain.iter().filter(|c| !is_self_signed(c)).cloned());
+        chain.extend(
+            view.signer
+                .chain
+                .iter()
+                .filter(|c| !authority::is_self_signed(c))
+                .cloned(),
+        );
         Ok(Issued {
             spiffe_id: id,
             chain,
+            trust_bundle: view.trusted.iter().map(|a| a.root.clone()).collect(),
             not_before,
             not_after,
         })
     }
+}
+
+/// A trust bundle (DER roots) as PEM.
+pub fn bundle_pem(bundle: &[Vec<u8>]) -> String {
+    bundle.iter().map(|der| pem("CERTIFICATE", der)).collect()
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The verified public key of a CSR.
@@ -358,206 +674,6 @@ fn random_serial() -> SerialNumber {
     bytes[0] &= 0x7f; // positive
     bytes[0] |= 0x01; // and no leading zero byte to strip
     SerialNumber::from_slice(&bytes)
-}
-
-const ROOT_CERT: &str = "root.crt";
-const ROOT_KEY: &str = "root.key";
-
-/// Reads the generated root, or creates it (key written 0600 before it holds anything).
-fn load_or_create(dir: &Path, domain: &TrustDomain) -> Result<(KeyPair, Vec<Vec<u8>>), CaError> {
-    let (cert_path, key_path) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
-    match (cert_path.exists(), key_path.exists()) {
-        (true, true) => return Ok((read_key(&key_path)?, read_certs(&cert_path)?)),
-        (false, false) => {}
-        (true, false) | (false, true) => {
-            return Err(CaError::File {
-                path: dir.to_path_buf(),
-                why: format!(
-                    "holds one of {ROOT_CERT} and {ROOT_KEY} without the other: restore the \
-                     missing file, or move both away to create a new root (every workload \
-                     will need new certificates)"
-                ),
-            })
-        }
-    }
-    create_dir_private(dir)?;
-    let (key, cert) = new_root(domain)?;
-    // The key first: a crash between the two leaves a key and no certificate, which the
-    // next start reports rather than silently replacing.
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    write_file(&cert_path, cert.pem().as_bytes())?;
-    tracing::info!(path = %cert_path.display(), "created the mesh's root CA");
-    Ok((key, vec![cert.der().to_vec()]))
-}
-
-/// A new self-signed root for `domain`, valid for ten years.
-fn new_root(domain: &TrustDomain) -> Result<(KeyPair, rcgen::Certificate), CaError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| CaError::Create(format!("generating the root key: {e}")))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "malla");
-    dn.push(DnType::CommonName, format!("malla root CA {domain}"));
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.serial_number = Some(random_serial());
-    let now = SystemTime::now();
-    params.not_before = (now - BACKDATE).into();
-    params.not_after = (now + ROOT_VALIDITY).into();
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| CaError::Create(format!("signing the root: {e}")))?;
-    Ok((key, cert))
-}
-
-fn create_dir_private(dir: &Path) -> Result<(), CaError> {
-    let err = |e: std::io::Error| CaError::File {
-        path: dir.to_path_buf(),
-        why: format!("cannot create the directory: {e}"),
-    };
-    fs::create_dir_all(dir).map_err(err)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    Ok(())
-}
-
-/// Writes a file only its owner can read, created with that mode (never readable by
-/// others, not even for an instant).
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let err = |e: std::io::Error| CaError::File {
-        path: path.to_path_buf(),
-        why: format!("cannot write: {e}"),
-    };
-    let mut file = options.open(path).map_err(err)?;
-    file.write_all(bytes).map_err(err)?;
-    file.sync_all().map_err(err)
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    let err = |e: std::io::Error| CaError::File {
-        path: path.to_path_buf(),
-        why: format!("cannot write: {e}"),
-    };
-    let mut file = fs::File::create(path).map_err(err)?;
-    file.write_all(bytes).map_err(err)?;
-    file.sync_all().map_err(err)
-}
-
-fn read_key(path: &Path) -> Result<KeyPair, CaError> {
-    let err = |why: String| CaError::File {
-        path: path.to_path_buf(),
-        why,
-    };
-    let text = fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = fs::metadata(path).map(|m| m.permissions().mode() & 0o777);
-        if mode.is_ok_and(|m| m & 0o077 != 0) {
-            tracing::warn!(path = %path.display(), "the CA key can be read by other users: chmod 600 it");
-        }
-    }
-    KeyPair::from_pem(&text).map_err(|e| {
-        err(format!(
-            "not a private key in PEM (PKCS#8 'PRIVATE KEY', 'EC PRIVATE KEY'...): {e}"
-        ))
-    })
-}
-
-fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
-    let err = |why: String| CaError::File {
-        path: path.to_path_buf(),
-        why,
-    };
-    let text = fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let certs: Vec<Vec<u8>> = pem_blocks(&text, "CERTIFICATE").map_err(err)?;
-    if certs.is_empty() {
-        return Err(err(
-            "holds no PEM certificate ('-----BEGIN CERTIFICATE-----')".into(),
-        ));
-    }
-    Ok(certs)
-}
-
-/// Splits a CA's certificates (the issuing one first, up to the root) into the chain sent
-/// with leaves and the root every workload trusts.
-fn split_chain(certs: Vec<Vec<u8>>) -> Result<(Vec<Vec<u8>>, Vec<u8>), String> {
-    let root = certs.last().cloned().unwrap_or_default();
-    if !is_self_signed(&root) {
-        return Err(
-            "the last certificate is not a self-signed root: put the chain from the issuing \
-             certificate up to its root in the file, the root last"
-                .into(),
-        );
-    }
-    for pair in certs.windows(2) {
-        let (Ok((_, child)), Ok((_, parent))) = (
-            X509Certificate::from_der(&pair[0]),
-            X509Certificate::from_der(&pair[1]),
-        ) else {
-            return Err("a certificate does not parse".into());
-        };
-        if child.verify_signature(Some(parent.public_key())).is_err() {
-            return Err(format!(
-                "{} is not signed by the next certificate in the file ({}): order the chain from the issuing certificate up to the root",
-                child.subject(),
-                parent.subject()
-            ));
-        }
-    }
-    Ok((certs, root))
-}
-
-/// The issuing certificate must be a CA whose key is the one given, valid now; returns
-/// when it expires (and warns when that is within one certificate TTL).
-fn check_issuing_cert(der: &[u8], key: &KeyPair, cert_ttl: Duration) -> Result<SystemTime, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("not a certificate ({e})"))?;
-    let validity = cert.validity();
-    let not_after = std::time::UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
-    if !validity.is_valid() {
-        return Err(format!(
-            "{} is not valid now (valid from {} to {}): give a CA certificate that is",
-            cert.subject(),
-            validity.not_before,
-            validity.not_after
-        ));
-    }
-    crate::metrics::process().ca_expires(validity.not_after.timestamp());
-    if not_after < SystemTime::now() + cert_ttl {
-        tracing::warn!(subject = %cert.subject(), not_after = %validity.not_after, "the CA's certificate expires within one certificate TTL: certificates will be shortened to end with it; replace it soon");
-    }
-    if !cert.is_ca() {
-        return Err(format!(
-            "{} is not a CA certificate (basicConstraints CA:TRUE): give a root or an intermediate",
-            cert.subject()
-        ));
-    }
-    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
-        return Err("the key file does not hold this certificate's key".into());
-    }
-    Ok(not_after)
-}
-
-fn is_self_signed(der: &[u8]) -> bool {
-    X509Certificate::from_der(der)
-        .is_ok_and(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok())
 }
 
 /// PEM of one DER object.

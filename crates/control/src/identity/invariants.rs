@@ -122,7 +122,8 @@ fn check_leaf(f: &Fixture, issued: &Issued, key_bits: Option<&[u8]>) {
         key_bits,
         "the certificate is for the CSR's key"
     );
-    let (_, root) = X509Certificate::from_der(&f.ca.bundle()[0]).expect("the root parses");
+    let bundle = f.ca.bundle();
+    let (_, root) = X509Certificate::from_der(&bundle[0]).expect("the root parses");
     leaf.verify_signature(Some(root.public_key()))
         .expect("the leaf verifies against the root");
 }

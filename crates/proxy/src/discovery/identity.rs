@@ -8,6 +8,11 @@
 //! and retries with backoff until it succeeds; the current certificate stays in use
 //! meanwhile, so a control-plane outage shorter than the remaining ~30 % costs nothing.
 //!
+//! The trust bundle comes with each certificate and is in force with it: during a root
+//! rotation the CA adds the new root to the bundle one certificate lifetime before it
+//! signs with it (`malla_control::identity::ca::rotation`), so renewing is all a sidecar
+//! does to follow one.
+//!
 //! With `[control] identity_dir` the key (0600), the certificate chain and the trust
 //! bundle are kept there ([`stored`]): a restarted sidecar puts a still-valid certificate
 //! in force at once and renews with it, needing no new join token.
@@ -121,6 +126,16 @@ pub(crate) async fn run(
                     }
                 }
                 info!(id = %svid.spiffe_id, not_after = %humantime::format_rfc3339_seconds(svid.not_after), renewal, "certificate in force");
+                if let Some(previous) = state.current() {
+                    if previous.trust_bundle != svid.trust_bundle {
+                        // A root rotation: the CA added a new root, or dropped the old one.
+                        info!(
+                            roots = svid.trust_bundle.len(),
+                            before = previous.trust_bundle.len(),
+                            "the trust bundle changed; peers are verified with it from the next connection"
+                        );
+                    }
+                }
                 credential = pb::certify_request::Credential::Certificate(svid.chain[0].clone());
                 let renew_at = renew_at(&svid, &mut rng);
                 metrics.set_expiry(svid.not_after);

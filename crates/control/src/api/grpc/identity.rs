@@ -53,7 +53,7 @@ impl<S: Store + Clone> malla_api::IdentityService for IdentityGrpc<S> {
         {
             Ok(issued) => {
                 info!(id = %issued.spiffe_id, peer = ?peer, renewal = matches!(credential, Credential::Certificate(_)), "certificate issued");
-                Ok(Response::new(response(&issued, self.identity.ca.bundle())))
+                Ok(Response::new(response(issued)))
             }
             Err(e) => {
                 warn!(%service, peer = ?peer, reason = e.reason(), error = %e, "certificate refused");
@@ -74,11 +74,13 @@ pub fn status(e: CertifyError) -> Status {
     }
 }
 
-fn response(issued: &Issued, bundle: &[Vec<u8>]) -> pb::CertifyResponse {
+/// The certificate with the trust bundle of the instant it was signed (during a root
+/// rotation the bundle changes; the two always belong together).
+fn response(issued: Issued) -> pb::CertifyResponse {
     pb::CertifyResponse {
         spiffe_id: issued.spiffe_id.to_string(),
-        certificate_chain: issued.chain.clone(),
-        trust_bundle: bundle.to_vec(),
+        certificate_chain: issued.chain,
+        trust_bundle: issued.trust_bundle,
         not_before_unix_ms: unix_ms(issued.not_before),
         not_after_unix_ms: unix_ms(issued.not_after),
     }

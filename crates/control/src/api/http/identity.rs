@@ -1,7 +1,10 @@
 //! The HTTP side of identity ([`crate::identity`]):
 //!
 //! - `POST /v1/tokens` `{service, ttl?}`: a join token for a service (`malla token create`).
-//! - `GET /v1/identity`: the trust domain, the certificate TTL and the trust bundle (PEM).
+//! - `GET /v1/identity`: the trust domain, the certificate TTL, the trust bundle (PEM), the
+//!   roots and the root rotation under way (`malla identity`).
+//! - `POST /v1/identity/rotate` `{overlap?}`: starts rotating the root the CA made
+//!   (`malla identity rotate`); answers as `GET /v1/identity`.
 //! - `POST /v1/certificates` `{service, csr, join_token | certificate}` (PEM): a certificate
 //!   for a tool that is not a sidecar (curl and openssl, a Python gRPC client), as the gRPC
 //!   `Certify` issues it to sidecars.
@@ -17,7 +20,10 @@ use tracing::{info, warn};
 use super::{parse_body, service_name, ApiError, ApiResult};
 use crate::{
     api::Backend,
-    identity::{ca, CertifyError, Credential, TokenError},
+    identity::{
+        ca::{self, RotateError},
+        Ca, CertifyError, Credential, TokenError,
+    },
     store::Store,
 };
 
@@ -67,13 +73,97 @@ fn parse_ttl(text: &str) -> Result<Duration, ApiError> {
 }
 
 pub(super) async fn identity<S: Store + Clone>(State(backend): State<Backend<S>>) -> ApiResult {
-    let ca = &backend.identity.ca;
-    Ok(Json(json!({
+    Ok(Json(identity_json(&backend.identity.ca)).into_response())
+}
+
+/// What `GET /v1/identity` answers: the CA's settings and state, read once.
+fn identity_json(ca: &Ca) -> serde_json::Value {
+    let status = ca.status();
+    let time = |t| humantime::format_rfc3339_seconds(t).to_string();
+    let roots: Vec<_> = status
+        .roots
+        .iter()
+        .map(|(root, role)| {
+            json!({
+                "role": role.as_str(),
+                "sha256": root.sha256,
+                "subject": root.subject,
+                "not_before": time(root.not_before),
+                "not_after": time(root.not_after),
+            })
+        })
+        .collect();
+    let rotation = status.rotation.as_ref().map(|(plan, phase)| {
+        json!({
+            "phase": phase.as_str(),
+            "started_at": time(plan.started_at),
+            "switch_at": time(plan.switch_at),
+            "ends_at": time(plan.ends_at),
+            "overlap_seconds": plan.overlap().as_secs(),
+        })
+    });
+    json!({
         "trust_domain": ca.trust_domain().as_str(),
         "cert_ttl_seconds": ca.cert_ttl().as_secs(),
-        "trust_bundle_pem": ca.bundle_pem(),
-    }))
-    .into_response())
+        "ca": if status.operator { "operator" } else { "malla" },
+        "trust_bundle_pem": ca::bundle_pem(&status.trust_bundle),
+        "roots": roots,
+        "rotation": rotation,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    /// A duration (`26h`, `10s`): how long each phase lasts; default the certificate TTL
+    /// and a margin.
+    #[serde(default)]
+    overlap: Option<String>,
+}
+
+pub(super) async fn rotate<S: Store + Clone>(
+    State(backend): State<Backend<S>>,
+    body: Bytes,
+) -> ApiResult {
+    // No body at all is the same as `{}`.
+    let request: RotateRequest = if body.is_empty() {
+        RotateRequest { overlap: None }
+    } else {
+        parse_body(&body)?
+    };
+    let overlap = match request.overlap.as_deref() {
+        Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+            ApiError::invalid(format!(
+                "overlap {text:?}: {e} (write for example 26h or 90m)"
+            ))
+        })?),
+        None => None,
+    };
+    let ca = &backend.identity.ca;
+    // Key generation and a few small files: off the async workers.
+    let identity = backend.identity.clone();
+    let started = tokio::task::spawn_blocking(move || identity.ca.rotate(overlap))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match started {
+        Ok(_) => Ok(Json(identity_json(ca)).into_response()),
+        Err(e) => {
+            warn!(error = %e, "root rotation refused");
+            Err(match e {
+                RotateError::TooShort { .. } | RotateError::TooLong(_) => {
+                    ApiError::invalid(e.to_string())
+                }
+                RotateError::OperatorCa | RotateError::InProgress { .. } => {
+                    ApiError::new(StatusCode::CONFLICT, "failed_precondition", e.to_string())
+                }
+                RotateError::Ca(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                ),
+            })
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -129,7 +219,9 @@ pub(super) async fn certify<S: Store + Clone>(
     Ok(Json(json!({
         "spiffe_id": issued.spiffe_id.to_string(),
         "certificate_chain_pem": chain,
-        "trust_bundle_pem": backend.identity.ca.bundle_pem(),
+        // The bundle of the instant it was signed: during a root rotation the two belong
+        // together.
+        "trust_bundle_pem": ca::bundle_pem(&issued.trust_bundle),
         "not_before": humantime::format_rfc3339_seconds(issued.not_before).to_string(),
         "not_after": humantime::format_rfc3339_seconds(issued.not_after).to_string(),
     }))

@@ -57,7 +57,7 @@ fn uris(cert: &X509Certificate<'_>) -> Vec<String> {
 fn the_root_is_created_once_private_and_kept() {
     let dir = TempDir::new("ca-root");
     let ca = Ca::open(&generated(&dir)).unwrap();
-    let key_path = dir.0.join("ca").join(ROOT_KEY);
+    let key_path = dir.0.join("ca").join(files::ROOT_KEY);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -65,7 +65,8 @@ fn the_root_is_created_once_private_and_kept() {
         assert_eq!(mode(&key_path), 0o600);
         assert_eq!(mode(&dir.0.join("ca")), 0o700);
     }
-    let (_, root) = X509Certificate::from_der(&ca.bundle()[0]).unwrap();
+    let bundle = ca.bundle();
+    let (_, root) = X509Certificate::from_der(&bundle[0]).unwrap();
     assert!(root.is_ca());
     assert!(root
         .subject()
@@ -112,7 +113,8 @@ fn a_leaf_is_the_services_svid_whatever_the_csr_asks() {
         leaf.public_key().raw,
         rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
     );
-    let (_, root) = X509Certificate::from_der(&ca.bundle()[0]).unwrap();
+    let bundle = ca.bundle();
+    let (_, root) = X509Certificate::from_der(&bundle[0]).unwrap();
     leaf.verify_signature(Some(root.public_key())).unwrap();
     let life = issued.not_after.duration_since(issued.not_before).unwrap();
     assert_eq!(life, DEFAULT_CERT_TTL + BACKDATE);
@@ -158,7 +160,9 @@ fn renewal_needs_the_current_key_and_a_valid_certificate_of_this_ca() {
     let now = SystemTime::now();
     params.not_before = (now - Duration::from_secs(7200)).into();
     params.not_after = (now - Duration::from_secs(3600)).into();
-    let expired = params.signed_by(&key, &ca.issuer).unwrap();
+    let expired = params
+        .signed_by(&key, &ca.in_force().signer.issuer)
+        .unwrap();
     let e = ca
         .renew(&csr(&key), expired.der(), &svc("checkout"))
         .unwrap_err()
