@@ -15,6 +15,11 @@
 //! Stopping ([`TestControl::stop`]) stops the APIs and closes the store, so the same data
 //! directory can be opened again at once, by [`TestControl::start_again`] or by a real
 //! `malla control` process. Dropping a `TestControl` stops it without waiting.
+//!
+//! The HTTP API's operator routes require the operator token, which the control plane
+//! keeps in its data directory: [`TestControl::api`] sends it on every request, and
+//! [`operator_token_at`] finds it for a client (the CLI under test) that knows only the
+//! address.
 
 pub mod api;
 
@@ -23,7 +28,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, LazyLock, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -40,6 +45,22 @@ use malla_control::{
 };
 
 use self::api::Api;
+
+/// The data directory of the test control plane last started at each HTTP address.
+static DATA_DIRS: LazyLock<Mutex<std::collections::HashMap<SocketAddr, PathBuf>>> =
+    LazyLock::new(Default::default);
+
+/// The operator token in force at the test control plane serving `addr` (its HTTP address
+/// or its second port), read from its data directory; `None` when no test control plane
+/// of this process serves there.
+pub fn operator_token_at(addr: SocketAddr) -> Option<String> {
+    let dir = DATA_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&addr)
+        .cloned()?;
+    api::operator_token(&dir)
+}
 
 /// A directory under [`std::env::temp_dir`] with a name no other test (or test process)
 /// uses; it is removed, with everything in it, when dropped.
@@ -197,6 +218,11 @@ impl TestControl {
         };
         self.http_addr = control.http_addr;
         self.grpc_addr = control.grpc_addr;
+        let mut dirs = DATA_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        for addr in [control.http_addr, control.grpc_addr] {
+            dirs.insert(addr, self.dir.path.clone());
+        }
+        drop(dirs);
         self.dns_addr = control.dns_addr;
         self.control = Some(control);
     }
@@ -223,8 +249,15 @@ impl TestControl {
         self.control.is_some()
     }
 
-    /// A client for the HTTP API at its current address (the one port of both APIs).
+    /// A client for the HTTP API at its current address (the one port of both APIs),
+    /// sending the operator token in force (read from the data directory, so it follows a
+    /// rotation).
     pub fn api(&self) -> Api {
+        Api::new(self.http_addr).with_token_of(&self.dir.path)
+    }
+
+    /// A client for the HTTP API that sends no operator token.
+    pub fn api_without_token(&self) -> Api {
         Api::new(self.http_addr)
     }
 

@@ -16,7 +16,7 @@ pub struct ControlProcess {
     pub grpc: SocketAddr,
     pub dns: SocketAddr,
     // Dropped after the process is killed.
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Drop for ControlProcess {
@@ -62,7 +62,7 @@ impl ControlProcess {
                 http,
                 grpc,
                 dns,
-                _dir: dir,
+                dir,
             };
             for _ in 0..500 {
                 let ready = process
@@ -82,8 +82,9 @@ impl ControlProcess {
         bail!("malla control did not become ready (see its log above)")
     }
 
+    /// The HTTP API, with the operator token the process wrote in its data directory.
     pub fn api(&self) -> Api {
-        Api::new(self.http)
+        Api::new(self.http).with_token_of(self.dir.path())
     }
 
     pub fn pid(&self) -> u32 {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::{
     authorizations::Authorizations, events::EventRing, identity::Identity, metrics::Metrics,
-    policies::Policies, proxies::Proxies, registry::Registry,
+    operator::OperatorToken, policies::Policies, proxies::Proxies, registry::Registry,
 };
 
 /// What every API serves.
@@ -24,6 +24,8 @@ pub struct Backend<S> {
     pub proxies: Arc<Proxies>,
     /// The CA and the join tokens.
     pub identity: Arc<Identity<S>>,
+    /// The operator token the HTTP API's operator routes require.
+    pub operator: Arc<OperatorToken>,
 }
 
 // By hand: a derive would ask for `S: Clone`, and only the `Arc`s are cloned.
@@ -37,6 +39,7 @@ impl<S> Clone for Backend<S> {
             metrics: self.metrics.clone(),
             proxies: self.proxies.clone(),
             identity: self.identity.clone(),
+            operator: self.operator.clone(),
         }
     }
 }

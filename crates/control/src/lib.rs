@@ -14,6 +14,7 @@ pub mod events;
 pub mod health;
 pub mod identity;
 pub mod metrics;
+pub mod operator;
 pub mod policies;
 pub mod proxies;
 pub mod registry;

@@ -111,6 +111,13 @@ pub struct Metrics {
     heartbeats: Family<ApiLabels, Counter>,
     connections: Gauge,
     refused: Counter,
+    unauthenticated: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    /// `missing` (no bearer token) or `wrong` (not the token in force).
+    reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -171,6 +178,12 @@ impl Metrics {
             "Connections closed at once because --max-connections were open",
             refused.clone(),
         );
+        let unauthenticated = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "api_unauthenticated",
+            "HTTP API requests refused (401) for want of the operator token, by reason (missing, wrong)",
+            unauthenticated.clone(),
+        );
         let process = process();
         registry.register(
             "lease_expiries",
@@ -222,6 +235,7 @@ impl Metrics {
             heartbeats,
             connections,
             refused,
+            unauthenticated,
         }
     }
 
@@ -338,6 +352,15 @@ impl Metrics {
 
     pub fn connection_refused(&self) {
         self.refused.inc();
+    }
+
+    /// An HTTP API request refused for want of the operator token: `wrong` when it carried
+    /// a token that is not the one in force, `missing` otherwise.
+    pub fn unauthenticated(&self, wrong: bool) {
+        let reason = if wrong { "wrong" } else { "missing" };
+        self.unauthenticated
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 }
 

@@ -16,6 +16,7 @@ use crate::{
     health::HealthChecker,
     identity::{Ca, CaSettings, CaSource, Identity},
     metrics::Metrics,
+    operator::{self, OperatorToken},
     policies::Policies,
     proxies::Proxies,
     registry::Registry,
@@ -110,6 +111,12 @@ pub struct Control {
     pub events: Arc<EventRing>,
     /// The CA and the join tokens.
     pub identity: Arc<Identity<EmbeddedStore>>,
+    /// The operator token the HTTP API's operator routes require, kept in
+    /// `DATA_DIR/operator.token`.
+    pub operator: Arc<OperatorToken>,
+    /// The operator token when this start created it (the data directory's first start),
+    /// for `malla control` to show once; `None` when it was read from its file.
+    pub created_operator_token: Option<String>,
     /// The address of the APIs (`--addr`): HTTP/JSON and gRPC.
     pub http_addr: SocketAddr,
     /// The same APIs on the gRPC address kept for sidecars configured with it
@@ -153,6 +160,8 @@ impl Control {
                 )
             })?;
         let opened = async {
+            // After the store: its lock makes this the data directory's one control plane.
+            let operator = OperatorToken::open(&config.data_dir.join(operator::FILE_NAME))?;
             let registry = Arc::new(Registry::open(store.clone()).await?);
             let policies = Arc::new(Policies::open(store.clone()).await?);
             let authorizations = Arc::new(Authorizations::open(store.clone()).await?);
@@ -164,11 +173,18 @@ impl Control {
                 metrics: Arc::new(Metrics::default()),
                 proxies: Arc::new(Proxies::default()),
                 identity: Arc::new(Identity::new(ca, store.clone())),
+                operator: Arc::new(operator.token),
             })
+            .map(|backend| (backend, operator.created))
         }
         .await;
         let started = match opened {
-            Ok(backend) => Self::serve(&config, serving, backend.clone(), [http, grpc]).await,
+            Ok((backend, created)) => Self::serve(&config, serving, backend.clone(), [http, grpc])
+                .await
+                .map(|mut control| {
+                    control.created_operator_token = created;
+                    control
+                }),
             Err(e) => Err(e),
         };
         if started.is_err() {
@@ -232,6 +248,8 @@ impl Control {
             authorizations: backend.authorizations,
             events: backend.events,
             identity: backend.identity,
+            operator: backend.operator,
+            created_operator_token: None,
             http_addr,
             grpc_addr,
             health: Some(health),

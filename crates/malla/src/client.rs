@@ -3,7 +3,7 @@
 //! Every call is bounded by `--request-timeout` (connect and answer together): a control
 //! plane that accepts and never answers must not hang a script.
 
-use std::{fmt, sync::OnceLock, time::Duration};
+use std::{fmt, path::PathBuf, sync::OnceLock, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -35,6 +35,94 @@ pub struct ControlArg {
         value_parser = parse_duration
     )]
     pub request_timeout: Duration,
+    /// The operator token the control plane's HTTP API requires (`malla control` printed
+    /// it at its first start; it keeps it in DATA_DIR/operator.token). Without this or
+    /// --token-file, the token of a control plane on this machine is read from
+    /// ./malla-data/operator.token, `malla control`'s default data directory.
+    #[arg(
+        long = "token",
+        env = "MALLA_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file holding the operator token, e.g. DATA_DIR/operator.token of the control
+    /// plane.
+    #[arg(long = "token-file", env = "MALLA_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where the CLI looks for the operator token when it is given neither `--token` nor
+/// `--token-file`: `malla control`'s default data directory, in the working directory.
+pub const DEFAULT_TOKEN_FILE: &str = "malla-data/operator.token";
+
+/// The operator token to send and where it came from (for error messages).
+#[derive(Clone, Debug)]
+struct Token {
+    value: String,
+    from: String,
+}
+
+impl ControlArg {
+    /// The operator token: `--token` (or `MALLA_TOKEN`), else the file of `--token-file`
+    /// (or `MALLA_TOKEN_FILE`), else the default data directory's file when the control
+    /// plane is on this machine (a token is never sent elsewhere unasked).
+    fn token(&self, authority: &str) -> anyhow::Result<Option<Token>> {
+        if let Some(value) = &self.token {
+            let value = value.trim();
+            anyhow::ensure!(
+                !value.is_empty(),
+                "--token (or MALLA_TOKEN) is empty; give the operator token or leave it out"
+            );
+            return Ok(Some(Token {
+                value: value.to_string(),
+                from: "--token (or MALLA_TOKEN)".into(),
+            }));
+        }
+        if let Some(file) = &self.token_file {
+            let value = read_token(file).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the operator token from {} (--token-file or MALLA_TOKEN_FILE): {e}",
+                    file.display()
+                )
+            })?;
+            return Ok(Some(Token {
+                value,
+                from: format!("{} (--token-file or MALLA_TOKEN_FILE)", file.display()),
+            }));
+        }
+        if !is_loopback(authority) {
+            return Ok(None);
+        }
+        let file = std::path::Path::new(DEFAULT_TOKEN_FILE);
+        Ok(read_token(file).ok().map(|value| Token {
+            value,
+            from: format!("{DEFAULT_TOKEN_FILE} (the default data directory of `malla control`)"),
+        }))
+    }
+}
+
+fn read_token(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(value.to_string())
+}
+
+/// Whether `HOST:PORT` names this machine: a loopback address or `localhost`.
+fn is_loopback(authority: &str) -> bool {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -98,6 +186,12 @@ pub enum CallError {
     TimedOut { addr: String, after: Duration },
     /// The connection failed mid-call.
     Transport { addr: String, reason: String },
+    /// The control plane refused the call for want of the operator token (401).
+    Unauthenticated {
+        addr: String,
+        /// Where the token sent came from; `None`: none was sent.
+        token_from: Option<String>,
+    },
     /// The control plane answered with an error.
     Api {
         status: StatusCode,
@@ -113,6 +207,7 @@ impl CallError {
             CallError::Unreachable { .. }
             | CallError::TimedOut { .. }
             | CallError::Transport { .. } => true,
+            CallError::Unauthenticated { .. } => false,
             CallError::Api { status, .. } => status.is_server_error(),
         }
     }
@@ -121,6 +216,7 @@ impl CallError {
     pub fn code(&self) -> Option<&str> {
         match self {
             CallError::Api { code, .. } => Some(code),
+            CallError::Unauthenticated { .. } => Some("unauthenticated"),
             _ => None,
         }
     }
@@ -143,6 +239,16 @@ impl fmt::Display for CallError {
                 f,
                 "the connection to the control plane at {addr} failed: {reason}; is {flag} the control plane's address?"
             ),
+            CallError::Unauthenticated { addr, token_from } => {
+                match token_from {
+                    None => write!(f, "the control plane at {addr} requires the operator token and none was given"),
+                    Some(from) => write!(f, "the control plane at {addr} refused the operator token from {from}: it is not the one in force (rotated, or another control plane's)"),
+                }?;
+                write!(
+                    f,
+                    "; pass it with --token TOKEN or MALLA_TOKEN, or --token-file FILE or MALLA_TOKEN_FILE: the control plane keeps it in DATA_DIR/operator.token on its machine, and `malla control` printed it at its first start (a new one: `malla operator-token rotate`)"
+                )
+            }
             CallError::Api {
                 status, message, ..
             } => write!(f, "{message} (HTTP {})", status.as_u16()),
@@ -158,6 +264,7 @@ pub struct Client {
     /// What error messages show: as the user wrote it.
     shown: String,
     timeout: Duration,
+    token: Option<Token>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -169,6 +276,7 @@ impl Client {
         } else {
             authority.clone()
         };
+        let token = arg.token(&authority)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -176,6 +284,7 @@ impl Client {
             authority,
             shown,
             timeout: arg.request_timeout,
+            token,
             runtime,
         })
     }
@@ -243,15 +352,25 @@ impl Client {
             .map_err(|e| transport(&e))?;
         tokio::spawn(conn);
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(http::header::HOST, &self.authority)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            req = req.header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.value),
+            );
+        }
+        let req = req
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| transport(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
         let status = resp.status();
+        // The operator token's refusal carries a challenge; `POST /v1/certificates`'s own
+        // 401 (a workload's credential) does not.
+        let challenged = resp.headers().contains_key(http::header::WWW_AUTHENTICATE);
         let bytes = resp
             .into_body()
             .collect()
@@ -260,6 +379,12 @@ impl Client {
             .to_bytes();
         let value: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
+        if status == StatusCode::UNAUTHORIZED && challenged {
+            return Err(CallError::Unauthenticated {
+                addr: self.shown.clone(),
+                token_from: self.token.as_ref().map(|t| t.from.clone()),
+            });
+        }
         if !status.is_success() {
             let message = value["error"]["message"]
                 .as_str()

@@ -57,6 +57,21 @@ pub struct ControlArgs {
     ca_key: Option<PathBuf>,
 }
 
+/// The operator token, at the first start only: the one time it is printed.
+fn show_operator_token(token: &str, file: &std::path::Path, addr: SocketAddr) {
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    // stderr, beside the logs (a service manager keeps it in its journal); shown once.
+    eprintln!(
+        "\nThe operator token of this control plane's HTTP API (shown this once):\n\n    {token}\n\n\
+         It is kept in {} (mode 600). The CLI reads it there by itself when run on this\n\
+         machine in the directory that holds ./malla-data (the default --data-dir); otherwise\n\
+         give it with --token or MALLA_TOKEN (or --token-file / MALLA_TOKEN_FILE), and to curl\n\
+         as -H \"Authorization: Bearer $MALLA_TOKEN\" (http://{addr}/v1/...).\n\
+         Replace it with `malla operator-token rotate`.\n",
+        file.display()
+    );
+}
+
 fn cert_ttl(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 24h, 90m)"))?;
     if d < Duration::from_secs(60) || d > Duration::from_secs(90 * 24 * 3600) {
@@ -98,6 +113,9 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             },
         )
         .await?;
+        if let Some(token) = &control.created_operator_token {
+            show_operator_token(token, control.operator.path(), control.http_addr);
+        }
         tracing::info!(addr = %control.http_addr, grpc_addr = %control.grpc_addr, "control plane ready");
         // SIGTERM (service managers, `kill`) and SIGINT (Ctrl-C) both stop it cleanly: the
         // APIs close, watch streams end with UNAVAILABLE so sidecars reconnect, the store

@@ -12,6 +12,7 @@ mod demo;
 mod describe_cmd;
 mod get_cmd;
 mod identity_cmd;
+mod operator_cmd;
 mod output;
 mod policy_cmd;
 mod proxy_cmd;
@@ -72,6 +73,8 @@ enum Command {
     /// The mesh's trust domain, trust bundle (`--bundle`: the PEM alone), roots and root
     /// rotation; `identity rotate`: rotate the root.
     Identity(identity_cmd::IdentityArgs),
+    /// The operator token of the control plane's HTTP API: `operator-token rotate`.
+    OperatorToken(operator_cmd::OperatorTokenArgs),
     /// Start demo services behind a sidecar, send traffic, and show where it went.
     Demo(demo::DemoArgs),
 }
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Events(args) => policy_cmd::events(args),
         Command::Token(args) => identity_cmd::token(args),
         Command::Identity(args) => identity_cmd::identity(args),
+        Command::OperatorToken(args) => operator_cmd::operator_token(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

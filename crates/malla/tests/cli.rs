@@ -10,7 +10,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use malla_tests::control::{TempDir, TestControl};
+use malla_tests::control::{operator_token_at, TempDir, TestControl};
 use serde_json::{json, Value};
 
 /// Runs `malla ARGS...` (with `--control URL` appended when given); waits for it off the
@@ -42,6 +42,9 @@ async fn malla_full(
         .env_remove("MALLA_LOG")
         .env_remove("RUST_LOG")
         .env_remove("NO_COLOR")
+        .env_remove("MALLA_TOKEN")
+        .env_remove("MALLA_TOKEN_FILE")
+        .envs(token_env(args, control, env))
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -63,6 +66,37 @@ async fn malla_full(
         .expect("malla did not exit within 120 s")
         .unwrap()
         .expect("run the malla binary")
+}
+
+/// `MALLA_TOKEN` with the operator token of the test control plane the command talks to
+/// (named by `control`, a `--control` in `args` or `MALLA_CONTROL` in `env`), unless the
+/// test gives a token itself (a `--token*` flag or `MALLA_TOKEN*` in `env`).
+fn token_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Vec<(String, String)> {
+    let given = args.iter().any(|a| a.starts_with("--token"))
+        || env.iter().any(|(k, _)| k.starts_with("MALLA_TOKEN"));
+    let named = control
+        .or_else(|| {
+            args.iter()
+                .position(|a| *a == "--control")
+                .and_then(|i| args.get(i + 1).copied())
+        })
+        .or_else(|| {
+            env.iter()
+                .find(|(k, _)| *k == "MALLA_CONTROL")
+                .map(|(_, v)| *v)
+        });
+    let token = named
+        .filter(|_| !given)
+        .and_then(|url| {
+            url.trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()
+                .ok()
+        })
+        .and_then(operator_token_at);
+    token
+        .map(|t| vec![("MALLA_TOKEN".to_string(), t)])
+        .unwrap_or_default()
 }
 
 fn stdout(out: &Output) -> String {
@@ -779,6 +813,8 @@ async fn malla_into_closed_pipe(args: &[&str], control: &str) -> Output {
         .env_remove("MALLA_CONTROL")
         .env_remove("MALLA_LOG")
         .env_remove("RUST_LOG")
+        .env_remove("MALLA_TOKEN_FILE")
+        .envs(token_env(args, Some(control), &[]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -957,6 +993,9 @@ impl Background {
             .env_remove("MALLA_LOG")
             .env_remove("RUST_LOG")
             .env_remove("NO_COLOR")
+            .env_remove("MALLA_TOKEN")
+            .env_remove("MALLA_TOKEN_FILE")
+            .envs(token_env(args, None, env))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -68,6 +68,8 @@ async fn start(dir: &TempDir) -> ControlProcess {
                 .await
             {
                 if reply.status == 200 {
+                    // Written before the APIs listen.
+                    process.api = process.api.with_token_of(dir.path());
                     return process;
                 }
             }
@@ -88,13 +90,14 @@ async fn start(dir: &TempDir) -> ControlProcess {
 async fn kill_9_loses_no_acknowledged_registration() {
     let dir = TempDir::new("crash");
     let mut control = start(&dir).await;
-    let api = control.api;
+    let api = control.api.clone();
     let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
 
     // 16 writers, each registering its own ids one after another until the process dies.
     let mut writers = Vec::new();
     for w in 0..16u32 {
         let acknowledged = acknowledged.clone();
+        let api = api.clone();
         writers.push(tokio::spawn(async move {
             let mut failures = 0;
             for n in 0..10_000u32 {

@@ -80,6 +80,8 @@ async fn start(dir: &TempDir) -> ControlProcess {
                 .await
             {
                 if reply.status == 200 {
+                    // Written before the APIs listen.
+                    process.api = process.api.with_token_of(dir.path());
                     return process;
                 }
             }

@@ -5,8 +5,12 @@
 //! [`Api::request`] sends any bytes and returns the status and the parsed JSON, for tests of
 //! bad input; the typed helpers ([`Api::register`], [`Api::instance_ids`]...) assert that
 //! the call succeeded and return what the test wants to look at.
+//!
+//! Every request carries the operator token the client was given
+//! ([`Api::with_token_of`]: the one in a control plane's data directory, what
+//! [`crate::control::TestControl::api`] gives), so tests of the API need no step for it.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request};
@@ -18,9 +22,11 @@ use tokio::net::TcpStream;
 use crate::{client::within, BoxError};
 
 /// The HTTP API of one control plane.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Api {
     addr: SocketAddr,
+    /// Sent as `Authorization: Bearer TOKEN` on every request.
+    token: Option<Arc<str>>,
 }
 
 /// An answer: the status, the body parsed as JSON (`Value::Null` when it is not JSON) and
@@ -31,6 +37,7 @@ pub struct Reply {
     pub json: Value,
     pub body: Bytes,
     pub content_type: Option<String>,
+    pub headers: http::HeaderMap,
 }
 
 impl Reply {
@@ -79,8 +86,27 @@ impl std::fmt::Display for Reply {
 }
 
 impl Api {
+    /// A client that sends no operator token (enough for `/live`, `/ready`, `/metrics`,
+    /// `GET /v1/identity` and `POST /v1/certificates`).
     pub fn new(addr: SocketAddr) -> Api {
-        Api { addr }
+        Api { addr, token: None }
+    }
+
+    /// The same client sending `token` as the operator token.
+    pub fn with_token(&self, token: &str) -> Api {
+        Api {
+            addr: self.addr,
+            token: Some(token.into()),
+        }
+    }
+
+    /// The same client sending the operator token kept in the data directory `dir`
+    /// (`DATA_DIR/operator.token`), read now; none when there is no such file yet.
+    pub fn with_token_of(&self, dir: &Path) -> Api {
+        match operator_token(dir) {
+            Some(token) => self.with_token(&token),
+            None => Api::new(self.addr),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -107,6 +133,9 @@ impl Api {
         if !body.is_empty() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
+        if let Some(token) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         let resp = sender.send_request(req.body(Full::new(body))?).await?;
         let status = resp.status().as_u16();
         let content_type = resp
@@ -114,6 +143,7 @@ impl Api {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
         conn.abort();
         let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -122,6 +152,7 @@ impl Api {
             json,
             body,
             content_type,
+            headers,
         })
     }
 
@@ -227,6 +258,13 @@ impl Api {
             .and_then(|i| i["health"].as_str())
             .map(str::to_string)
     }
+}
+
+/// The operator token a control plane keeps in its data directory `dir`, if any.
+pub fn operator_token(dir: &Path) -> Option<String> {
+    let path = dir.join(malla_control::operator::FILE_NAME);
+    let token = std::fs::read_to_string(path).ok()?;
+    Some(token.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// The sorted ids of `answer["instances"]`.

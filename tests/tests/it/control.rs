@@ -13,6 +13,7 @@
 //! | `bad_input` | every API refuses bad input with a precise 4xx in the JSON error shape |
 //! | `dns` | the DNS interface through `dig` |
 //! | `metrics` | the control plane's own `/metrics` move with known traffic |
+//! | `operator` | the operator token: refusals (401, what to do, counted), the exempt routes, rotation, a restart |
 //! | `proxies` | `GET /v1/proxies` lists connected sidecars |
 //! | `serving` | both APIs on each port, 405s, head timeout, connection limit |
 //!
@@ -26,6 +27,7 @@ mod health;
 mod identity;
 mod leases;
 mod metrics;
+mod operator;
 mod proxies;
 mod registry;
 mod restart;

@@ -8,6 +8,7 @@
 
 mod events;
 mod identity;
+mod operator;
 mod resources;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -48,6 +49,7 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(|| async { "ready\n" }))
         .route("/metrics", get(metrics::<S>))
+        .route("/v1/operator-token/rotate", post(operator::rotate::<S>))
         .route("/v1/status", get(status::<S>))
         .route("/v1/services", get(list_services::<S>))
         .route(
@@ -77,6 +79,12 @@ pub fn router<S: Store + Clone>(backend: Backend<S>) -> Router {
                 "no such route; see docs/control.md",
             )
         })
+        // After routing, so a refusal is counted under its route template (`note_route`,
+        // the outer layer, sees it).
+        .route_layer(axum::middleware::from_fn_with_state(
+            backend.clone(),
+            operator::require::<S>,
+        ))
         .route_layer(axum::middleware::from_fn(note_route))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(backend);

@@ -719,7 +719,7 @@ async fn a_token_raced_for_is_used_once() {
     let body = json!({"service": "checkout", "csr": csr, "join_token": token});
     let racers: Vec<_> = (0..8)
         .map(|_| {
-            let body = body.clone();
+            let (api, body) = (api.clone(), body.clone());
             tokio::spawn(async move { certify(&api, &body).await })
         })
         .collect();
@@ -1099,7 +1099,7 @@ async fn an_operator_intermediate_issues_chains_that_verify_to_its_root() {
         !data.path().join("ca").exists(),
         "no root is created when the operator gives one"
     );
-    let api = Api::new(control.http_addr);
+    let api = Api::new(control.http_addr).with_token_of(data.path());
 
     let identity = api.get("/v1/identity").await.ok();
     assert_eq!(identity["trust_domain"], "prod.example.com");
@@ -1174,6 +1174,7 @@ async fn an_operator_intermediate_issues_chains_that_verify_to_its_root() {
         .unwrap();
     let renew = |certificate: String| {
         let body = json!({"service": "checkout", "csr": renew_csr, "certificate": certificate});
+        let api = api.clone();
         async move { certify(&api, &body).await }
     };
     let id = "spiffe://prod.example.com/svc/checkout";

@@ -85,7 +85,8 @@ async fn both_apis_answer_on_both_ports() {
 
     // HTTP on the gRPC port, and on the HTTP port.
     for addr in [control.grpc_addr(), control.http_addr()] {
-        let instances = Api::new(addr).instance_ids("orders", "").await;
+        let api = Api::new(addr).with_token_of(control.data_dir());
+        let instances = api.instance_ids("orders", "").await;
         assert_eq!(instances, ["o-1"], "HTTP on {addr}");
     }
 
@@ -121,9 +122,11 @@ async fn raw(addr: SocketAddr, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_405_lists_the_methods_in_its_allow_header_and_its_message() {
     let control = TestControl::start_without_dns().await;
+    // With the operator token: without it the answer is a 401 (it comes first).
+    let token = malla_tests::control::api::operator_token(control.data_dir()).unwrap();
     let answer = raw(
         control.http_addr(),
-        "POST /v1/services/orders HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        &format!("POST /v1/services/orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
     )
     .await;
     let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");

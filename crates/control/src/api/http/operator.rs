@@ -1,0 +1,113 @@
+//! The operator token at the HTTP API: every `/v1/` route requires
+//! `Authorization: Bearer TOKEN` ([`crate::operator`]) except those a workload or a scraper
+//! calls with credentials of its own or none:
+//!
+//! - `POST /v1/certificates`: a workload proves itself with a join token or its current
+//!   certificate;
+//! - `GET /v1/identity`: the trust bundle, public by nature;
+//! - `/live`, `/ready` and `/metrics` (outside `/v1/`): probes and Prometheus scrape them.
+//!
+//! The check runs after routing (a route layer) so that a refusal is counted under its
+//! route template like any answer; an unknown path gets its `404` either way.
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::{HeaderValue, Method, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::json;
+
+use super::{ApiError, ApiResult};
+use crate::{api::Backend, store::Store};
+
+/// Routes (method, template) under `/v1/` that do not take the operator token.
+const EXEMPT: [(Method, &str); 2] = [
+    (Method::POST, "/v1/certificates"),
+    (Method::GET, "/v1/identity"),
+];
+
+/// What every refusal says to do.
+const WHAT_TO_DO: &str = "pass the operator token with --token or MALLA_TOKEN (or a file holding it with --token-file or MALLA_TOKEN_FILE), or as `Authorization: Bearer TOKEN`; the control plane keeps it in DATA_DIR/operator.token on its machine (mode 600), and `malla control` printed it at its first start";
+
+/// Refuses a request to an operator route without the token in force.
+pub(super) async fn require<S: Store + Clone>(
+    State(backend): State<Backend<S>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let exempt = match route {
+        Some(route) => {
+            !route.starts_with("/v1/")
+                || EXEMPT
+                    .iter()
+                    .any(|(method, path)| method == req.method() && *path == route)
+        }
+        None => false,
+    };
+    if exempt {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty());
+    match presented {
+        Some(token) if backend.operator.check(token) => next.run(req).await,
+        Some(_) => refuse(&backend, true),
+        None => refuse(&backend, false),
+    }
+}
+
+fn refuse<S>(backend: &Backend<S>, wrong: bool) -> Response {
+    backend.metrics.unauthenticated(wrong);
+    let (message, challenge) = if wrong {
+        (
+            format!("the operator token is not the one in force (it may have been rotated): {WHAT_TO_DO}"),
+            r#"Bearer realm="malla", error="invalid_token""#,
+        )
+    } else {
+        (
+            format!("this route needs the operator token: {WHAT_TO_DO}"),
+            r#"Bearer realm="malla""#,
+        )
+    };
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message).into_response();
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+/// `POST /v1/operator-token/rotate`: a new operator token, written over the file and in
+/// force at once (the token that called is refused from the next request on).
+pub(super) async fn rotate<S: Store + Clone>(State(backend): State<Backend<S>>) -> ApiResult {
+    let operator = backend.operator.clone();
+    let rotated = tokio::task::spawn_blocking(move || {
+        let token = operator.rotate()?;
+        anyhow::Ok((token, operator.path().display().to_string()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .and_then(|r| r);
+    match rotated {
+        Ok((token, file)) => Ok(Json(json!({"token": token, "file": file})).into_response()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{e:#}; the token in force is unchanged"),
+        )),
+    }
+}
