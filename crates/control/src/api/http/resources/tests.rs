@@ -12,7 +12,7 @@ use crate::{
     server::Control,
 };
 
-/// One request on a new connection: the status and the JSON body.
+/// One request on a new connection, with the operator token: the status and the JSON body.
 pub(in crate::api::http) async fn call(
     control: &Control,
     method: Method,
@@ -30,6 +30,10 @@ pub(in crate::api::http) async fn call(
         .method(method)
         .uri(path)
         .header(http::header::HOST, "control")
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", operator_token(control)),
+        )
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
@@ -39,6 +43,14 @@ pub(in crate::api::http) async fn call(
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
+}
+
+/// The operator token in force, from its file.
+fn operator_token(control: &Control) -> String {
+    std::fs::read_to_string(control.operator.path())
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
