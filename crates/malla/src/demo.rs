@@ -252,6 +252,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let ctl = control.http_addr;
         let a = instances[0].addr;
         println!("The mesh keeps running. Try:");
+        // The CLI talks to the control plane's API with its operator token, created at this
+        // start in the demo's data directory (not the ./malla-data the CLI looks in).
+        println!(
+            "  export MALLA_TOKEN_FILE={}",
+            data_dir.join("operator.token").display()
+        );
         println!("  curl -i http://{sidecar}/quote");
         println!("  curl --http2-prior-knowledge -i http://{sidecar}/quote");
         println!("  curl -i http://{a}/quote    (plaintext to quote-a's sidecar: refused)");

@@ -75,7 +75,8 @@ enum Command {
     Identity(identity_cmd::IdentityArgs),
     /// The operator token of the control plane's HTTP API: `operator-token rotate`.
     OperatorToken(operator_cmd::OperatorTokenArgs),
-    /// Start demo services behind a sidecar, send traffic, and show where it went.
+    /// Start demo services behind sidecars (mTLS between them), send traffic, and show
+    /// where it went.
     Demo(demo::DemoArgs),
 }
 
