@@ -10,6 +10,7 @@ pub mod duration;
 pub mod identity;
 pub mod labels;
 pub mod policy;
+pub mod rng;
 pub mod selector;
 pub mod service;
 pub mod slug;

@@ -130,23 +130,9 @@ fn check_leaf(f: &Fixture, issued: &Issued, key_bits: Option<&[u8]>) {
 
 #[cfg(test)]
 mod tests {
+    use malla_core::rng::Rng;
+
     use super::*;
-
-    /// A small deterministic generator (xorshift64*), so that a failure reproduces.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
 
     fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
         let mut data = seed.to_vec();
@@ -154,9 +140,9 @@ mod tests {
             let at = rng.below(data.len());
             match rng.below(6) {
                 0 => data[at] ^= 1 << rng.below(8),
-                1 => data[at] = rng.next() as u8,
+                1 => data[at] = rng.next_u64() as u8,
                 2 => data.truncate(at),
-                3 => data.insert(at, rng.next() as u8),
+                3 => data.insert(at, rng.next_u64() as u8),
                 4 if !data.is_empty() => {
                     data.remove(at.min(data.len() - 1));
                 }
@@ -176,7 +162,7 @@ mod tests {
         check(&csr);
         check(&cert);
         check(&[]);
-        let mut rng = Rng(0x6d61_6c6c_6121);
+        let mut rng = Rng::new(0x6d61_6c6c_6121);
         for _ in 0..2_000 {
             check(&mutate(&csr, &mut rng));
             check(&mutate(&cert, &mut rng));

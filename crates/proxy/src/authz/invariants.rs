@@ -79,23 +79,9 @@ pub const SEEDS: &[&[u8]] = &[
 
 #[cfg(test)]
 mod tests {
+    use malla_core::rng::Rng;
+
     use super::*;
-
-    /// xorshift64*: a fixed sequence, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
 
     /// Pieces a mutation inserts: what path tricks are made of.
     const PIECES: &[&[u8]] = &[
@@ -134,7 +120,7 @@ mod tests {
                 1 if at < out.len() => {
                     out.remove(at);
                 }
-                _ => out.insert(at, rng.next() as u8),
+                _ => out.insert(at, rng.next_u64() as u8),
             }
         }
         out
@@ -142,7 +128,7 @@ mod tests {
 
     #[test]
     fn normalised_paths_hold_their_invariants_over_mutated_targets() {
-        let mut rng = Rng(0x05ee_da07_5a7b);
+        let mut rng = Rng::new(0x05ee_da07_5a7b);
         for seed in SEEDS {
             check_path_invariants(seed);
         }

@@ -5,6 +5,8 @@ use hickory_proto::{
     rr::{DNSClass, Name, RData, Record, RecordType},
 };
 
+use malla_core::rng::Rng;
+
 use super::{answer, Transport};
 use crate::dns::{testing::FakeCatalog, DnsConfig};
 
@@ -582,22 +584,6 @@ fn an_invalid_domain_is_a_servfail_and_a_start_error() {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Whatever the bytes, `answer` returns nothing or a response to them that parses.
 fn check_any(bytes: &[u8], catalog: &FakeCatalog, cfg: &DnsConfig) {
     for transport in [UDP, Transport::Tcp] {
@@ -619,11 +605,11 @@ fn check_any(bytes: &[u8], catalog: &FakeCatalog, cfg: &DnsConfig) {
 fn never_panics_on_random_truncated_or_mutated_packets() {
     let catalog = FakeCatalog::fixture();
     let cfg = config();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     // Pure noise.
     for _ in 0..20_000 {
         let len = rng.below(600);
-        let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         check_any(&bytes, &catalog, &cfg);
     }
     // Valid queries, cut at every length and mutated a byte or a few at a time.
@@ -644,7 +630,7 @@ fn never_panics_on_random_truncated_or_mutated_packets() {
     ]
     .into_iter()
     .map(|(name, qtype, edns)| {
-        request(rng.next() as u16, name, qtype, edns)
+        request(rng.next_u64() as u16, name, qtype, edns)
             .to_vec()
             .unwrap()
     })
@@ -657,7 +643,7 @@ fn never_panics_on_random_truncated_or_mutated_packets() {
             let mut bytes = seed.clone();
             for _ in 0..1 + rng.below(4) {
                 let at = rng.below(bytes.len());
-                bytes[at] = rng.next() as u8;
+                bytes[at] = rng.next_u64() as u8;
             }
             // Queries only, or the interesting paths are never reached.
             bytes[2] &= 0x7f;

@@ -1,27 +1,7 @@
 //! Deterministic mutations of seed inputs, shared by the bounded runs and the integration
 //! suite's differential test.
 
-/// A small deterministic generator (xorshift64*), so that mutation runs repeat exactly.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `0..n` (`n` > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
+pub use malla_core::rng::Rng;
 
 /// Fragments that matter to framing, spliced in by [`mutate`].
 pub const DICTIONARY: &[&[u8]] = &[
