@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use malla_control::identity::Ca;
 use malla_core::{ServiceName, SpiffeId, TrustDomain};
 use malla_proxy::{
-    config::{ControlPlaneConfig, ListenerProtocol, MtlsMode},
+    config::{ListenerProtocol, MtlsMode},
     identity::Svid,
     tls,
 };
@@ -22,6 +22,7 @@ use malla_tests::{
     assert_eventually,
     control::TestControl,
     identity::svid,
+    mesh::server,
     peers::HttpPeer,
     proxy::{admin, TestProxy},
 };
@@ -38,36 +39,14 @@ fn payments() -> SpiffeId {
 
 /// A sidecar of `payments` in front of `app`, with a join token, in `mode`.
 async fn sidecar(control: &TestControl, app: &HttpPeer, mode: MtlsMode) -> TestProxy {
-    let token = control
-        .identity()
-        .tokens
-        .create(&ServiceName::new("payments").unwrap(), None)
-        .await
-        .unwrap()
-        .token;
-    let url = control.url();
-    let proxy = TestProxy::builder()
-        .inbound(app.addr(), ListenerProtocol::Auto)
-        .admin()
-        .config(move |c| {
-            c.inbound.as_mut().unwrap().mtls = mode;
-            c.control = Some(ControlPlaneConfig {
-                service: Some("payments".into()),
-                join_token: Some(token),
-                ..ControlPlaneConfig::new(url)
-            });
-        })
-        .start();
-    let identity = proxy
-        .handle()
-        .discovery()
-        .and_then(|d| d.identity().cloned())
-        .expect("an identity");
-    assert_eventually!(
-        identity.current().is_some(),
-        "the sidecar got no certificate"
-    );
-    proxy
+    server(
+        control,
+        "payments",
+        app.addr(),
+        ListenerProtocol::Auto,
+        mode,
+    )
+    .await
 }
 
 async fn tls_connect(
