@@ -76,6 +76,9 @@ impl std::str::FromStr for TrustDomain {
     }
 }
 
+/// The path of the control plane's SPIFFE ID ([`SpiffeId::control_plane`]).
+pub const CONTROL_PLANE_PATH: &str = "/control";
+
 impl SpiffeId {
     /// The identity of every instance of `service`.
     pub fn for_service(domain: &TrustDomain, service: &ServiceName) -> SpiffeId {
@@ -83,6 +86,21 @@ impl SpiffeId {
             domain: domain.clone(),
             path: format!("/svc/{service}"),
         }
+    }
+
+    /// The control plane's identity: what its API's certificate proves, and what sidecars
+    /// and the CLI check before they send it anything. No workload can hold it: join
+    /// tokens and renewals only ever certify `/svc/...` paths.
+    pub fn control_plane(domain: &TrustDomain) -> SpiffeId {
+        SpiffeId {
+            domain: domain.clone(),
+            path: CONTROL_PLANE_PATH.to_string(),
+        }
+    }
+
+    /// Whether this is a control plane's identity (in any trust domain).
+    pub fn is_control_plane(&self) -> bool {
+        self.path == CONTROL_PLANE_PATH
     }
 
     pub fn parse(id: &str) -> Result<SpiffeId, IdentityError> {

@@ -123,13 +123,7 @@ impl MeshTls {
 }
 
 fn roots(svid: &Svid) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for der in &svid.trust_bundle {
-        roots
-            .add(CertificateDer::from(der.clone()))
-            .map_err(|e| TlsError::Config(format!("a trust bundle root is refused: {e}")))?;
-    }
-    Ok(Arc::new(roots))
+    roots_from_der(&svid.trust_bundle)
 }
 
 fn chain_and_key(svid: &Svid) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
@@ -170,7 +164,11 @@ pub fn client_config(
     peer: SpiffeId,
     provider: &Arc<CryptoProvider>,
 ) -> Result<ClientConfig, TlsError> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(roots(svid)?, peer, provider));
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        roots(svid)?,
+        Expected::Id(peer),
+        provider,
+    ));
     let (chain, key) = chain_and_key(svid);
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -181,6 +179,70 @@ pub fn client_config(
         .map_err(|e| TlsError::Config(format!("this sidecar's certificate and key: {e}")))?;
     config.alpn_protocols = vec![ALPN_MESH.to_vec()];
     Ok(config)
+}
+
+/// Calls the control plane's API: accepts a server whose certificate chains to `roots` and
+/// proves the control plane's identity ([`Expected::ControlPlane`]), whatever address it
+/// was reached at; presents `svid` when given (a sidecar authenticates its writes with
+/// it), nothing otherwise (the CLI, a sidecar before its first certificate). `alpn`: `h2`
+/// for gRPC, `http/1.1` for the CLI.
+pub fn control_plane_client_config(
+    roots: Arc<RootCertStore>,
+    svid: Option<&Svid>,
+    alpn: &[u8],
+) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        roots,
+        Expected::ControlPlane,
+        &provider,
+    ));
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match svid {
+        Some(svid) => {
+            let (chain, key) = chain_and_key(svid);
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Config(format!("this sidecar's certificate and key: {e}")))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// The roots of a PEM trust bundle (`DATA_DIR/trust-bundle.pem`); an error says what is
+/// wrong with it.
+pub fn roots_from_pem(pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+    let blocks = ::pem::parse_many(pem)
+        .map_err(|e| TlsError::Config(format!("not a PEM trust bundle: {e}")))?;
+    let mut roots = RootCertStore::empty();
+    for block in blocks.iter().filter(|b| b.tag() == "CERTIFICATE") {
+        roots
+            .add(CertificateDer::from(block.contents().to_vec()))
+            .map_err(|e| TlsError::Config(format!("a trust bundle root is refused: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Config(
+            "the trust bundle holds no certificate (expected PEM CERTIFICATE blocks)".into(),
+        ));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The roots of a DER trust bundle, as a certificate answer brings it.
+pub fn roots_from_der(bundle: &[Vec<u8>]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for der in bundle {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| TlsError::Config(format!("a trust bundle root is refused: {e}")))?;
+    }
+    Ok(Arc::new(roots))
 }
 
 /// The name to put in the ClientHello: SNI is not used to pick a certificate (a sidecar
@@ -194,13 +256,43 @@ pub fn server_name() -> ServerName<'static> {
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
-    expected: SpiffeId,
+    expected: Expected,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// The identity a server must prove.
+#[derive(Clone, Debug)]
+pub enum Expected {
+    /// Exactly this one (a sidecar of the service called).
+    Id(SpiffeId),
+    /// A control plane's (`spiffe://DOMAIN/control`): the trust domain is the roots' own,
+    /// and a client may not know it before its first certificate.
+    ControlPlane,
+}
+
+impl Expected {
+    fn accepts(&self, id: &SpiffeId) -> bool {
+        match self {
+            Expected::Id(expected) => id == expected,
+            Expected::ControlPlane => id.is_control_plane(),
+        }
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expected::Id(id) => id.fmt(f),
+            Expected::ControlPlane => {
+                f.write_str("the control plane's identity (spiffe://DOMAIN/control)")
+            }
+        }
+    }
 }
 
 impl SpiffeServerVerifier {
     /// Accepts servers whose certificate chains to `roots` and names `expected`.
-    pub fn new(roots: Arc<RootCertStore>, expected: SpiffeId, provider: &CryptoProvider) -> Self {
+    pub fn new(roots: Arc<RootCertStore>, expected: Expected, provider: &CryptoProvider) -> Self {
         SpiffeServerVerifier {
             roots,
             expected,
@@ -227,7 +319,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             self.algorithms.all,
         )?;
         match spiffe_id(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) if self.expected.accepts(&id) => Ok(ServerCertVerified::assertion()),
             _ => Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName,
             )),
@@ -334,7 +426,7 @@ pub fn failure_reason(error: &std::io::Error) -> &'static str {
 
 /// A failed client handshake in words a user can act on: which check refused the server
 /// (rustls' error comes wrapped in an I/O error).
-pub fn explain(error: &std::io::Error, expected: &SpiffeId) -> String {
+pub fn explain(error: &std::io::Error, expected: &impl std::fmt::Display) -> String {
     let tls = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());

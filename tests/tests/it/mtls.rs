@@ -170,7 +170,11 @@ async fn a_client_without_a_certificate_is_refused() {
     // A client that checks the server as a sidecar does, but presents no certificate.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.bundle()[0].clone().into()).unwrap();
-    let verifier = tls::SpiffeServerVerifier::new(Arc::new(roots), id("payments"), &provider);
+    let verifier = tls::SpiffeServerVerifier::new(
+        Arc::new(roots),
+        tls::Expected::Id(id("payments")),
+        &provider,
+    );
     let anonymous = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
