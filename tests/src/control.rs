@@ -199,6 +199,7 @@ impl TestControl {
                 dns_addr: self.dns.then(any_port),
                 dns: DnsSettings::default(),
                 identity: self.identity.clone(),
+                tls_names: Vec::new(),
             };
             match Control::start_with(config, self.serving.clone()).await {
                 Ok(control) => break control,

@@ -1,6 +1,7 @@
 //! The control plane's APIs. Each is a projection of the [`crate::registry::Registry`],
 //! the [`crate::policies::Policies`], the [`crate::authorizations::Authorizations`] and the [`crate::events::EventRing`].
 
+pub mod auth;
 pub mod grpc;
 pub mod http;
 

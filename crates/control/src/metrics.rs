@@ -112,11 +112,14 @@ pub struct Metrics {
     connections: Gauge,
     refused: Counter,
     unauthenticated: Family<ReasonLabels, Counter>,
+    tls_handshakes: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
-    /// `missing` (no bearer token) or `wrong` (not the token in force).
+    /// `missing` (no credential), `wrong` (not the operator token in force),
+    /// `other-service` (a workload's certificate for another service's instance),
+    /// `plaintext` (a request on a connection without TLS, refused).
     reason: &'static str,
 }
 
@@ -181,8 +184,14 @@ impl Metrics {
         let unauthenticated = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "api_unauthenticated",
-            "HTTP API requests refused (401) for want of the operator token, by reason (missing, wrong)",
+            "API requests refused for want of a credential, by reason: missing (none), wrong (not the operator token in force), other-service (a workload certificate for another service's instance), plaintext (no TLS)",
             unauthenticated.clone(),
+        );
+        let tls_handshakes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "api_tls_handshakes",
+            "TLS handshakes on the API port, by result (ok, failed, timeout)",
+            tls_handshakes.clone(),
         );
         let process = process();
         registry.register(
@@ -236,6 +245,7 @@ impl Metrics {
             connections,
             refused,
             unauthenticated,
+            tls_handshakes,
         }
     }
 
@@ -357,9 +367,25 @@ impl Metrics {
     /// An HTTP API request refused for want of the operator token: `wrong` when it carried
     /// a token that is not the one in force, `missing` otherwise.
     pub fn unauthenticated(&self, wrong: bool) {
-        let reason = if wrong { "wrong" } else { "missing" };
+        self.refused_for(if wrong { "wrong" } else { "missing" });
+    }
+
+    /// An API request refused for want of a credential, by reason (see [`ReasonLabels`]).
+    pub fn refused_for(&self, reason: &'static str) {
         self.unauthenticated
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A request on a plaintext connection, refused (TLS is required).
+    pub fn plaintext_refused(&self) {
+        self.refused_for("plaintext");
+    }
+
+    /// A TLS handshake on the API port ended: `ok`, `failed` or `timeout`.
+    pub fn tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 }

@@ -20,7 +20,10 @@ use crate::{
     policies::Policies,
     proxies::Proxies,
     registry::Registry,
-    serving::{Apis, ServeSettings, Server},
+    serving::{
+        tls::{self, ControlTls},
+        Apis, ServeSettings, Server,
+    },
     store::{embedded::EmbeddedStore, Store},
 };
 
@@ -42,6 +45,9 @@ pub struct ControlConfig {
     pub dns_addr: Option<SocketAddr>,
     pub dns: DnsSettings,
     pub identity: IdentitySettings,
+    /// Names (DNS names or IP addresses) the API's certificate carries besides the
+    /// defaults (`--tls-san`): how clients that check a host name reach it.
+    pub tls_names: Vec<String>,
 }
 
 /// The CA's settings (`--trust-domain`, `--cert-ttl`, `--ca-cert` and `--ca-key`).
@@ -123,6 +129,9 @@ pub struct Control {
     /// (`--grpc-addr`).
     pub grpc_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
+    /// The API port's TLS: its certificate, and the trust bundle file
+    /// (`DATA_DIR/trust-bundle.pem`) clients verify it with.
+    pub tls: Arc<ControlTls>,
     health: Option<HealthChecker>,
     dns: Option<DnsServer>,
     http: JoinHandle<()>,
@@ -228,13 +237,19 @@ impl Control {
 
         let http_addr = http_listener.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
+        let tls = Arc::new(ControlTls::new(
+            backend.identity.clone(),
+            tls::server_names(&[http_addr, grpc_addr], &config.tls_names),
+            &config.data_dir,
+        )?);
         let apis = Apis::new(
             api::http::router(backend.clone()),
             api::grpc::routes(backend.clone(), stop.subscribe()),
             backend.metrics.clone(),
             backend.proxies.clone(),
         );
-        let server = Server::new(apis, serving, stop.subscribe());
+        let server = Server::new(apis, tls.clone(), serving, stop.subscribe());
+        tokio::spawn(refresh_tls(tls.clone(), stop.subscribe()));
         let http = tokio::spawn(server.clone().serve(http_listener));
         let grpc = tokio::spawn(server.serve(grpc_listener));
         info!(addr = %http_addr, "HTTP and gRPC APIs listening");
@@ -243,6 +258,7 @@ impl Control {
 
         Ok(Control {
             dns_addr: dns.as_ref().map(|d| d.local_addr()),
+            tls,
             registry,
             policies: backend.policies,
             authorizations: backend.authorizations,
@@ -295,6 +311,37 @@ impl Drop for Control {
     }
 }
 
+/// How often the API's certificate and the trust bundle file are checked for renewal
+/// when no client connects.
+const TLS_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the API's certificate and the bundle file current until the stop signal.
+async fn refresh_tls(tls: Arc<ControlTls>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(TLS_REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let tls = tls.clone();
+                let _ = tokio::task::spawn_blocking(move || tls.refresh()).await;
+            }
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves once the stop signal is on (holding no borrow of it afterwards).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+impl Control {
+    /// `DATA_DIR/trust-bundle.pem`: what clients verify the API's certificate with.
+    pub fn trust_bundle_path(&self) -> &std::path::Path {
+        self.tls.bundle_file()
+    }
+}
+
 /// DNS answers from the registry's view.
 struct RegistryCatalog<S>(Arc<Registry<S>>);
 
@@ -329,6 +376,7 @@ mod tests {
             dns_addr: Some(dns_addr),
             dns: DnsSettings::default(),
             identity: Default::default(),
+            tls_names: Vec::new(),
         }
     }
 

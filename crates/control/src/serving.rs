@@ -30,6 +30,7 @@
 
 pub mod detect;
 mod dispatch;
+pub mod tls;
 
 use std::{
     net::SocketAddr,
@@ -55,6 +56,7 @@ use tracing::{debug, warn};
 
 use self::detect::{detect, Prefixed, Protocol};
 pub use self::dispatch::Apis;
+use self::tls::{ControlTls, PeerIdentity};
 use crate::proxies::{Connection, Proxies};
 
 /// The default request head timeout (and HTTP/1 idle timeout).
@@ -77,11 +79,15 @@ pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// does not spin while none are free.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The serving limits (`malla control --head-timeout`, `--max-connections`).
+/// The serving limits (`malla control --head-timeout`, `--max-connections`), and whether
+/// plaintext connections are served (`--allow-plaintext`).
 #[derive(Clone, Debug)]
 pub struct ServeSettings {
     pub head_timeout: Duration,
     pub max_connections: usize,
+    /// Serve clients that do not speak TLS (migrating sidecars configured with an
+    /// `http://` URL) instead of answering them with what to do.
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServeSettings {
@@ -89,13 +95,18 @@ impl Default for ServeSettings {
         ServeSettings {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+            allow_plaintext: true,
         }
     }
 }
 
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// What every listener shares: the APIs, the limits, the stop signal.
 pub struct Server {
     apis: Apis,
+    tls: Arc<ControlTls>,
     settings: ServeSettings,
     slots: Arc<Semaphore>,
     refusals: Throttled,
@@ -103,9 +114,15 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(apis: Apis, settings: ServeSettings, stop: watch::Receiver<bool>) -> Arc<Self> {
+    pub fn new(
+        apis: Apis,
+        tls: Arc<ControlTls>,
+        settings: ServeSettings,
+        stop: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new(Server {
             apis,
+            tls,
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             refusals: Throttled::default(),
@@ -159,6 +176,7 @@ impl Server {
             let peer = Peer {
                 remote,
                 local: local.unwrap_or(remote),
+                identity: PeerIdentity::default(),
             };
             connections.spawn(self.clone().connection(stream, peer, slot));
         }
@@ -167,15 +185,67 @@ impl Server {
 
     async fn connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
-        peer: Peer,
+        stream: TcpStream,
+        mut peer: Peer,
         _slot: OwnedSemaphorePermit,
     ) {
         let _open = self.apis.metrics.connection_opened();
         let _ = stream.set_nodelay(true);
         let mut stop = self.stop.clone();
+        let deadline = Instant::now() + self.settings.head_timeout;
+        // TLS or not, from the first byte (left in the socket for whoever reads next).
+        let mut first = [0u8; 1];
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
+            _ = stopped(&mut stop) => return,
+        };
+        match peeked {
+            Ok(Ok(0)) => {}
+            Ok(Ok(_)) if first[0] == TLS_HANDSHAKE => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
+                let accepted = tokio::select! {
+                    accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+                    _ = stopped(&mut stop) => return,
+                };
+                match accepted {
+                    Ok(Ok(tls)) => {
+                        self.apis.metrics.tls_handshake("ok");
+                        peer.identity = PeerIdentity(tls::peer_identity(tls.get_ref().1));
+                        self.serve_connection(tls, peer, deadline, true).await;
+                    }
+                    Ok(Err(e)) => {
+                        self.apis.metrics.tls_handshake("failed");
+                        debug!(client = %peer.remote, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        self.apis.metrics.tls_handshake("timeout");
+                        debug!(client = %peer.remote, "no TLS handshake within the head timeout; closing");
+                    }
+                }
+            }
+            Ok(Ok(_)) => self.serve_connection(stream, peer, deadline, false).await,
+            Ok(Err(e)) => {
+                debug!(client = %peer.remote, error = %e, "connection failed before its first request");
+            }
+            Err(_) => {
+                debug!(client = %peer.remote, timeout = ?self.settings.head_timeout, "no request within the head timeout; closing");
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 (told by the first bytes) on a connection, TLS or not.
+    async fn serve_connection<IO>(
+        &self,
+        mut stream: IO,
+        peer: Peer,
+        deadline: Instant,
+        secure: bool,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut stop = self.stop.clone();
         let detected = tokio::select! {
-            detected = tokio::time::timeout(self.settings.head_timeout, detect(&mut stream)) => detected,
+            detected = tokio::time::timeout_at(deadline, detect(&mut stream)) => detected,
             _ = stopped(&mut stop) => return,
         };
         let (protocol, prefix) = match detected {
@@ -192,7 +262,10 @@ impl Server {
         };
         let io = TokioIo::new(Prefixed::new(prefix, stream));
         let tracked = Tracked::new(&self.apis.proxies, peer.remote);
-        let service = self.apis.for_connection(peer, tracked.0.clone());
+        let refused = !secure && !self.settings.allow_plaintext;
+        let service = self
+            .apis
+            .for_connection(peer.clone(), tracked.0.clone(), refused);
         match protocol {
             Protocol::Http1 => {
                 let connection = http1::Builder::new()
@@ -201,7 +274,7 @@ impl Server {
                     .max_buf_size(MAX_HTTP1_BUFFER)
                     .keep_alive(true)
                     .serve_connection(io, service);
-                drive(connection, stop, peer).await;
+                drive(connection, stop, peer.remote).await;
             }
             Protocol::Http2 => {
                 let connection = http2::Builder::new(TokioExecutor::new())
@@ -211,7 +284,7 @@ impl Server {
                     .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                     .max_header_list_size(MAX_HEADER_LIST_SIZE)
                     .serve_connection(io, service);
-                drive(connection, stop, peer).await;
+                drive(connection, stop, peer.remote).await;
             }
         }
     }
@@ -232,15 +305,16 @@ impl Drop for Tracked {
     }
 }
 
-/// The two ends of a connection.
-#[derive(Clone, Copy, Debug)]
+/// The two ends of a connection, and who the client proved to be.
+#[derive(Clone, Debug)]
 pub struct Peer {
     pub remote: SocketAddr,
     pub local: SocketAddr,
+    pub identity: PeerIdentity,
 }
 
 /// Runs a connection to its end; on the stop signal, asks it to finish gracefully.
-async fn drive<C>(connection: C, mut stop: watch::Receiver<bool>, peer: Peer)
+async fn drive<C>(connection: C, mut stop: watch::Receiver<bool>, client: SocketAddr)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
@@ -256,7 +330,7 @@ where
     if let Err(e) = ended {
         // A client's own doing (a timeout, a reset, a bad request): not the server's
         // trouble, so not above debug.
-        debug!(client = %peer.remote, error = %e, "connection ended with an error");
+        debug!(%client, error = %e, "connection ended with an error");
     }
 }
 

@@ -55,6 +55,29 @@ pub struct ControlArgs {
     /// The private key of --ca-cert (PEM; keep it mode 600).
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// A DNS name or IP address the API's TLS certificate names besides localhost, this
+    /// host's name, loopback and --addr/--grpc-addr, for clients that check a host name
+    /// (curl, Prometheus) and reach the control plane by it; repeat for several. malla's
+    /// sidecars and CLI check the control plane's SPIFFE ID and need none.
+    #[arg(long = "tls-san", value_name = "NAME", value_parser = tls_san)]
+    tls_sans: Vec<String>,
+    /// Also serve clients that do not speak TLS (sidecars of earlier versions, configured
+    /// with an http:// URL) while they are moved over; without it they are answered with
+    /// what to do. Plaintext exposes the operator token and join tokens on the network.
+    #[arg(long)]
+    allow_plaintext: bool,
+}
+
+fn tls_san(s: &str) -> Result<String, String> {
+    if s.parse::<std::net::IpAddr>().is_ok()
+        || malla_control::serving::tls::is_dns_name(&s.to_ascii_lowercase())
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is neither an IP address nor a DNS name (letters, digits, '-', '.', an optional leading '*.')"
+        ))
+    }
 }
 
 /// The operator token, at the first start only: the one time it is printed.
@@ -66,7 +89,7 @@ fn show_operator_token(token: &str, file: &std::path::Path, addr: SocketAddr) {
          It is kept in {} (mode 600). The CLI reads it there by itself when run on this\n\
          machine in the directory that holds ./malla-data (the default --data-dir); otherwise\n\
          give it with --token or MALLA_TOKEN (or --token-file / MALLA_TOKEN_FILE), and to curl\n\
-         as -H \"Authorization: Bearer $MALLA_TOKEN\" (http://{addr}/v1/...).\n\
+         as -H \"Authorization: Bearer $MALLA_TOKEN\" (curl --cacert DATA_DIR/trust-bundle.pem https://{addr}/v1/...).\n\
          Replace it with `malla operator-token rotate`.\n",
         file.display()
     );
@@ -106,10 +129,12 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                     cert_ttl: args.cert_ttl,
                     ca_files: args.ca_cert.zip(args.ca_key),
                 },
+                tls_names: args.tls_sans,
             },
             ServeSettings {
                 head_timeout: args.head_timeout,
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                allow_plaintext: args.allow_plaintext,
             },
         )
         .await?;

@@ -51,6 +51,7 @@ pub(crate) async fn start_control(dir: &Path, grpc_addr: SocketAddr) -> Control 
             dns_addr: None,
             dns: DnsSettings::default(),
             identity: Default::default(),
+            tls_names: Vec::new(),
         };
         match Control::start(config).await {
             Ok(control) => return control,

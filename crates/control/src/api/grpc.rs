@@ -38,7 +38,7 @@ pub(crate) mod tests;
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use malla_api::{pb, ConversionError, PoliciesServer, Registration, RegistryServer, WatchTarget};
-use malla_core::{service::valid_instance_id, Instance, ServiceName};
+use malla_core::{service::valid_instance_id, Instance, ServiceName, TrustDomain};
 use tokio::sync::{
     broadcast::{self, error::RecvError, error::TryRecvError},
     mpsc, watch,
@@ -47,10 +47,15 @@ use tonic::{codegen::tokio_stream::Stream, Request, Response, Status};
 use tracing::debug;
 
 use crate::{
-    api::Backend,
+    api::{
+        auth::{self, Caller},
+        Backend,
+    },
     metrics::{Metrics, WatchKind},
+    operator::OperatorToken,
     proxies::Connection,
     registry::{self, Change, Registry, RegistryError, View},
+    serving::tls::PeerIdentity,
     store::{Store, StoreError},
 };
 
@@ -64,21 +69,40 @@ const MAX_BATCH: usize = 1024;
 pub struct RegistryGrpc<S> {
     registry: Arc<Registry<S>>,
     metrics: Arc<Metrics>,
+    /// Who may write ([`auth`]): the operator token, and the trust domain workloads'
+    /// certificates must be of.
+    operator: Arc<OperatorToken>,
+    trust_domain: TrustDomain,
     /// Turns `true` when the control plane stops: every watch stream ends.
     stop: watch::Receiver<bool>,
 }
 
 impl<S: Store + Clone> RegistryGrpc<S> {
-    pub fn new(
-        registry: Arc<Registry<S>>,
-        metrics: Arc<Metrics>,
-        stop: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(backend: &Backend<S>, stop: watch::Receiver<bool>) -> Self {
         RegistryGrpc {
-            registry,
-            metrics,
+            registry: backend.registry.clone(),
+            metrics: backend.metrics.clone(),
+            operator: backend.operator.clone(),
+            trust_domain: backend.identity.ca.trust_domain().clone(),
             stop,
         }
+    }
+
+    /// Who sent `request`; a refusal (a wrong token) is counted and returned as a status.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let headers = request.metadata().clone().into_headers();
+        auth::caller(
+            &headers,
+            request.extensions().get::<PeerIdentity>(),
+            &self.operator,
+            &self.trust_domain,
+        )
+        .map_err(|refused| self.refuse(&refused))
+    }
+
+    fn refuse(&self, refused: &auth::Refusal) -> Status {
+        self.metrics.refused_for(refused.reason());
+        refused.to_status()
     }
 }
 
@@ -89,8 +113,7 @@ pub fn routes<S: Store + Clone>(
     stop: watch::Receiver<bool>,
 ) -> tonic::service::Routes {
     tonic::service::Routes::new(RegistryServer::new(RegistryGrpc::new(
-        backend.registry.clone(),
-        backend.metrics.clone(),
+        &backend,
         stop.clone(),
     )))
     .add_service(malla_api::IdentityServer::new(identity::IdentityGrpc::new(
@@ -139,13 +162,17 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let connection = connection(&request);
+        let caller = self.caller(&request)?;
         // `SocketAddr`'s display brackets IPv6: `grpc [fd00::5]:40000`.
         let by = match request.remote_addr() {
-            Some(peer) => format!("grpc {peer}"),
-            None => "grpc".to_string(),
+            Some(peer) => format!("grpc {peer} {}", caller.describe()),
+            None => format!("grpc {}", caller.describe()),
         };
         let Registration { instance, ttl } =
             Registration::try_from(request.into_inner()).map_err(invalid)?;
+        caller
+            .may_write(&instance.service)
+            .map_err(|refused| self.refuse(&refused))?;
         let registered = self
             .registry
             .register_from(
@@ -180,11 +207,12 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let lease = self
-            .registry
-            .heartbeat(request.into_inner().lease)
-            .await
-            .map_err(status)?;
+        let caller = self.caller(&request)?;
+        let lease = request.into_inner().lease;
+        caller
+            .may_heartbeat(&self.registry, lease)
+            .map_err(|refused| self.refuse(&refused))?;
+        let lease = self.registry.heartbeat(lease).await.map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse {
             ttl_seconds: to_u32(lease.ttl.as_secs()),
             remaining_ms: u64::try_from(lease.remaining.as_millis()).unwrap_or(u64::MAX),
@@ -196,9 +224,13 @@ impl<S: Store + Clone> malla_api::RegistryService for RegistryGrpc<S> {
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let connection = connection(&request);
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let service = ServiceName::new(&request.service)
             .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
+        caller
+            .may_write(&service)
+            .map_err(|refused| self.refuse(&refused))?;
         if !valid_instance_id(&request.id) {
             return Err(invalid(ConversionError::InstanceId {
                 field: "id",

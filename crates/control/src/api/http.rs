@@ -26,11 +26,15 @@ use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::json;
 
 use crate::{
-    api::Backend,
+    api::{
+        auth::{self, Caller},
+        Backend,
+    },
     authorizations::AuthorizationKind,
     events::EventFilter,
     policies::PolicyKind,
     registry::{record::instance_json, Registration, Registry, RegistryError, ServiceSpec},
+    serving::tls::PeerIdentity,
     store::{Store, StoreError},
 };
 
@@ -185,7 +189,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -415,40 +419,77 @@ async fn list_instances<S: Store + Clone>(
     .into_response())
 }
 
+/// Who sent `headers` on a connection whose client proved `peer`; a wrong operator token
+/// is refused here.
+fn writer<S: Store + Clone>(
+    backend: &Backend<S>,
+    headers: &http::HeaderMap,
+    peer: Option<&PeerIdentity>,
+) -> Result<Caller, ApiError> {
+    auth::caller(
+        headers,
+        peer,
+        &backend.operator,
+        backend.identity.ca.trust_domain(),
+    )
+    .map_err(|refused| operator::refuse_write(backend, &refused))
+}
+
 async fn register<S: Store + Clone>(
-    State(reg): State<Arc<Registry<S>>>,
+    State(backend): State<Backend<S>>,
     Path((service, id)): Path<(String, String)>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    identity: Option<Extension<PeerIdentity>>,
+    headers: http::HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    let caller = writer(&backend, &headers, identity.as_deref())?;
     let name = service_name(&service)?;
+    caller
+        .may_write(&name)
+        .map_err(|refused| operator::refuse_write(&backend, &refused))?;
     let registration: Registration = parse_body(&body)?;
     // `SocketAddr`'s display brackets IPv6: `http [fd00::5]:51234`.
     let by = match peer {
-        Some(Extension(ConnectInfo(peer))) => format!("http {peer}"),
-        None => "http".to_string(),
+        Some(Extension(ConnectInfo(peer))) => format!("http {peer} {}", caller.describe()),
+        None => format!("http {}", caller.describe()),
     };
-    let registered = reg.register_from(&name, &id, registration, &by).await?;
+    let registered = backend
+        .registry
+        .register_from(&name, &id, registration, &by)
+        .await?;
     Ok((StatusCode::OK, Json(registered)).into_response())
 }
 
 async fn deregister<S: Store + Clone>(
-    State(reg): State<Arc<Registry<S>>>,
+    State(backend): State<Backend<S>>,
     Path((service, id)): Path<(String, String)>,
+    identity: Option<Extension<PeerIdentity>>,
+    headers: http::HeaderMap,
 ) -> ApiResult {
+    let caller = writer(&backend, &headers, identity.as_deref())?;
     let name = service_name(&service)?;
-    let revision = reg.deregister(&name, &id).await?;
+    caller
+        .may_write(&name)
+        .map_err(|refused| operator::refuse_write(&backend, &refused))?;
+    let revision = backend.registry.deregister(&name, &id).await?;
     Ok(Json(json!({"revision": revision})).into_response())
 }
 
 async fn keep_alive<S: Store + Clone>(
-    State(reg): State<Arc<Registry<S>>>,
+    State(backend): State<Backend<S>>,
     Path(lease): Path<String>,
+    identity: Option<Extension<PeerIdentity>>,
+    headers: http::HeaderMap,
 ) -> ApiResult {
+    let caller = writer(&backend, &headers, identity.as_deref())?;
     let id: u64 = lease
         .parse()
         .map_err(|_| ApiError::invalid(format!("lease id {lease:?} must be a number")))?;
-    let lease = reg.heartbeat(id).await?;
+    caller
+        .may_heartbeat(&backend.registry, id)
+        .map_err(|refused| operator::refuse_write(&backend, &refused))?;
+    let lease = backend.registry.heartbeat(id).await?;
     Ok(Json(json!({
         "lease": lease.id,
         "ttl_seconds": lease.ttl.as_secs(),

@@ -102,6 +102,13 @@ pub enum IssueError {
     OtherService { have: String, asked: String },
 }
 
+/// A name the control plane's certificate carries besides its SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ServerName {
+    Dns(String),
+    Ip(std::net::IpAddr),
+}
+
 /// A certificate issued.
 #[derive(Clone, Debug)]
 pub struct Issued {
@@ -485,6 +492,42 @@ impl Ca {
         )
     }
 
+    /// The control plane's own certificate for `key`: `spiffe://DOMAIN/control` (what
+    /// sidecars and the CLI check), then `names` (DNS names and IP addresses, for clients
+    /// that check a host name). Issued like a workload's: from the root that signs now,
+    /// for the certificate TTL.
+    pub fn issue_control_plane(
+        &self,
+        key: &rcgen::KeyPair,
+        names: &[ServerName],
+    ) -> Result<Issued, IssueError> {
+        let spki =
+            SubjectPublicKeyInfo::from_der(&rcgen::PublicKeyData::subject_public_key_info(key))
+                .map_err(|e| IssueError::Signing(format!("the control plane's key: {e}")))?;
+        let key = CsrKey {
+            der: Vec::new(),
+            spki,
+        };
+        let mut sans = Vec::new();
+        for name in names {
+            sans.push(match name {
+                ServerName::Dns(name) => SanType::DnsName(
+                    name.as_str()
+                        .try_into()
+                        .map_err(|e| IssueError::Signing(format!("the name {name:?}: {e}")))?,
+                ),
+                ServerName::Ip(ip) => SanType::IpAddress(*ip),
+            });
+        }
+        let view = self.in_force();
+        self.sign_with_names(
+            &view,
+            &key,
+            SpiffeId::control_plane(&self.trust_domain),
+            sans,
+        )
+    }
+
     /// Renews `current` (DER, a certificate of a root this CA trusts, still valid,
     /// `service`'s) for the key of `csr`, which must be the certificate's own key: the
     /// CSR's signature is the proof that the caller holds it (a certificate alone is
@@ -549,6 +592,18 @@ impl Ca {
     }
 
     fn sign(&self, view: &InForce, key: &CsrKey, id: SpiffeId) -> Result<Issued, IssueError> {
+        self.sign_with_names(view, key, id, Vec::new())
+    }
+
+    /// [`Ca::sign`], with DNS names and IP addresses after the SPIFFE ID (the control
+    /// plane's certificate: tools that check a host name, curl and Prometheus, accept it).
+    fn sign_with_names(
+        &self,
+        view: &InForce,
+        key: &CsrKey,
+        id: SpiffeId,
+        names: Vec<SanType>,
+    ) -> Result<Issued, IssueError> {
         let now = (self.clock)();
         let not_before = now - BACKDATE;
         // Never past the issuing certificate's own end: peers would refuse the chain then.
@@ -567,6 +622,7 @@ impl Ca {
                 .try_into()
                 .map_err(|e| IssueError::Signing(format!("{e}")))?,
         )];
+        params.subject_alt_names.extend(names);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![

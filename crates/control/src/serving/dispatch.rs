@@ -14,7 +14,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use axum::{body::Body, extract::ConnectInfo};
+use axum::{body::Body, extract::ConnectInfo, response::IntoResponse as _};
 use bytes::Bytes;
 use http::{
     header::{CONTENT_TYPE, USER_AGENT},
@@ -57,11 +57,19 @@ impl Apis {
         }
     }
 
-    pub(super) fn for_connection(&self, peer: Peer, tracked: Arc<Connection>) -> ConnectionService {
+    /// The service of one connection; `plaintext_refused`: every request on it gets what
+    /// to do instead (a plaintext connection to a control plane that requires TLS).
+    pub(super) fn for_connection(
+        &self,
+        peer: Peer,
+        tracked: Arc<Connection>,
+        plaintext_refused: bool,
+    ) -> ConnectionService {
         ConnectionService {
             apis: self.clone(),
             peer,
             tracked,
+            plaintext_refused,
         }
     }
 }
@@ -80,6 +88,31 @@ pub(super) struct ConnectionService {
     peer: Peer,
     /// This connection's entry in the list of proxies.
     tracked: Arc<Connection>,
+    plaintext_refused: bool,
+}
+
+/// What a plaintext request is told when the control plane requires TLS.
+const TLS_REQUIRED: &str = "this control plane requires TLS: give malla HOST:PORT or https://HOST:PORT (not http://) and the control plane's trust bundle, DATA_DIR/trust-bundle.pem on its machine (malla CLI: --ca-file or MALLA_CA_FILE; sidecar: --control-ca or MALLA_CONTROL_CA; curl: --cacert)";
+
+/// The answer to a request on a refused plaintext connection: gRPC's `UNAUTHENTICATED` or
+/// the HTTP API's JSON error (`400 tls_required`), either saying what to do.
+fn refuse_plaintext<B>(request: &Request<B>) -> Response<Body> {
+    if is_grpc(request) {
+        return tonic::Status::unauthenticated(TLS_REQUIRED)
+            .into_http()
+            .map(|_: tonic::body::Body| Body::empty());
+    }
+    let mut response = crate::api::http::ApiError::new(
+        http::StatusCode::BAD_REQUEST,
+        "tls_required",
+        TLS_REQUIRED,
+    )
+    .into_response();
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -90,7 +123,13 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Future = ResponseFuture;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        if self.plaintext_refused {
+            self.apis.metrics.plaintext_refused();
+            let response = refuse_plaintext(&request);
+            return Box::pin(async move { Ok(response) });
+        }
         let extensions = request.extensions_mut();
+        extensions.insert(self.peer.identity.clone());
         extensions.insert(TcpConnectInfo {
             local_addr: Some(self.peer.local),
             remote_addr: Some(self.peer.remote),

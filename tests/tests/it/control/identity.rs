@@ -1007,6 +1007,7 @@ async fn start(dir: &Path, identity: IdentitySettings) -> anyhow::Result<Control
             dns_addr: None,
             dns: DnsSettings::default(),
             identity,
+            tls_names: Vec::new(),
         },
         ServeSettings::default(),
     )

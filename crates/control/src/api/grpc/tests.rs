@@ -10,7 +10,7 @@ use std::{
 use malla_api::{pb, RegistryClient, WatchEvent};
 use malla_core::{Health, ServiceName};
 use tokio::time::{timeout, Instant};
-use tonic::{transport::Channel, Code, Streaming};
+use tonic::{codegen::InterceptedService, transport::Channel, Code, Streaming};
 
 use super::WatchState;
 use crate::{
@@ -49,18 +49,95 @@ pub(crate) async fn control(dir: &TempDir) -> Control {
         dns_addr: None,
         dns: DnsSettings::default(),
         identity: Default::default(),
+        tls_names: Vec::new(),
     })
     .await
     .unwrap()
 }
 
-async fn client(control: &Control) -> RegistryClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", control.grpc_addr))
+/// Sends the operator token on every call: registering and deregistering take a
+/// credential ([`crate::api::auth`]).
+#[derive(Clone)]
+pub(crate) struct Operator(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Operator {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Client = RegistryClient<InterceptedService<Channel, Operator>>;
+
+async fn channel(control: &Control) -> Channel {
+    Channel::from_shared(format!("http://{}", control.grpc_addr))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    RegistryClient::new(channel)
+        .unwrap()
+}
+
+/// A client that proves the operator.
+async fn client(control: &Control) -> Client {
+    let token = std::fs::read_to_string(control.operator.path()).unwrap();
+    let value = format!("Bearer {}", token.trim()).parse().unwrap();
+    RegistryClient::with_interceptor(channel(control).await, Operator(value))
+}
+
+#[tokio::test]
+async fn writes_without_a_credential_are_unauthenticated_and_a_wrong_token_too() {
+    let dir = TempDir::new("anonymous");
+    let control = control(&dir).await;
+    let mut anonymous = RegistryClient::new(channel(&control).await);
+    let refused = anonymous
+        .register(register_request("payments", "p-1", 8080, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("malla token create --service payments"),
+        "the message says what to do: {refused:?}"
+    );
+    let refused = anonymous
+        .deregister(pb::DeregisterRequest {
+            service: "payments".into(),
+            id: "p-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = anonymous
+        .heartbeat(pb::HeartbeatRequest { lease: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let mut wrong = RegistryClient::with_interceptor(
+        channel(&control).await,
+        Operator("Bearer malla_op_0000".parse().unwrap()),
+    );
+    let refused = wrong
+        .register(register_request("payments", "p-1", 8080, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("not the one in force"),
+        "{refused:?}"
+    );
+    // Nothing was written.
+    let mut stream = watch(&mut client(&control).await, "payments", "").await;
+    match next(&mut stream).await {
+        WatchEvent::Snapshot { instances, .. } => assert!(instances.is_empty()),
+        other => panic!("expected an empty snapshot, got {other:?}"),
+    }
+    control.stop().await;
 }
 
 fn register_request(
@@ -84,11 +161,7 @@ fn register_request(
     }
 }
 
-async fn watch(
-    client: &mut RegistryClient<Channel>,
-    service: &str,
-    selector: &str,
-) -> Streaming<pb::WatchResponse> {
+async fn watch(client: &mut Client, service: &str, selector: &str) -> Streaming<pb::WatchResponse> {
     client
         .watch(pb::WatchRequest {
             service: service.into(),

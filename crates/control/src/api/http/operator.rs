@@ -5,6 +5,8 @@
 //! - `POST /v1/certificates`: a workload proves itself with a join token or its current
 //!   certificate;
 //! - `GET /v1/identity`: the trust bundle, public by nature;
+//! - registering, deregistering and keeping alive an instance: the operator or a workload
+//!   of the instance's service, which the routes check themselves ([`crate::api::auth`]);
 //! - `/live`, `/ready` and `/metrics` (outside `/v1/`): probes and Prometheus scrape them.
 //!
 //! The check runs after routing (a route layer) so that a refusal is counted under its
@@ -23,9 +25,12 @@ use super::{ApiError, ApiResult};
 use crate::{api::Backend, store::Store};
 
 /// Routes (method, template) under `/v1/` that do not take the operator token.
-const EXEMPT: [(Method, &str); 2] = [
+const EXEMPT: [(Method, &str); 5] = [
     (Method::POST, "/v1/certificates"),
     (Method::GET, "/v1/identity"),
+    (Method::PUT, "/v1/services/{service}/instances/{id}"),
+    (Method::DELETE, "/v1/services/{service}/instances/{id}"),
+    (Method::PUT, "/v1/leases/{lease}/keepalive"),
 ];
 
 /// What every refusal says to do.
@@ -53,19 +58,28 @@ pub(super) async fn require<S: Store + Clone>(
     if exempt {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        })
-        .filter(|t| !t.is_empty());
-    match presented {
+    match crate::api::auth::bearer(req.headers()) {
         Some(token) if backend.operator.check(token) => next.run(req).await,
         Some(_) => refuse(&backend, true),
         None => refuse(&backend, false),
+    }
+}
+
+/// A workload's write refused ([`crate::api::auth`]): 401 with the operator's challenge
+/// when it proved nothing, 403 `forbidden` when it proved another service.
+pub(super) fn refuse_write<S>(
+    backend: &Backend<S>,
+    refused: &crate::api::auth::Refusal,
+) -> ApiError {
+    backend.metrics.refused_for(refused.reason());
+    if refused.is_unauthenticated() {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            refused.to_string(),
+        )
+    } else {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", refused.to_string())
     }
 }
 
