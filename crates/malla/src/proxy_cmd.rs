@@ -16,11 +16,14 @@ use malla_proxy::{
 #[command(after_help = "Examples:\n  \
     malla proxy --listen 127.0.0.1:4140 --upstream 127.0.0.1:8081,127.0.0.1:8082\n  \
     malla proxy --config proxy.toml\n  \
-    malla proxy --config proxy.toml --control 127.0.0.1:7780 --service checkout --label env=prod\n\n\
+    malla proxy --config proxy.toml --control 127.0.0.1:7780 --control-ca trust-bundle.pem --service checkout --label env=prod\n\n\
     The quick form runs one HTTP listener (HTTP/1.1 and HTTP/2 prior knowledge, detected)\n\
     balancing over the endpoints with default policies. See docs/config.md for the file.\n\
     With --control, upstreams that list no endpoints are discovered from the control plane,\n\
-    and --service registers this instance (the [inbound] listener) under a lease.")]
+    and --service registers this instance (the [inbound] listener) under a lease.\n\
+    The control plane is reached over TLS (HOST:PORT, https://HOST:PORT), verified with\n\
+    --control-ca (its DATA_DIR/trust-bundle.pem) until this sidecar holds a certificate;\n\
+    http://HOST:PORT is plaintext.")]
 pub struct ProxyArgs {
     /// A TOML configuration file; the flags below add to it.
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -51,9 +54,10 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "HOST:PORT")]
     admin: Option<SocketAddr>,
 
-    /// The control plane (`malla control`'s address, HOST:PORT or http://HOST:PORT; alone:
-    /// 127.0.0.1:7780): discovers the upstreams that list no endpoints, follows their
-    /// policies, reports events, and registers this instance with --service.
+    /// The control plane (`malla control`'s address; alone: 127.0.0.1:7780): HOST:PORT or
+    /// https://HOST:PORT over TLS (see --control-ca), http://HOST:PORT in plaintext.
+    /// Discovers the upstreams that list no endpoints, follows their policies, reports
+    /// events, and registers this instance with --service.
     #[arg(
         long,
         value_name = "HOST:PORT",
@@ -61,6 +65,12 @@ pub struct ProxyArgs {
         default_missing_value = DEFAULT_CONTROL
     )]
     control: Option<String>,
+
+    /// The PEM trust bundle to verify the control plane with over TLS: the control plane's
+    /// DATA_DIR/trust-bundle.pem ([control] ca_file; also MALLA_CONTROL_CA). Needed until
+    /// this sidecar holds a certificate, whose bundle is used from then on.
+    #[arg(long, value_name = "FILE")]
+    control_ca: Option<PathBuf>,
 
     /// Register this instance as a member of SERVICE (with the control plane of --control
     /// or [control], else 127.0.0.1:7780).
@@ -155,7 +165,14 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         config.admin = Some(AdminConfig { listen: admin });
     }
     apply_control_flags(args, &mut config)?;
+    if let Some(path) = &args.control_ca {
+        let control = config.control.as_mut().context(
+            "--control-ca: no control plane to verify: add --control HOST:PORT or a [control] section",
+        )?;
+        control.ca_file = Some(path.clone());
+    }
     apply_join_token_env(&mut config);
+    apply_control_ca_env(&mut config, std::env::var_os("MALLA_CONTROL_CA"));
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
@@ -239,6 +256,19 @@ fn apply_join_token_env(config: &mut ProxyConfig) {
     }
 }
 
+/// `MALLA_CONTROL_CA` for a sidecar that has a control plane and no `ca_file` of its own
+/// set (`--control-ca` or the file's).
+fn apply_control_ca_env(config: &mut ProxyConfig, value: Option<std::ffi::OsString>) {
+    let Some(path) = value.filter(|v| !v.is_empty()) else {
+        return;
+    };
+    if let Some(control) = config.control.as_mut() {
+        if control.ca_file.is_none() {
+            control.ca_file = Some(PathBuf::from(path));
+        }
+    }
+}
+
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let config = proxy_config(&args)?;
     if args.print_config {
@@ -305,6 +335,8 @@ mod tests {
             "127.0.0.1:1",
             "--control",
             "127.0.0.1:7781",
+            "--control-ca",
+            "/var/lib/malla/trust-bundle.pem",
             "--service",
             "checkout",
             "--instance-id",
@@ -319,6 +351,10 @@ mod tests {
         .unwrap();
         let control = c.control.unwrap();
         assert_eq!(control.url, "127.0.0.1:7781");
+        assert_eq!(
+            control.ca_file.as_deref(),
+            Some(std::path::Path::new("/var/lib/malla/trust-bundle.pem"))
+        );
         assert_eq!(control.service.as_deref(), Some("checkout"));
         assert_eq!(control.instance_id.as_deref(), Some("checkout-1"));
         assert_eq!(control.labels["env"], "prod");
@@ -343,6 +379,8 @@ mod tests {
                     "checkout",
                     "--register-address",
                     "10.0.0.5:4143",
+                    "--control-ca",
+                    "ca.pem",
                 ],
             ]
             .concat(),
@@ -359,9 +397,17 @@ mod tests {
 
     #[test]
     fn control_takes_host_port_or_a_url_and_alone_means_the_default_port() {
-        let quick = ["--listen", "127.0.0.1:4140", "--upstream", "127.0.0.1:1"];
+        let quick = [
+            "--listen",
+            "127.0.0.1:4140",
+            "--upstream",
+            "127.0.0.1:1",
+            "--control-ca",
+            "ca.pem",
+        ];
         for (flag, url) in [
             ("10.0.0.1:7780", "10.0.0.1:7780"),
+            ("https://10.0.0.1:7780", "https://10.0.0.1:7780"),
             ("http://10.0.0.1:7781", "http://10.0.0.1:7781"),
         ] {
             let c = config(&[&quick[..], &["--control", flag]].concat()).unwrap();
@@ -375,6 +421,8 @@ mod tests {
             "127.0.0.1:4140",
             "--upstream",
             "127.0.0.1:1",
+            "--control-ca",
+            "ca.pem",
         ])
         .unwrap();
         assert_eq!(c.control.unwrap().url, "127.0.0.1:7780");
@@ -389,6 +437,65 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_the_control_planes_bundle_and_plaintext_does_not() {
+        let quick = ["--listen", "127.0.0.1:4140", "--upstream", "127.0.0.1:1"];
+        let err = config(&[&quick[..], &["--control", "10.0.0.1:7780"]].concat()).unwrap_err();
+        let err = format!("{err:#}");
+        for way in [
+            "--control-ca",
+            "MALLA_CONTROL_CA",
+            "ca_file",
+            "trust-bundle.pem",
+        ] {
+            assert!(err.contains(way), "{way}: {err}");
+        }
+        let c = config(&[&quick[..], &["--control", "http://10.0.0.1:7780"]].concat()).unwrap();
+        assert_eq!(c.control.unwrap().ca_file, None);
+        // --control-ca verifies a control plane: one must be named.
+        let err = config(&[&quick[..], &["--control-ca", "ca.pem"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("--control HOST:PORT"), "{err}");
+        // With --service, the default control plane.
+        let c = config(
+            &[
+                &quick[..],
+                &[
+                    "--service",
+                    "checkout",
+                    "--register-address",
+                    "10.0.0.5:4143",
+                    "--control-ca",
+                    "ca.pem",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.control.unwrap().ca_file.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
+    }
+
+    #[test]
+    fn malla_control_ca_fills_in_what_no_flag_or_file_set() {
+        let mut config = ProxyConfig::default();
+        apply_control_ca_env(&mut config, Some("env.pem".into()));
+        assert_eq!(config.control, None, "no control plane: nothing to verify");
+        config.control = Some(ControlPlaneConfig::new("10.0.0.1:7780"));
+        apply_control_ca_env(&mut config, Some("".into()));
+        assert_eq!(config.control.as_ref().unwrap().ca_file, None);
+        apply_control_ca_env(&mut config, Some("env.pem".into()));
+        let ca = |c: &ProxyConfig| c.control.as_ref().unwrap().ca_file.clone();
+        assert_eq!(ca(&config), Some(PathBuf::from("env.pem")));
+        apply_control_ca_env(&mut config, Some("other.pem".into()));
+        assert_eq!(
+            ca(&config),
+            Some(PathBuf::from("env.pem")),
+            "the flag or file wins"
+        );
+    }
+
+    #[test]
     fn labels_is_a_hidden_alias_of_label() {
         let c = config(&[
             "--listen",
@@ -396,7 +503,7 @@ mod tests {
             "--upstream",
             "127.0.0.1:1",
             "--control",
-            "c:7780",
+            "http://c:7780",
             "--labels",
             "env=prod,zone=eu-1",
             "--register-address",

@@ -185,7 +185,8 @@ pub struct AdminConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// The control plane, `HOST:PORT` or `http://HOST:PORT`: its one port serves the
+    /// The control plane, `HOST:PORT` or `https://HOST:PORT` (TLS), or `http://HOST:PORT`
+    /// (plaintext, which the control plane will stop accepting): its one port serves the
     /// HTTP API and gRPC (`malla control --http-addr`; `--grpc-addr` still serves gRPC);
     /// default `127.0.0.1:7780`.
     #[serde(default = "defaults::control_url")]
@@ -223,6 +224,29 @@ pub struct ControlPlaneConfig {
     /// in memory only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_dir: Option<std::path::PathBuf>,
+    /// The PEM trust bundle to verify the control plane with over TLS (the control plane's
+    /// `DATA_DIR/trust-bundle.pem`), until this sidecar holds a certificate: from then on
+    /// the bundle that came with it, which follows root rotations. Needed with TLS unless
+    /// `identity_dir` keeps a certificate (`--control-ca`, `MALLA_CONTROL_CA`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// How a sidecar reaches its control plane: [`ControlPlaneConfig::target`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlTarget {
+    /// `HOST:PORT`.
+    pub authority: String,
+    /// TLS (`HOST:PORT`, `https://`), or plaintext (`http://`).
+    pub tls: bool,
+}
+
+impl ControlTarget {
+    /// The URI of the channel: `https://HOST:PORT` or `http://HOST:PORT`.
+    pub fn uri(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority)
+    }
 }
 
 impl ControlPlaneConfig {
@@ -238,6 +262,7 @@ impl ControlPlaneConfig {
             join_token: None,
             join_token_file: None,
             identity_dir: None,
+            ca_file: None,
         }
     }
 
@@ -264,26 +289,32 @@ impl ControlPlaneConfig {
         }
     }
 
-    /// The URL as a channel endpoint: `HOST:PORT` gets `http://`; only plain HTTP/2 is
-    /// spoken to the control plane for now.
+    /// The URL as a channel endpoint: `https://HOST:PORT` or `http://HOST:PORT`.
     pub fn endpoint(&self) -> Result<String, String> {
+        self.target().map(|t| t.uri())
+    }
+
+    /// Where the control plane is and whether TLS reaches it: `HOST:PORT` and
+    /// `https://HOST:PORT` mean TLS, `http://HOST:PORT` plaintext.
+    pub fn target(&self) -> Result<ControlTarget, String> {
         let url = if self.url.contains("://") {
             self.url.clone()
         } else {
-            format!("http://{}", self.url)
+            format!("https://{}", self.url)
         };
         let uri: http::Uri = url
             .parse()
             .map_err(|e| format!("{e}; write HOST:PORT, for example 127.0.0.1:7780"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err("TLS to the control plane is not supported yet; use http://".to_string())
-            }
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
             _ => {
-                return Err("use HOST:PORT or http://HOST:PORT, for example 127.0.0.1:7780".into())
+                return Err(
+                    "use HOST:PORT or https://HOST:PORT (TLS), or http://HOST:PORT (plaintext), for example 127.0.0.1:7780"
+                        .into(),
+                )
             }
-        }
+        };
         let authority = uri
             .authority()
             .ok_or("no HOST:PORT; write for example 127.0.0.1:7780")?;
@@ -293,7 +324,10 @@ impl ControlPlaneConfig {
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err("the address must have no path: write HOST:PORT".into());
         }
-        Ok(format!("http://{authority}"))
+        Ok(ControlTarget {
+            authority: authority.to_string(),
+            tls,
+        })
     }
 }
 
@@ -651,6 +685,20 @@ fn check_control(
     }
     if c.connect_timeout.is_zero() {
         problems.push("control.connect_timeout must be greater than 0s".to_string());
+    }
+    if let Ok(target) = c.target() {
+        let kept = c
+            .identity_dir
+            .as_deref()
+            .is_some_and(|dir| crate::discovery::kept_bundle(dir).exists());
+        if target.tls && c.ca_file.is_none() && !kept {
+            problems.push(format!(
+                "control.url {:?} is reached over TLS, which needs the roots to verify the \
+                 control plane with: give --control-ca FILE, MALLA_CONTROL_CA=FILE or \
+                 [control] ca_file, the control plane's DATA_DIR/trust-bundle.pem",
+                c.url
+            ));
+        }
     }
     if c.join_token.is_some() && c.join_token_file.is_some() {
         problems.push(

@@ -23,6 +23,12 @@
 //! - **Events** ([`events`]): the resilience events the upstreams record (ejections,
 //!   panic mode, limits hit...) are sent in batches with `ReportEvents`.
 //!
+//! # Transport
+//!
+//! TLS to a server that proves the control plane's identity, or plaintext with an `http://`
+//! URL ([`channel`]). Writes (registration, renewals) go on a channel of their own that
+//! presents this sidecar's certificate.
+//!
 //! # Failure
 //!
 //! The control plane is not on the request path. When it is unreachable or a stream
@@ -43,12 +49,15 @@
 
 mod authz;
 mod backoff;
+mod channel;
 mod events;
 mod identity;
 mod policy;
 mod registration;
 mod state_stream;
 mod watch;
+
+pub(crate) use identity::kept_bundle;
 
 use std::{
     collections::BTreeMap,
@@ -62,14 +71,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use malla_api::{
-    AuthorizationsClient, IdentityClient, PoliciesClient, Registration, RegistryClient, WatchTarget,
-};
+use malla_api::{AuthorizationsClient, PoliciesClient, Registration, RegistryClient, WatchTarget};
 use malla_core::{Health, Instance, InstanceProtocol, Labels, Selector, ServiceName};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
+
+use self::channel::{Channels, ControlTls};
 
 use crate::{
     authz::Authorizer,
@@ -93,6 +102,8 @@ pub(crate) const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 const EVENTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How the control plane knows a sidecar from other clients (`GET /v1/proxies`).
 const USER_AGENT: &str = concat!("malla-proxy/", env!("CARGO_PKG_VERSION"));
+/// Said of an `http://` control plane, in the log and in `/config`.
+const PLAINTEXT_WARNING: &str = "plaintext (http://): the control plane's identity is not verified and this sidecar's writes are not authenticated; the control plane will refuse plaintext: write HOST:PORT or https://HOST:PORT, with control.ca_file (--control-ca)";
 /// HTTP/2 pings to the control plane, so a vanished one is noticed without traffic.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,6 +111,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the proxy knows of its control plane, for `/config` and metrics.
 pub struct DiscoveryStatus {
     url: String,
+    /// TLS to the control plane; `None`: plaintext (`http://`).
+    tls: Option<Arc<ControlTls>>,
     registration: Option<Arc<RegistrationStatus>>,
     watches: BTreeMap<String, Arc<WatchStatus>>,
     /// Every upstream's policy watch, by upstream name.
@@ -216,8 +229,20 @@ impl DiscoveryStatus {
                 metrics,
             )))
         });
+        let target = control
+            .target()
+            .map_err(|why| anyhow::anyhow!("control.url {:?}: {why}", control.url))?;
+        let tls = match target.tls {
+            true => Some(Arc::new(ControlTls::new(
+                control,
+                target,
+                identity.as_ref().map(|(state, _)| state.clone()),
+            )?)),
+            false => None,
+        };
         Ok(Some(DiscoveryStatus {
             url: control.url.clone(),
+            tls,
             registration,
             watches,
             policies,
@@ -263,8 +288,16 @@ impl DiscoveryStatus {
             .iter()
             .map(|(name, p)| (name.clone(), p.to_json()))
             .collect();
+        let tls = match &self.tls {
+            Some(tls) => tls.to_json(),
+            None => json!({
+                "enabled": false,
+                "warning": PLAINTEXT_WARNING,
+            }),
+        };
         json!({
             "url": self.url,
+            "tls": tls,
             "registration": registration,
             "identity": self.identity.as_ref().map(|(state, _)| state.to_json()),
             "watches": watches,
@@ -388,17 +421,7 @@ impl Discovery {
             }
             None => None,
         };
-        let endpoint = Endpoint::from_shared(
-            control
-                .endpoint()
-                .map_err(|why| anyhow::anyhow!("control.url {:?}: {why}", control.url))?,
-        )?
-        .user_agent(USER_AGENT)?
-        .connect_timeout(control.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        let endpoint = channel::endpoint(&control)?;
         let runtime = crate::server::thread_runtime("discovery")?;
         let (deregister_tx, deregister_rx) = mpsc::unbounded_channel();
         let deregister = registration.is_some().then_some(deregister_tx);
@@ -444,13 +467,22 @@ async fn run(
     registration: Option<Registration>,
     deregister: mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>,
 ) {
-    // One HTTP/2 connection, made lazily and remade after it breaks, carries every call.
-    let channel = endpoint.connect_lazy();
-    let client = RegistryClient::new(channel.clone());
-    let identity_client = IdentityClient::new(channel.clone());
-    let authorizations = AuthorizationsClient::new(channel.clone());
-    let policies = PoliciesClient::new(channel);
-    info!(url = %control.url, upstreams = status.watches.len(), policies = status.policies.len(), registers = registration.is_some(), "following the control plane");
+    // HTTP/2 connections, made lazily and remade after they break: one for reads, and
+    // with TLS and an identity one per certificate for writes (see `channel`).
+    let channels = Arc::new(Channels::new(endpoint, status.tls.clone()));
+    let reads = channels.reads();
+    let client = RegistryClient::new(reads.clone());
+    let authorizations = AuthorizationsClient::new(reads.clone());
+    let policies = PoliciesClient::new(reads);
+    info!(url = %control.url, tls = status.tls.is_some(), upstreams = status.watches.len(), policies = status.policies.len(), registers = registration.is_some(), "following the control plane");
+    if status.tls.is_none() {
+        warn!(url = %control.url, "{PLAINTEXT_WARNING}");
+        if control.ca_file.is_some() {
+            warn!("control.ca_file is not used: the control plane is reached in plaintext");
+        }
+    } else if status.registration.is_some() && status.identity.is_none() {
+        warn!("this sidecar registers its instance but has no identity (no join token, no control.identity_dir): the control plane will refuse its registration; give it a join token of its service (`malla token create --service SERVICE`, then MALLA_JOIN_TOKEN or --join-token-file)");
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let reporter = events::Reporter {
         service: status
@@ -476,7 +508,7 @@ async fn run(
     ));
     if let Some((state, credentials)) = &status.identity {
         tasks.spawn(identity::run(
-            identity_client,
+            channels.clone(),
             state.clone(),
             credentials.clone(),
             shared.metrics.identity(),
@@ -484,17 +516,19 @@ async fn run(
     }
     if let (Some(registration), Some(reg_status)) = (registration, status.registration.clone()) {
         // An instance that accepts mTLS registers once it can: callers would otherwise
-        // reach a sidecar with no certificate to answer their handshake with.
-        let ready = registration
-            .instance
-            .mtls
+        // reach a sidecar with no certificate to answer their handshake with. Over TLS,
+        // writes wait for the certificate they are authenticated with anyway.
+        let ready = (registration.instance.mtls || status.tls.is_some())
             .then(|| status.identity().cloned())
             .flatten();
         tasks.spawn(registration::run(
-            client.clone(),
+            channels.clone(),
             registration,
             reg_status,
-            ready,
+            registration::Identity {
+                ready,
+                configured: status.identity.is_some(),
+            },
             deregister,
         ));
     }

@@ -153,16 +153,93 @@ fn control_section_and_discovered_upstreams_parse() {
 #[test]
 fn control_urls() {
     let url = |u: &str| ControlPlaneConfig::new(u).endpoint();
-    assert_eq!(url("127.0.0.1:7781").unwrap(), "http://127.0.0.1:7781");
+    // HOST:PORT and https:// are TLS; http:// is plaintext.
+    assert_eq!(url("127.0.0.1:7781").unwrap(), "https://127.0.0.1:7781");
+    assert_eq!(url("https://c:7781/").unwrap(), "https://c:7781");
+    assert_eq!(url("[::1]:7780").unwrap(), "https://[::1]:7780");
     assert_eq!(
         url("http://control.mesh:7781/").unwrap(),
         "http://control.mesh:7781"
     );
-    assert!(url("https://c:7781").unwrap_err().contains("TLS"));
+    let target = ControlPlaneConfig::new("control.mesh:7780")
+        .target()
+        .unwrap();
+    assert!(target.tls);
+    assert_eq!(target.authority, "control.mesh:7780");
+    assert!(!ControlPlaneConfig::new("http://c:1").target().unwrap().tls);
     assert!(url("http://c").unwrap_err().contains("no port"));
+    assert!(url("c").unwrap_err().contains("no port"));
     assert!(url("http://c:1/v1").unwrap_err().contains("no path"));
     assert!(url("ftp://c:1").unwrap_err().contains("http://HOST:PORT"));
     assert!(url("http://").is_err());
+}
+
+/// The listener and upstream every `[control]` test below shares.
+const DISCOVERING: &str = r#"
+    [[upstream]]
+    name = "quote"
+
+    [[outbound]]
+    listen = "127.0.0.1:4140"
+    upstream = "quote"
+"#;
+
+#[test]
+fn tls_to_the_control_plane_needs_its_roots() {
+    for url in ["127.0.0.1:7780", "https://127.0.0.1:7780"] {
+        let err = ProxyConfig::from_toml(
+            &format!("[control]\nurl = {url:?}\n{DISCOVERING}"),
+            "mesh.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is reached over TLS"), "{err}");
+        for way in [
+            "--control-ca",
+            "MALLA_CONTROL_CA",
+            "ca_file",
+            "trust-bundle.pem",
+        ] {
+            assert!(err.contains(way), "{way}: {err}");
+        }
+    }
+    // The bundle of the control plane's data directory...
+    let c = ProxyConfig::from_toml(
+        &format!("[control]\nca_file = \"/var/lib/malla/trust-bundle.pem\"\n{DISCOVERING}"),
+        "mesh.toml",
+    )
+    .unwrap();
+    let control = c.control.as_ref().unwrap();
+    assert_eq!(
+        control.ca_file.as_deref(),
+        Some(Path::new("/var/lib/malla/trust-bundle.pem"))
+    );
+    let printed = toml::to_string_pretty(&c).unwrap();
+    assert!(printed.contains("ca_file"), "{printed}");
+    assert_eq!(ProxyConfig::from_toml(&printed, "printed").unwrap(), c);
+    // ...or plaintext, which needs none.
+    ProxyConfig::from_toml(
+        &format!("[control]\nurl = \"http://127.0.0.1:7780\"\n{DISCOVERING}"),
+        "mesh.toml",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_certificate_kept_in_the_identity_dir_brings_the_roots() {
+    let dir = std::env::temp_dir().join(format!("malla-config-kept-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "[control]\nservice = \"checkout\"\nregister_address = \"10.0.0.5:4143\"\n\
+         identity_dir = {:?}\n{DISCOVERING}",
+        dir.display().to_string()
+    );
+    // Nothing kept yet: the roots must come from a file.
+    let err = ProxyConfig::from_toml(&text, "mesh.toml").unwrap_err();
+    assert!(err.to_string().contains("--control-ca"), "{err}");
+    std::fs::write(crate::discovery::kept_bundle(&dir), "kept").unwrap();
+    ProxyConfig::from_toml(&text, "mesh.toml").unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -204,33 +281,36 @@ fn discovery_and_registration_problems_are_named() {
     let base =
         "[[upstream]]\nname = \"a\"\n[[outbound]]\nlisten = \"127.0.0.1:1\"\nupstream = \"a\"\n";
     let cases = [
-        ("[control]\nurl = \"https://c:1\"\n", "control.url \"https://c:1\": TLS"),
         (
-            "[control]\nurl = \"c:1\"\nservice = \"me\"\n",
+            "[control]\nurl = \"https://c:1\"\n",
+            "control.url \"https://c:1\" is reached over TLS",
+        ),
+        (
+            "[control]\nurl = \"http://c:1\"\nservice = \"me\"\n",
             "control.service: registering needs the address",
         ),
         (
-            "[control]\nurl = \"c:1\"\nservice = \"me\"\n[inbound]\nlisten = \"0.0.0.0:4143\"\nforward_to = \"127.0.0.1:8080\"\n",
+            "[control]\nurl = \"http://c:1\"\nservice = \"me\"\n[inbound]\nlisten = \"0.0.0.0:4143\"\nforward_to = \"127.0.0.1:8080\"\n",
             "wildcard address",
         ),
         (
-            "[control]\nurl = \"c:1\"\nservice = \"me\"\nregister_address = \"0.0.0.0:80\"\n",
+            "[control]\nurl = \"http://c:1\"\nservice = \"me\"\nregister_address = \"0.0.0.0:80\"\n",
             "control.register_address 0.0.0.0:80",
         ),
         (
-            "[control]\nurl = \"c:1\"\nlabels = { env = \"x y\" }\n",
+            "[control]\nurl = \"http://c:1\"\nlabels = { env = \"x y\" }\n",
             "control.labels: invalid value \"x y\"",
         ),
         (
-            "[control]\nurl = \"c:1\"\ninstance_id = \"me-1\"\n",
+            "[control]\nurl = \"http://c:1\"\ninstance_id = \"me-1\"\n",
             "control.instance_id describes the registered instance",
         ),
         (
-            "[control]\nurl = \"c:1\"\nservice = \"me\"\ninstance_id = \"a/b\"\nregister_address = \"10.0.0.1:80\"\n",
+            "[control]\nurl = \"http://c:1\"\nservice = \"me\"\ninstance_id = \"a/b\"\nregister_address = \"10.0.0.1:80\"\n",
             "control.instance_id \"a/b\"",
         ),
         (
-            "[control]\nurl = \"c:1\"\nlease_ttl = \"1500ms\"\n",
+            "[control]\nurl = \"http://c:1\"\nlease_ttl = \"1500ms\"\n",
             "control.lease_ttl 1s 500ms: use whole seconds",
         ),
     ];
@@ -241,7 +321,11 @@ fn discovery_and_registration_problems_are_named() {
         assert!(err.contains(expected), "{expected:?} not in {err}");
     }
     // Discovery alone needs no address.
-    ProxyConfig::from_toml(&format!("{base}[control]\nurl = \"c:1\"\n"), "x.toml").unwrap();
+    ProxyConfig::from_toml(
+        &format!("{base}[control]\nurl = \"http://c:1\"\n"),
+        "x.toml",
+    )
+    .unwrap();
 }
 
 #[test]
@@ -258,22 +342,13 @@ fn names_are_dns_labels() {
 #[test]
 fn the_control_url_defaults_to_the_control_planes_one_port() {
     let c = ProxyConfig::from_toml(
-        r#"
-        [control]
-
-        [[upstream]]
-        name = "quote"
-
-        [[outbound]]
-        listen = "127.0.0.1:4140"
-        upstream = "quote"
-        "#,
+        &format!("[control]\nca_file = \"trust-bundle.pem\"\n{DISCOVERING}"),
         "mesh.toml",
     )
     .unwrap();
     let control = c.control.unwrap();
     assert_eq!(control.url, "127.0.0.1:7780");
-    assert_eq!(control.endpoint().unwrap(), "http://127.0.0.1:7780");
+    assert_eq!(control.endpoint().unwrap(), "https://127.0.0.1:7780");
 }
 
 #[test]
@@ -316,7 +391,7 @@ fn a_join_token_needs_a_service_and_one_source() {
     let c = ProxyConfig::from_toml(
         &format!(
             "[control]\nservice = \"checkout\"\nregister_address = \"127.0.0.1:4143\"\n\
-             join_token_file = {:?}\n{base}",
+             ca_file = \"trust-bundle.pem\"\njoin_token_file = {:?}\n{base}",
             file.display().to_string()
         ),
         "mesh.toml",

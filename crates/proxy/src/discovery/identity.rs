@@ -13,11 +13,16 @@
 //! signs with it (`malla_control::identity::ca::rotation`), so renewing is all a sidecar
 //! does to follow one.
 //!
+//! The first `Certify` goes on the channel that needs no credential; renewals on the
+//! writes channel, which presents the certificate being renewed ([`Channels::writes`]).
+//!
 //! With `[control] identity_dir` the key (0600), the certificate chain and the trust
 //! bundle are kept there ([`stored`]): a restarted sidecar puts a still-valid certificate
 //! in force at once and renews with it, needing no new join token.
 
 mod stored;
+
+pub(crate) use stored::kept_bundle;
 
 use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
@@ -27,7 +32,7 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::{transport::Channel, Code};
 use tracing::{error, info, warn};
 
-use super::{backoff::Backoff, RETRY_MAX, RPC_TIMEOUT};
+use super::{backoff::Backoff, channel::Channels, RETRY_MAX, RPC_TIMEOUT};
 use crate::{
     identity::{from_unix_ms, IdentityState, Svid},
     metrics::IdentityMetrics,
@@ -50,7 +55,7 @@ pub(crate) struct Credentials {
 }
 
 pub(crate) async fn run(
-    client: IdentityClient<Channel>,
+    channels: Arc<Channels>,
     state: Arc<IdentityState>,
     credentials: Credentials,
     metrics: IdentityMetrics,
@@ -107,6 +112,10 @@ pub(crate) async fn run(
             sleep_until(at).await;
         }
         let renewal = matches!(credential, pb::certify_request::Credential::Certificate(_));
+        let client = IdentityClient::new(match renewal {
+            true => channels.writes(),
+            false => channels.reads(),
+        });
         match certify(&client, &state, &csr, credential.clone()).await {
             Ok(answer) => {
                 backoff.reset();

@@ -1,5 +1,9 @@
 //! Keeping this proxy's instance in the registry: register, heartbeat every TTL/3,
 //! register again when the lease is lost, deregister on drain.
+//!
+//! Every call goes on the writes channel of the certificate in force
+//! ([`Channels::writes`]): the control plane accepts them from a certificate of this
+//! instance's service.
 
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
@@ -8,8 +12,19 @@ use tokio::{sync::mpsc, time::timeout};
 use tonic::{transport::Channel, Code};
 use tracing::{debug, info, warn};
 
-use super::{backoff::Backoff, set_error, RegistrationStatus, RETRY_BASE, RETRY_MAX, RPC_TIMEOUT};
+use super::{
+    backoff::Backoff, channel::Channels, set_error, RegistrationStatus, RETRY_BASE, RETRY_MAX,
+    RPC_TIMEOUT,
+};
 use crate::identity::IdentityState;
+
+/// This sidecar's identity, as registering sees it.
+pub(super) struct Identity {
+    /// Register once this identity holds a certificate.
+    pub ready: Option<Arc<IdentityState>>,
+    /// Whether the sidecar has an identity at all (a join token or `identity_dir`).
+    pub configured: bool,
+}
 
 type Deregister = mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>;
 
@@ -28,16 +43,21 @@ async fn call<T>(
     }
 }
 
+/// The registry client of the certificate in force.
+fn client(channels: &Channels) -> RegistryClient<Channel> {
+    RegistryClient::new(channels.writes())
+}
+
 pub(super) async fn run(
-    mut client: RegistryClient<Channel>,
+    channels: Arc<Channels>,
     registration: Registration,
     status: Arc<RegistrationStatus>,
-    ready: Option<Arc<IdentityState>>,
+    identity: Identity,
     mut deregister: Deregister,
 ) {
     let request = pb::RegisterRequest::from(&registration);
     let instance = &registration.instance;
-    if let Some(identity) = ready {
+    if let Some(identity) = identity.ready {
         if identity.current().is_none() {
             set_error(
                 &status.last_error,
@@ -61,20 +81,30 @@ pub(super) async fn run(
     loop {
         // Register, retrying until it works, or until the proxy drains.
         let lease = loop {
+            let mut registry = client(&channels);
             let outcome = tokio::select! {
                 done = deregister.recv() => {
-                    finish(&mut client, &registration, &status, done).await;
+                    finish(&channels, &registration, &status, done).await;
                     return;
                 }
-                outcome = call("register", client.register(request.clone())) => outcome,
+                outcome = call("register", registry.register(request.clone())) => outcome,
             };
             match outcome {
                 Ok(registered) => break registered,
-                Err((code, error)) => {
+                Err((code, mut error)) => {
                     let wait = backoff.next_delay();
-                    // Bad input will not get better: say so loudly, and keep trying slowly
-                    // (an operator may fix the control plane's side).
-                    if code == Some(Code::InvalidArgument) {
+                    let refused =
+                        matches!(code, Some(Code::Unauthenticated | Code::PermissionDenied));
+                    if refused && !identity.configured {
+                        error.push_str(&format!(
+                            " (this sidecar has no certificate to register with: give it a join token of {} \
+                             with MALLA_JOIN_TOKEN or --join-token-file, made by `malla token create --service {}`)",
+                            instance.service, instance.service
+                        ));
+                    }
+                    // Bad input or a refusal will not get better by itself: say so loudly,
+                    // and keep trying slowly (an operator may fix either side).
+                    if code == Some(Code::InvalidArgument) || refused {
                         warn!(%error, "the control plane rejects this instance's registration");
                     } else {
                         debug!(%error, retry_in = ?wait, "registration failed; retrying");
@@ -82,7 +112,7 @@ pub(super) async fn run(
                     set_error(&status.last_error, Some(error));
                     tokio::select! {
                         done = deregister.recv() => {
-                            finish(&mut client, &registration, &status, done).await;
+                            finish(&channels, &registration, &status, done).await;
                             return;
                         }
                         _ = tokio::time::sleep(wait) => {}
@@ -108,14 +138,14 @@ pub(super) async fn run(
         loop {
             tokio::select! {
                 done = deregister.recv() => {
-                    finish(&mut client, &registration, &status, done).await;
+                    finish(&channels, &registration, &status, done).await;
                     return;
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
             match call(
                 "heartbeat",
-                client.heartbeat(pb::HeartbeatRequest { lease: lease.lease }),
+                client(&channels).heartbeat(pb::HeartbeatRequest { lease: lease.lease }),
             )
             .await
             {
@@ -151,7 +181,7 @@ pub(super) async fn run(
 /// Deregisters (when asked to: `done` is `Some`) and acknowledges; stops heartbeating
 /// either way.
 async fn finish(
-    client: &mut RegistryClient<Channel>,
+    channels: &Channels,
     registration: &Registration,
     status: &RegistrationStatus,
     done: Option<std::sync::mpsc::SyncSender<()>>,
@@ -162,7 +192,7 @@ async fn finish(
         service: instance.service.to_string(),
         id: instance.id.clone(),
     };
-    match call("deregister", client.deregister(request)).await {
+    match call("deregister", client(channels).deregister(request)).await {
         Ok(_) | Err((Some(Code::NotFound), _)) => {
             info!(service = %instance.service, id = %instance.id, "deregistered");
         }

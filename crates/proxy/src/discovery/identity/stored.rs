@@ -19,6 +19,11 @@ const KEY: &str = "key.pem";
 const CHAIN: &str = "chain.pem";
 const BUNDLE: &str = "bundle.pem";
 
+/// Where `dir` keeps the trust bundle of its certificate.
+pub(crate) fn kept_bundle(dir: &Path) -> std::path::PathBuf {
+    dir.join(BUNDLE)
+}
+
 /// The kept key and certificate, when there are some and the certificate is still valid;
 /// `Ok(None)` when the directory holds none yet.
 pub(super) fn load(dir: &Path) -> Result<Option<(KeyPair, Svid)>, String> {
