@@ -1,7 +1,13 @@
 //! A small JSON client for the control plane's HTTP API, used by the CLI verbs.
 //!
-//! Every call is bounded by `--request-timeout` (connect and answer together): a control
-//! plane that accepts and never answers must not hang a script.
+//! Every call is bounded by `--request-timeout` (connect, TLS handshake and answer
+//! together): a control plane that accepts and never answers must not hang a script.
+//!
+//! `HOST:PORT` and `https://HOST:PORT` are TLS, the control plane verified with its trust
+//! bundle ([`tls`]); `http://HOST:PORT` is plaintext, for a control plane that still
+//! accepts it.
+
+mod tls;
 
 use std::{fmt, path::PathBuf, sync::OnceLock, time::Duration};
 
@@ -17,7 +23,8 @@ pub const DEFAULT_CONTROL: &str = "127.0.0.1:7780";
 /// Where the CLI finds the control plane, and how long it waits for it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ControlArg {
-    /// The control plane's address: HOST:PORT or http://HOST:PORT.
+    /// The control plane's address: HOST:PORT or https://HOST:PORT (TLS, verified with
+    /// --ca-file), or http://HOST:PORT (plaintext, while the control plane accepts it).
     #[arg(
         long = "control",
         env = "MALLA_CONTROL",
@@ -51,6 +58,12 @@ pub struct ControlArg {
     /// plane.
     #[arg(long = "token-file", env = "MALLA_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// The CA the control plane's certificate is verified with: its trust bundle, a PEM
+    /// file (the control plane keeps it in DATA_DIR/trust-bundle.pem). Without it, a
+    /// control plane on this machine is verified with ./malla-data/trust-bundle.pem,
+    /// `malla control`'s default data directory. Not used with http://.
+    #[arg(long = "ca-file", env = "MALLA_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where the CLI looks for the operator token when it is given neither `--token` nor
@@ -149,17 +162,27 @@ fn control_source() -> &'static str {
     CONTROL_SOURCE.get().copied().unwrap_or("--control")
 }
 
-/// Reads `HOST:PORT` or `http://HOST:PORT[/]` into the `HOST:PORT` to connect to.
-pub fn parse_control(raw: &str) -> Result<String, String> {
+/// Where the control plane is and how to speak to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `HOST:PORT`, to connect to.
+    pub authority: String,
+    /// TLS (`HOST:PORT`, `https://`) or plaintext (`http://`).
+    pub tls: bool,
+}
+
+/// Reads `HOST:PORT`, `https://HOST:PORT[/]` (TLS) or `http://HOST:PORT[/]` (plaintext).
+pub fn parse_control(raw: &str) -> Result<Target, String> {
     let flag = control_source();
-    let rest = match raw.split_once("://") {
-        Some(("http", rest)) => rest,
+    let (rest, tls) = match raw.split_once("://") {
+        Some(("https", rest)) => (rest, true),
+        Some(("http", rest)) => (rest, false),
         Some((scheme, _)) => {
             return Err(format!(
-                "{flag} {raw:?}: only http:// is supported (not {scheme}://); give HOST:PORT or http://HOST:PORT"
+                "{flag} {raw:?}: {scheme}:// is not a way to reach the control plane; give HOST:PORT or https://HOST:PORT (TLS), or http://HOST:PORT (plaintext)"
             ))
         }
-        None => raw,
+        None => (raw, true),
     };
     let authority = rest.trim_end_matches('/');
     let valid = !authority.is_empty()
@@ -170,10 +193,13 @@ pub fn parse_control(raw: &str) -> Result<String, String> {
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
     if !valid {
         return Err(format!(
-            "{flag} {raw:?}: expected HOST:PORT or http://HOST:PORT (e.g. {DEFAULT_CONTROL})"
+            "{flag} {raw:?}: expected HOST:PORT, https://HOST:PORT or http://HOST:PORT (e.g. {DEFAULT_CONTROL})"
         ));
     }
-    Ok(authority.to_string())
+    Ok(Target {
+        authority: authority.to_string(),
+        tls,
+    })
 }
 
 /// Why a call failed; the keep-alive loop tells them apart (an outage is retried, a lost
@@ -186,6 +212,10 @@ pub enum CallError {
     TimedOut { addr: String, after: Duration },
     /// The connection failed mid-call.
     Transport { addr: String, reason: String },
+    /// The TLS handshake failed: the control plane was not proven (or refused us).
+    Tls { addr: String, reason: String },
+    /// TLS, and no CA to verify the control plane with (no `--ca-file`, and no default).
+    NoCa { addr: String, loopback: bool },
     /// The control plane refused the call for want of the operator token (401).
     Unauthenticated {
         addr: String,
@@ -207,7 +237,9 @@ impl CallError {
             CallError::Unreachable { .. }
             | CallError::TimedOut { .. }
             | CallError::Transport { .. } => true,
-            CallError::Unauthenticated { .. } => false,
+            CallError::Unauthenticated { .. } | CallError::Tls { .. } | CallError::NoCa { .. } => {
+                false
+            }
             CallError::Api { status, .. } => status.is_server_error(),
         }
     }
@@ -239,6 +271,10 @@ impl fmt::Display for CallError {
                 f,
                 "the connection to the control plane at {addr} failed: {reason}; is {flag} the control plane's address?"
             ),
+            CallError::Tls { addr, reason } => {
+                write!(f, "the TLS connection to the control plane at {addr} failed: {reason}")
+            }
+            CallError::NoCa { addr, loopback } => f.write_str(&tls::no_ca_file(addr, *loopback)),
             CallError::Unauthenticated { addr, token_from } => {
                 match token_from {
                     None => write!(f, "the control plane at {addr} requires the operator token and none was given"),
@@ -265,18 +301,31 @@ pub struct Client {
     shown: String,
     timeout: Duration,
     token: Option<Token>,
+    /// `None`: plaintext (`http://`); `Some(None)`: TLS without a CA to verify the control
+    /// plane with, said once connected (an unreachable control plane is the news then).
+    tls: Option<Option<tls::Tls>>,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Client {
     pub fn new(arg: &ControlArg) -> anyhow::Result<Self> {
-        let authority = parse_control(&arg.control).map_err(anyhow::Error::msg)?;
+        let target = parse_control(&arg.control).map_err(anyhow::Error::msg)?;
+        let authority = target.authority;
         let shown = if arg.control.contains("://") {
             arg.control.trim_end_matches('/').to_string()
         } else {
             authority.clone()
         };
         let token = arg.token(&authority)?;
+        let tls = if target.tls {
+            // A CA file given is read now: what is wrong with it is said first.
+            tls::CaFile::find(arg.ca_file.as_deref(), is_loopback(&authority))
+                .map(tls::Tls::load)
+                .transpose()
+                .map(Some)?
+        } else {
+            None
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -285,6 +334,7 @@ impl Client {
             shown,
             timeout: arg.request_timeout,
             token,
+            tls,
             runtime,
         })
     }
@@ -337,17 +387,55 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, CallError> {
-        let transport = |e: &dyn fmt::Display| CallError::Transport {
-            addr: self.shown.clone(),
-            reason: e.to_string(),
-        };
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
             .map_err(|e| CallError::Unreachable {
                 addr: self.shown.clone(),
                 reason: e.to_string(),
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let tls = match &self.tls {
+            None => return self.exchange(stream, method, path, body).await,
+            Some(Some(tls)) => tls,
+            Some(None) => {
+                return Err(CallError::NoCa {
+                    addr: self.shown.clone(),
+                    loopback: is_loopback(&self.authority),
+                })
+            }
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls.config());
+        let stream = connector
+            .connect(tls::server_name(&self.authority), stream)
+            .await
+            .map_err(|e| match tls::explain(&e, tls.ca(), control_source()) {
+                tls::Failure::Closed(reason) => CallError::Transport {
+                    addr: self.shown.clone(),
+                    reason,
+                },
+                tls::Failure::Refused(reason) => CallError::Tls {
+                    addr: self.shown.clone(),
+                    reason,
+                },
+            })?;
+        self.exchange(stream, method, path, body).await
+    }
+
+    /// One request and its answer on a new connection.
+    async fn exchange<Io>(
+        &self,
+        io: Io,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, CallError>
+    where
+        Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let transport = |e: &dyn fmt::Display| CallError::Transport {
+            addr: self.shown.clone(),
+            reason: e.to_string(),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| transport(&e))?;
         tokio::spawn(conn);
@@ -406,24 +494,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn control_takes_host_port_or_an_http_url() {
-        for (raw, want) in [
-            ("127.0.0.1:7780", "127.0.0.1:7780"),
-            ("http://127.0.0.1:7780", "127.0.0.1:7780"),
-            ("http://127.0.0.1:7780/", "127.0.0.1:7780"),
-            ("localhost:80", "localhost:80"),
-            ("[::1]:7780", "[::1]:7780"),
-            ("http://[::1]:7780", "[::1]:7780"),
+    fn control_takes_host_port_or_a_url() {
+        for (raw, want, tls) in [
+            ("127.0.0.1:7780", "127.0.0.1:7780", true),
+            ("https://127.0.0.1:7780", "127.0.0.1:7780", true),
+            (
+                "https://control.example:7780/",
+                "control.example:7780",
+                true,
+            ),
+            ("http://127.0.0.1:7780", "127.0.0.1:7780", false),
+            ("http://127.0.0.1:7780/", "127.0.0.1:7780", false),
+            ("localhost:80", "localhost:80", true),
+            ("[::1]:7780", "[::1]:7780", true),
+            ("http://[::1]:7780", "[::1]:7780", false),
         ] {
-            assert_eq!(parse_control(raw).as_deref(), Ok(want), "{raw}");
+            assert_eq!(
+                parse_control(raw),
+                Ok(Target {
+                    authority: want.into(),
+                    tls
+                }),
+                "{raw}"
+            );
         }
         for raw in [
             "",
             "127.0.0.1",
             "http://",
+            "https://",
             "ftp://x:1",
             "x:y",
             "http://x:1/api",
+            "https://x:1/api",
             ":80",
         ] {
             let err = parse_control(raw).unwrap_err();

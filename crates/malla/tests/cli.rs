@@ -1,13 +1,18 @@
 //! The verbs of the real `malla` binary that talk to the control plane (`services`,
 //! `instances`, `register`, `deregister`; `apply`, `get`, `delete`, `events`; `token create`,
-//! `identity`) against a control plane started in-process on `127.0.0.1:0`.
+//! `identity`) against a control plane started in-process on `127.0.0.1:0`, over TLS as a
+//! user runs them: `--control HOST:PORT`, the control plane's trust bundle in
+//! `MALLA_CA_FILE` ([`tls_env`]) and its operator token in `MALLA_TOKEN` ([`token_env`]).
 
 // Test code: an `unwrap` here is an assertion.
 #![allow(clippy::unwrap_used)]
 
 use std::{
+    collections::HashMap,
     io::Write as _,
+    path::PathBuf,
     process::{Command, Output, Stdio},
+    sync::{LazyLock, Mutex},
 };
 
 use malla_tests::control::{operator_token_at, TempDir, TestControl};
@@ -44,7 +49,9 @@ async fn malla_full(
         .env_remove("NO_COLOR")
         .env_remove("MALLA_TOKEN")
         .env_remove("MALLA_TOKEN_FILE")
+        .env_remove("MALLA_CA_FILE")
         .envs(token_env(args, control, env))
+        .envs(tls_env(args, control, env))
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -68,13 +75,14 @@ async fn malla_full(
         .expect("run the malla binary")
 }
 
-/// `MALLA_TOKEN` with the operator token of the test control plane the command talks to
-/// (named by `control`, a `--control` in `args` or `MALLA_CONTROL` in `env`), unless the
-/// test gives a token itself (a `--token*` flag or `MALLA_TOKEN*` in `env`).
-fn token_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Vec<(String, String)> {
-    let given = args.iter().any(|a| a.starts_with("--token"))
-        || env.iter().any(|(k, _)| k.starts_with("MALLA_TOKEN"));
-    let named = control
+/// The control plane a command talks to: named by `control`, a `--control` in `args` or
+/// `MALLA_CONTROL` in `env`.
+fn named_control<'a>(
+    args: &[&'a str],
+    control: Option<&'a str>,
+    env: &[(&'a str, &'a str)],
+) -> Option<&'a str> {
+    control
         .or_else(|| {
             args.iter()
                 .position(|a| *a == "--control")
@@ -84,18 +92,61 @@ fn token_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Vec<
             env.iter()
                 .find(|(k, _)| *k == "MALLA_CONTROL")
                 .map(|(_, v)| *v)
-        });
-    let token = named
-        .filter(|_| !given)
-        .and_then(|url| {
-            url.trim_start_matches("http://")
-                .trim_end_matches('/')
-                .parse()
-                .ok()
         })
+}
+
+/// `HOST:PORT` of a `--control` value.
+fn authority(url: &str) -> &str {
+    url.trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+}
+
+/// `MALLA_TOKEN` with the operator token of the test control plane the command talks to
+/// ([`named_control`]), unless the test gives a token itself (a `--token*` flag or
+/// `MALLA_TOKEN*` in `env`).
+fn token_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Vec<(String, String)> {
+    let given = args.iter().any(|a| a.starts_with("--token"))
+        || env.iter().any(|(k, _)| k.starts_with("MALLA_TOKEN"));
+    let token = named_control(args, control, env)
+        .filter(|_| !given)
+        .and_then(|url| authority(url).parse().ok())
         .and_then(operator_token_at);
     token
         .map(|t| vec![("MALLA_TOKEN".to_string(), t)])
+        .unwrap_or_default()
+}
+
+/// The trust bundle of each test control plane a command was pointed at with [`tls_url`], by
+/// its `HOST:PORT`.
+static BUNDLES: LazyLock<Mutex<HashMap<String, PathBuf>>> = LazyLock::new(Default::default);
+
+/// `control`'s address as a user gives it: `HOST:PORT`, TLS. Commands that name it are
+/// given its trust bundle ([`tls_env`]).
+fn tls_url(control: &TestControl) -> String {
+    let addr = control.http_addr().to_string();
+    BUNDLES
+        .lock()
+        .unwrap()
+        .insert(addr.clone(), bundle_of(control));
+    addr
+}
+
+/// `DATA_DIR/trust-bundle.pem` of a test control plane: what its clients verify it with.
+fn bundle_of(control: &TestControl) -> PathBuf {
+    control.data_dir().join("trust-bundle.pem")
+}
+
+/// `MALLA_CA_FILE` with the trust bundle of the test control plane the command talks to
+/// over TLS ([`named_control`], not `http://`), unless the test gives a CA file itself
+/// (`--ca-file` or `MALLA_CA_FILE` in `env`).
+fn tls_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Vec<(String, String)> {
+    let given = args.contains(&"--ca-file") || env.iter().any(|(k, _)| *k == "MALLA_CA_FILE");
+    let bundle = named_control(args, control, env)
+        .filter(|url| !given && !url.starts_with("http://"))
+        .and_then(|url| BUNDLES.lock().unwrap().get(authority(url)).cloned());
+    bundle
+        .map(|b| vec![("MALLA_CA_FILE".to_string(), b.display().to_string())])
         .unwrap_or_default()
 }
 
@@ -139,7 +190,7 @@ async fn seeded() -> TestControl {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_as_json_and_table() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let out = malla(&["services", "-o", "json"], Some(&url)).await;
     assert_exit(&out, 0);
     let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON on stdout");
@@ -166,7 +217,7 @@ async fn services_as_json_and_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_with_a_selector() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let out = malla(
         &[
             "instances",
@@ -229,7 +280,7 @@ async fn instances_with_a_selector() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_and_deregister() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let api = control.api();
     let out = malla(
         &[
@@ -313,10 +364,10 @@ async fn register_and_deregister() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_say_what_to_do() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
 
-    // Nothing listens there.
-    let dead = format!("http://{}", malla_tests::peers::dead_addr());
+    // Nothing listens there: that is the news, before any CA file is looked for.
+    let dead = malla_tests::peers::dead_addr().to_string();
     for args in [
         &["services"][..],
         &["instances", "orders"],
@@ -447,7 +498,7 @@ async fn errors_say_what_to_do() {
     let out = malla(&["services", "--control", "ftp://x"], None).await;
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("--control \"ftp://x\": only http:// is supported"),
+        stderr(&out).contains("--control \"ftp://x\": ftp:// is not a way to reach the control plane; give HOST:PORT or https://HOST:PORT (TLS), or http://HOST:PORT (plaintext)"),
         "{}",
         stderr(&out)
     );
@@ -484,7 +535,7 @@ requests_per_second = 100
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_checks_every_file_first_and_applies_nothing_on_a_problem() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let dir = TempDir::new("cli-apply-bad");
     let good = file(&dir, "good.toml", GOOD);
     let bad = file(
@@ -564,7 +615,7 @@ async fn apply_checks_every_file_first_and_applies_nothing_on_a_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_get_round_trip_and_delete() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let dir = TempDir::new("cli-apply");
     let good = file(&dir, "mesh.toml", GOOD);
 
@@ -733,7 +784,7 @@ async fn events_as_table_and_json() {
     use malla_control::events::{ReportedEvent, Reporter};
 
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let event = |service: &str, kind: &str, at_ms: u64| ReportedEvent {
         seq: 0,
         at_ms,
@@ -814,7 +865,9 @@ async fn malla_into_closed_pipe(args: &[&str], control: &str) -> Output {
         .env_remove("MALLA_LOG")
         .env_remove("RUST_LOG")
         .env_remove("MALLA_TOKEN_FILE")
+        .env_remove("MALLA_CA_FILE")
         .envs(token_env(args, Some(control), &[]))
+        .envs(tls_env(args, Some(control), &[]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -831,7 +884,7 @@ async fn malla_into_closed_pipe(args: &[&str], control: &str) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_stdout_ends_quietly() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
     for args in [
         &["services"][..],
         &["services", "-o", "json"],
@@ -908,14 +961,25 @@ async fn a_silent_control_plane_times_out_with_a_clear_error() {
         )) && err.contains("allow more time with --request-timeout"),
         "{err}"
     );
-    // From the environment too, and for every verb.
+    // From the environment too, and for every verb; over TLS, a handshake the server
+    // never answers is bounded the same way.
+    let ca = TestControl::start_without_dns().await;
+    let bundle = bundle_of(&ca).display().to_string();
     for args in [
         &["instances", "orders"][..],
         &["get", "policies"],
         &["events"],
         &["deregister", "orders", "o-1"],
     ] {
-        let out = malla_env(args, Some(&addr), &[("MALLA_REQUEST_TIMEOUT", "300ms")]).await;
+        let out = malla_env(
+            args,
+            Some(&addr),
+            &[
+                ("MALLA_REQUEST_TIMEOUT", "300ms"),
+                ("MALLA_CA_FILE", &bundle),
+            ],
+        )
+        .await;
         assert_exit(&out, 1);
         assert!(
             stderr(&out).contains("did not answer within 300ms"),
@@ -936,7 +1000,7 @@ async fn a_silent_control_plane_times_out_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_takes_host_port_and_errors_name_what_was_typed() {
     let control = seeded().await;
-    let host_port = control.http_addr().to_string();
+    let host_port = tls_url(&control);
     // HOST:PORT, from the flag and from the environment.
     let out = malla(&["services", "-o", "json"], Some(&host_port)).await;
     assert_exit(&out, 0);
@@ -954,7 +1018,9 @@ async fn control_takes_host_port_and_errors_name_what_was_typed() {
     let out = malla(&["services"], Some("nowhere")).await;
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("--control \"nowhere\": expected HOST:PORT or http://HOST:PORT"),
+        stderr(&out).contains(
+            "--control \"nowhere\": expected HOST:PORT, https://HOST:PORT or http://HOST:PORT"
+        ),
         "{}",
         stderr(&out)
     );
@@ -973,6 +1039,128 @@ async fn control_takes_host_port_and_errors_name_what_was_typed() {
             && stderr(&out).contains("point MALLA_CONTROL at it"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// TLS to the control plane: verified with the CA file given (`--ca-file`,
+/// `MALLA_CA_FILE`), `https://` the same as `HOST:PORT`; another control plane's bundle,
+/// none, a file that is not a bundle and a server that does not speak TLS are refused with
+/// what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_verified_with_the_ca_file_given() {
+    let control = seeded().await;
+    let addr = control.http_addr().to_string();
+    let bundle = bundle_of(&control).display().to_string();
+    let https = format!("https://{addr}");
+    for (args, env) in [
+        (vec!["--control", &addr, "--ca-file", &bundle], vec![]),
+        (vec!["--control", &https, "--ca-file", &bundle], vec![]),
+        (
+            vec!["--control", &addr],
+            vec![("MALLA_CA_FILE", bundle.as_str())],
+        ),
+        (
+            vec![],
+            vec![
+                ("MALLA_CONTROL", addr.as_str()),
+                ("MALLA_CA_FILE", bundle.as_str()),
+            ],
+        ),
+    ] {
+        let mut all = vec!["get", "services", "-o", "json"];
+        all.extend(&args);
+        let out = malla_env(&all, None, &env).await;
+        assert_exit(&out, 0);
+        let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(v["services"][0]["name"], "orders", "{args:?} {env:?}");
+    }
+
+    // Another control plane's bundle: its CA did not issue this one's certificate.
+    let other = TestControl::start_without_dns().await;
+    let wrong = bundle_of(&other).display().to_string();
+    let refusal = format!(
+        "error: the TLS connection to the control plane at {addr} failed: the control plane's certificate is not from the CA in {wrong}: pass the control plane's DATA_DIR/trust-bundle.pem with --ca-file (or MALLA_CA_FILE)"
+    );
+    for (args, env) in [
+        (vec!["--ca-file", wrong.as_str()], vec![]),
+        (vec![], vec![("MALLA_CA_FILE", wrong.as_str())]),
+    ] {
+        let mut all = vec!["get", "services", "--control", &addr];
+        all.extend(&args);
+        let out = malla_env(&all, None, &env).await;
+        assert_exit(&out, 1);
+        assert_eq!(stderr(&out).trim(), refusal, "{args:?} {env:?}");
+    }
+    // --ca-file wins over MALLA_CA_FILE.
+    let out = malla_env(
+        &["get", "services", "--control", &addr, "--ca-file", &bundle],
+        None,
+        &[("MALLA_CA_FILE", &wrong)],
+    )
+    .await;
+    assert_exit(&out, 0);
+
+    // No CA file: here (the crate's directory) is no ./malla-data.
+    let out = malla_env(&["get", "services", "--control", &addr], None, &[]).await;
+    assert_exit(&out, 1);
+    let said = stderr(&out);
+    for what in [
+        &format!("no CA to verify the control plane at {addr} with"),
+        "no ./malla-data/trust-bundle.pem here",
+        "--ca-file FILE or MALLA_CA_FILE",
+        "DATA_DIR/trust-bundle.pem",
+    ] {
+        assert!(said.contains(what), "{what:?} not in {said}");
+    }
+
+    // A file that is not a bundle, and one that is not there.
+    let dir = TempDir::new("cli-ca-file");
+    let junk = file(&dir, "junk.pem", "not a certificate\n");
+    let out = malla(&["get", "services", "--ca-file", &junk], Some(&addr)).await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!("the CA file {junk} (--ca-file or MALLA_CA_FILE)")),
+        "{}",
+        stderr(&out)
+    );
+    let out = malla(
+        &["get", "services", "--ca-file", "/nonexistent/ca.pem"],
+        Some(&addr),
+    )
+    .await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("cannot read the CA file /nonexistent/ca.pem"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A server that answers in plaintext is not taken for the control plane.
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_addr = plain.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut stream, _)) = plain.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let out = malla(
+        &["get", "services", "--ca-file", &bundle],
+        Some(&plain_addr),
+    )
+    .await;
+    server.abort();
+    assert_exit(&out, 1);
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!(
+            "the TLS connection to the control plane at {plain_addr} failed: the server did not answer in TLS"
+        )) && said.contains("http://HOST:PORT"),
+        "{said}"
     );
 }
 
@@ -995,7 +1183,10 @@ impl Background {
             .env_remove("NO_COLOR")
             .env_remove("MALLA_TOKEN")
             .env_remove("MALLA_TOKEN_FILE")
+            .env_remove("MALLA_CA_FILE")
+            .env_remove("MALLA_CONTROL_CA")
             .envs(token_env(args, None, env))
+            .envs(tls_env(args, None, env))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1121,7 +1312,7 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
     use malla_control::store::Store as _;
 
     let mut control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let mut agent = Background::start(
         &[
             "register",
@@ -1192,7 +1383,7 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
     );
     control.start_again().await;
     assert_eq!(
-        control.url(),
+        tls_url(&control),
         url,
         "the control plane came back on another port"
     );
@@ -1220,7 +1411,7 @@ async fn keep_alive_survives_a_control_plane_restart_and_deregisters_on_sigterm(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_lists_every_problem_of_a_file() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let dir = TempDir::new("cli-apply-all");
     // A wrong type, an unknown field and a bad duration, in three policies.
     let bad = file(
@@ -1293,7 +1484,7 @@ fn same_data_as_yaml(json: &str, yaml: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_verbs_and_output_formats() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let api = control.api();
     api.register(
         "edge",
@@ -1379,7 +1570,7 @@ async fn kubectl_verbs_and_output_formats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_result_says_so() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let cases: [(&[&str], &str); 7] = [
         (&["get", "services"], "No services found."),
         (&["get", "proxies"], "No proxies found."),
@@ -1425,7 +1616,7 @@ async fn api_service(control: &TestControl, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_instances_annotations_and_describe() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let api = control.api();
 
     // A static external endpoint with UTF-8 annotations: no lease.
@@ -1560,7 +1751,7 @@ async fn static_instances_annotations_and_describe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connected_sidecars_are_listed() {
     let control = seeded().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let dir = TempDir::new("cli-proxies");
     let config = file(
         &dir,
@@ -1574,6 +1765,8 @@ async fn connected_sidecars_are_listed() {
             &config,
             "--control",
             &control.http_addr().to_string(),
+            "--control-ca",
+            &bundle_of(&control).display().to_string(),
         ],
         &[],
     );
@@ -1624,7 +1817,7 @@ fn text_of(v: &Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn describe_shows_the_health_history() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let api = control.api();
     let dead = malla_tests::peers::dead_addr();
     api.register(
@@ -1667,7 +1860,7 @@ async fn describe_shows_the_health_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_deregisters_on_sigint() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let mut agent = Background::start(
         &[
             "register",
@@ -1712,7 +1905,7 @@ async fn keep_alive_deregisters_on_sigint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_create_prints_the_token_alone() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
 
     let out = malla(&["token", "create", "--service", "checkout"], Some(&url)).await;
     assert_exit(&out, 0);
@@ -1857,7 +2050,7 @@ async fn token_create_prints_the_token_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_shows_the_trust_domain_and_the_bundle() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
 
     let out = malla(&["identity"], Some(&url)).await;
     assert_exit(&out, 0);
@@ -1930,7 +2123,7 @@ async fn identity_shows_the_trust_domain_and_the_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_rotate_starts_a_root_rotation_that_identity_shows() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
 
     let out = malla(&["identity", "rotate", "--overlap", "1h"], Some(&url)).await;
     assert_exit(&out, 1);
@@ -2014,7 +2207,7 @@ async fn identity_rotate_starts_a_root_rotation_that_identity_shows() {
         ..Default::default()
     })
     .await;
-    let out = malla(&["identity", "rotate"], Some(&theirs.url())).await;
+    let out = malla(&["identity", "rotate"], Some(&tls_url(&theirs))).await;
     assert_exit(&out, 1);
     assert!(
         stderr(&out)
@@ -2022,7 +2215,7 @@ async fn identity_rotate_starts_a_root_rotation_that_identity_shows() {
         "{}",
         stderr(&out)
     );
-    let out = malla(&["identity"], Some(&theirs.url())).await;
+    let out = malla(&["identity"], Some(&tls_url(&theirs))).await;
     assert!(
         stdout(&out).contains("CA:                the operator's"),
         "{}",
@@ -2066,7 +2259,7 @@ mode = "audit"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorizations_apply_get_describe_delete() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let dir = TempDir::new("cli-authz");
     let mixed = file(&dir, "mesh.toml", MIXED);
 
@@ -2233,7 +2426,7 @@ async fn authorizations_apply_get_describe_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_lists_every_problem_of_authorizations_and_applies_nothing() {
     let control = TestControl::start_without_dns().await;
-    let url = control.url();
+    let url = tls_url(&control);
     let dir = TempDir::new("cli-authz-bad");
     let good = file(&dir, "good.toml", MIXED);
     let bad = file(
