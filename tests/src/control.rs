@@ -22,6 +22,7 @@
 //! address.
 
 pub mod api;
+pub mod tls;
 
 use std::{
     net::SocketAddr,
@@ -254,12 +255,52 @@ impl TestControl {
     /// sending the operator token in force (read from the data directory, so it follows a
     /// rotation).
     pub fn api(&self) -> Api {
-        Api::new(self.http_addr).with_token_of(&self.dir.path)
+        Api::new(self.http_addr).with_credentials_of(&self.dir.path)
     }
 
-    /// A client for the HTTP API that sends no operator token.
+    /// A client for the HTTP API (over TLS) that sends no operator token.
     pub fn api_without_token(&self) -> Api {
-        Api::new(self.http_addr)
+        Api::new(self.http_addr).with_trust(&self.trust_bundle_path())
+    }
+
+    /// A client for the HTTP API (over TLS) that presents `svid`, a workload's
+    /// certificate, and no operator token.
+    pub fn api_as(&self, svid: &malla_proxy::identity::Svid) -> Api {
+        Api::new(self.http_addr).with_tls(&self.trust_bundle_path(), Some(svid))
+    }
+
+    /// `DATA_DIR/trust-bundle.pem`: what clients verify the control plane's TLS with.
+    pub fn trust_bundle_path(&self) -> PathBuf {
+        tls::bundle_path(&self.dir.path)
+    }
+
+    /// A gRPC channel over TLS to the API port (as a sidecar before its first
+    /// certificate: none presented).
+    pub async fn grpc_channel(&self) -> tonic::transport::Channel {
+        self.grpc_channel_to(self.http_addr).await
+    }
+
+    /// The same to `addr` (either port).
+    pub async fn grpc_channel_to(&self, addr: SocketAddr) -> tonic::transport::Channel {
+        tls::grpc_channel(addr, &self.trust_bundle_path(), None)
+            .await
+            .unwrap_or_else(|e| panic!("no gRPC channel to the control plane at {addr}: {e}"))
+    }
+
+    /// A gRPC channel over TLS to the API port whose every call proves the operator.
+    pub async fn operator_channel(&self) -> tls::OperatorChannel {
+        self.operator_channel_to(self.http_addr).await
+    }
+
+    /// The same to `addr` (either port).
+    pub async fn operator_channel_to(&self, addr: SocketAddr) -> tls::OperatorChannel {
+        self.as_operator(self.grpc_channel_to(addr).await)
+    }
+
+    /// `channel`, proving this control plane's operator (its token now) on every call.
+    pub fn as_operator(&self, channel: tonic::transport::Channel) -> tls::OperatorChannel {
+        let token = api::operator_token(&self.dir.path).expect("the operator token file");
+        tls::as_operator(channel, &token)
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -278,9 +319,10 @@ impl TestControl {
             .expect("this control plane was started without DNS")
     }
 
-    /// The HTTP API's base URL, as the CLI's `--control` takes it.
+    /// The API's base URL, as the CLI's `--control` and a sidecar's `[control] url`
+    /// take it (TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("https://{}", self.http_addr)
     }
 
     /// The running control plane's registry (in-process reads and watches).

@@ -84,7 +84,7 @@ impl ControlProcess {
 
     /// The HTTP API, with the operator token the process wrote in its data directory.
     pub fn api(&self) -> Api {
-        Api::new(self.http).with_token_of(self.dir.path())
+        Api::new(self.http).with_credentials_of(self.dir.path())
     }
 
     pub fn pid(&self) -> u32 {

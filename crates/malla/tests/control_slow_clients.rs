@@ -81,7 +81,7 @@ async fn start(dir: &TempDir) -> ControlProcess {
             {
                 if reply.status == 200 {
                     // Written before the APIs listen.
-                    process.api = process.api.with_token_of(dir.path());
+                    process.api = process.api.with_credentials_of(dir.path());
                     return process;
                 }
             }

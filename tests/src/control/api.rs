@@ -6,9 +6,10 @@
 //! bad input; the typed helpers ([`Api::register`], [`Api::instance_ids`]...) assert that
 //! the call succeeded and return what the test wants to look at.
 //!
-//! Every request carries the operator token the client was given
-//! ([`Api::with_token_of`]: the one in a control plane's data directory, what
-//! [`crate::control::TestControl::api`] gives), so tests of the API need no step for it.
+//! Every request goes over TLS and carries the operator token when the client was given
+//! them ([`Api::with_credentials_of`]: the trust bundle and the token a control plane
+//! keeps in its data directory, what [`crate::control::TestControl::api`] gives), so tests
+//! of the API need no step for either.
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
@@ -22,11 +23,23 @@ use tokio::net::TcpStream;
 use crate::{client::within, BoxError};
 
 /// The HTTP API of one control plane.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Api {
     addr: SocketAddr,
     /// Sent as `Authorization: Bearer TOKEN` on every request.
     token: Option<Arc<str>>,
+    /// TLS verified with the control plane's trust bundle; none: plaintext.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("addr", &self.addr)
+            .field("token", &self.token.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 /// An answer: the status, the body parsed as JSON (`Value::Null` when it is not JSON) and
@@ -89,23 +102,51 @@ impl Api {
     /// A client that sends no operator token (enough for `/live`, `/ready`, `/metrics`,
     /// `GET /v1/identity` and `POST /v1/certificates`).
     pub fn new(addr: SocketAddr) -> Api {
-        Api { addr, token: None }
+        Api {
+            addr,
+            token: None,
+            tls: None,
+        }
     }
 
     /// The same client sending `token` as the operator token.
     pub fn with_token(&self, token: &str) -> Api {
         Api {
-            addr: self.addr,
             token: Some(token.into()),
+            ..self.clone()
         }
     }
 
-    /// The same client sending the operator token kept in the data directory `dir`
-    /// (`DATA_DIR/operator.token`), read now; none when there is no such file yet.
-    pub fn with_token_of(&self, dir: &Path) -> Api {
+    /// The same client over TLS, verifying the control plane with the PEM trust bundle in
+    /// `bundle`.
+    pub fn with_trust(&self, bundle: &Path) -> Api {
+        self.with_tls(bundle, None)
+    }
+
+    /// The same client over TLS, verifying the control plane with `bundle` and presenting
+    /// `svid` when given (a workload's certificate).
+    pub fn with_tls(&self, bundle: &Path, svid: Option<&malla_proxy::identity::Svid>) -> Api {
+        let config = super::tls::client_config(bundle, svid, b"http/1.1")
+            .unwrap_or_else(|e| panic!("the trust bundle {}: {e}", bundle.display()));
+        Api {
+            tls: Some(config),
+            ..self.clone()
+        }
+    }
+
+    /// The same client with the credentials a control plane keeps in its data directory
+    /// `dir`, read now: its trust bundle (TLS) and its operator token, each when its file
+    /// exists.
+    pub fn with_credentials_of(&self, dir: &Path) -> Api {
+        let bundle = super::tls::bundle_path(dir);
+        let api = if bundle.exists() {
+            self.with_trust(&bundle)
+        } else {
+            self.clone()
+        };
         match operator_token(dir) {
-            Some(token) => self.with_token(&token),
-            None => Api::new(self.addr),
+            Some(token) => api.with_token(&token),
+            None => Api { token: None, ..api },
         }
     }
 
@@ -122,10 +163,20 @@ impl Api {
         body: impl Into<Bytes>,
     ) -> Result<Reply, BoxError> {
         let body: Bytes = body.into();
-        let stream = TcpStream::connect(self.addr).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = match &self.tls {
+            Some(config) => {
+                let stream = super::tls::connect(self.addr, config.clone()).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                (sender, tokio::spawn(async move { conn.await.map(drop) }))
+            }
+            None => {
+                let stream = TcpStream::connect(self.addr).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                (sender, tokio::spawn(async move { conn.await.map(drop) }))
+            }
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(path)

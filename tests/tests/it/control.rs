@@ -32,6 +32,7 @@ mod proxies;
 mod registry;
 mod restart;
 mod serving;
+mod writers;
 
 use serde_json::{json, Value};
 

@@ -186,6 +186,8 @@ pub struct ApiError {
     message: String,
     /// Every bad field, when there can be several (`[{field, message}]`).
     fields: Option<serde_json::Value>,
+    /// `WWW-Authenticate`, on a 401.
+    challenge: Option<&'static str>,
 }
 
 impl ApiError {
@@ -195,6 +197,20 @@ impl ApiError {
             code,
             message: message.into(),
             fields: None,
+            challenge: None,
+        }
+    }
+
+    /// 401 `unauthenticated`, with the Bearer challenge (`invalid_token` when `wrong`: a
+    /// token was sent).
+    pub(crate) fn unauthenticated(message: impl Into<String>, wrong: bool) -> Self {
+        ApiError {
+            challenge: Some(if wrong {
+                r#"Bearer realm="malla", error="invalid_token""#
+            } else {
+                r#"Bearer realm="malla""#
+            }),
+            ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
         }
     }
 
@@ -209,7 +225,14 @@ impl IntoResponse for ApiError {
         if let Some(fields) = self.fields {
             error["fields"] = fields;
         }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static(challenge),
+            );
+        }
+        response
     }
 }
 

@@ -39,7 +39,7 @@ use malla_tests::{
     },
 };
 use serde_json::{json, Value};
-use tonic::{transport::Channel, Code};
+use tonic::Code;
 
 const CHECKOUT_ID: &str = "spiffe://malla.local/svc/checkout";
 const TOKENS: &str = "/malla/identity/join-tokens/";
@@ -258,14 +258,6 @@ async fn token_records(control: &TestControl) -> Vec<(String, String)> {
     kvs.into_iter()
         .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
         .collect()
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .expect("a gRPC connection")
 }
 
 fn unix_ms_now() -> i64 {
@@ -761,7 +753,7 @@ async fn grpc_certify_with_an_rcgen_csr() {
     let control = TestControl::start_without_dns().await;
     let api = control.api();
     let ssl = Openssl::new();
-    let mut client = IdentityClient::new(channel(control.http_addr()).await);
+    let mut client = IdentityClient::new(control.grpc_channel().await);
 
     let key = rcgen::KeyPair::generate().unwrap(); // P-256
     let csr = rcgen_csr(&key);
@@ -862,7 +854,7 @@ async fn grpc_certify_with_an_rcgen_csr() {
     assert!(status.message().contains("try \"check-out\""), "{status:?}");
 
     // Renewal, on the second port: the certificate and a CSR of the same key.
-    let mut second = IdentityClient::new(channel(control.grpc_addr()).await);
+    let mut second = IdentityClient::new(control.grpc_channel_to(control.grpc_addr()).await);
     let renewed = second
         .certify(pb::CertifyRequest {
             service: "checkout".into(),
@@ -1100,7 +1092,7 @@ async fn an_operator_intermediate_issues_chains_that_verify_to_its_root() {
         !data.path().join("ca").exists(),
         "no root is created when the operator gives one"
     );
-    let api = Api::new(control.http_addr).with_token_of(data.path());
+    let api = Api::new(control.http_addr).with_credentials_of(data.path());
 
     let identity = api.get("/v1/identity").await.ok();
     assert_eq!(identity["trust_domain"], "prod.example.com");

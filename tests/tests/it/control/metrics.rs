@@ -1,12 +1,9 @@
 //! The control plane's own `/metrics`: known traffic moves the counters it should, by
 //! route template (never a raw path), and the gauges follow what is open.
 
-use std::net::SocketAddr;
-
 use malla_api::{pb, policy_pb, PoliciesClient, RegistryClient};
 use malla_tests::{assert_eventually, control::TestControl};
 use serde_json::json;
-use tonic::transport::Channel;
 
 use super::registration;
 
@@ -25,14 +22,6 @@ async fn scrape(control: &TestControl) -> String {
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     String::from_utf8(reply.body.to_vec()).expect("UTF-8")
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .expect("a gRPC connection")
 }
 
 const INSTANCE: &str = "/v1/services/{service}/instances/{id}";
@@ -61,8 +50,8 @@ async fn metrics_move_with_known_traffic() {
 
     // gRPC on the same port: a registration, a heartbeat, a failed deregistration, and a
     // watch of each kind held open.
-    let channel = channel(control.http_addr()).await;
-    let mut registry = RegistryClient::new(channel.clone());
+    let channel = control.grpc_channel().await;
+    let mut registry = RegistryClient::new(control.as_operator(channel.clone()));
     let registered = registry
         .register(pb::RegisterRequest {
             mtls: false,

@@ -63,7 +63,13 @@ async fn operator_routes_refuse_a_missing_or_wrong_token_and_take_the_right_one(
             String::new()
         };
         let reply = bare.request(method.clone(), path, body.clone()).await;
-        assert_refused(&reply, "needs the operator token");
+        // A workload's certificate would do too for its own instances.
+        let needs = if method == Method::PUT {
+            "needs a certificate of orders"
+        } else {
+            "needs the operator token"
+        };
+        assert_refused(&reply, needs);
         let reply = wrong.request(method.clone(), path, body.clone()).await;
         assert_refused(&reply, "not the one in force");
     }
@@ -102,9 +108,9 @@ async fn operator_routes_refuse_a_missing_or_wrong_token_and_take_the_right_one(
 /// `GET /v1/status` with this `Authorization` header, over a bare HTTP/1.1 connection.
 async fn raw_with_authorization(control: &TestControl, value: &str) -> (u16, String) {
     use http_body_util::{BodyExt as _, Full};
-    let stream = tokio::net::TcpStream::connect(control.http_addr())
-        .await
-        .unwrap();
+    use malla_tests::control::tls;
+    let config = tls::client_config(&control.trust_bundle_path(), None, b"http/1.1").unwrap();
+    let stream = tls::connect(control.http_addr(), config).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

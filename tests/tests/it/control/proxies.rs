@@ -21,14 +21,19 @@ async fn a_sidecar_is_listed_with_its_instance_version_and_watches_until_it_disc
     assert!(proxies(&control).await.is_empty());
 
     // A sidecar as `malla proxy` connects: one HTTP/2 connection, its user agent.
-    let channel: Channel = Endpoint::from_shared(format!("http://{}", control.http_addr()))
+    let endpoint = Endpoint::from_shared(format!("http://{}", control.http_addr()))
         .expect("a valid URI")
         .user_agent("malla-proxy/9.9.9")
-        .expect("a valid user agent")
-        .connect()
-        .await
-        .expect("a gRPC connection");
-    let mut registry = RegistryClient::new(channel.clone());
+        .expect("a valid user agent");
+    let channel: Channel = malla_tests::control::tls::grpc_channel_from(
+        endpoint,
+        control.http_addr(),
+        &control.trust_bundle_path(),
+        None,
+    )
+    .await
+    .expect("a gRPC connection");
+    let mut registry = RegistryClient::new(control.as_operator(channel.clone()));
     registry
         .register(pb::RegisterRequest {
             mtls: false,
@@ -111,12 +116,8 @@ async fn a_sidecar_is_listed_with_its_instance_version_and_watches_until_it_disc
 async fn a_client_of_another_kind_is_listed_without_a_version() {
     let control = TestControl::start_without_dns().await;
     // On the second port, with tonic's own user agent.
-    let channel = Endpoint::from_shared(format!("http://{}", control.grpc_addr()))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .expect("a gRPC connection");
-    RegistryClient::new(channel.clone())
+    let channel = control.grpc_channel_to(control.grpc_addr()).await;
+    RegistryClient::new(control.as_operator(channel.clone()))
         .heartbeat(pb::HeartbeatRequest { lease: 424242 })
         .await
         .expect_err("no such lease");

@@ -294,12 +294,7 @@ async fn unreachable_addresses_are_refused_by_both_apis() {
     use malla_api::{pb, RegistryClient};
     let control = TestControl::start_without_dns().await;
     let api = control.api();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", control.grpc_addr()))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = RegistryClient::new(channel);
+    let mut grpc = RegistryClient::new(control.operator_channel_to(control.grpc_addr()).await);
     for (address, says) in [
         ("0.0.0.0", "unspecified"),
         ("::", "unspecified"),
@@ -457,12 +452,7 @@ async fn describe_data_for_a_service() {
     let mut body = registration(8080, &[("env", "prod")]);
     body["ttl_seconds"] = json!(120);
     let registered = api.register("orders", "o-1", &body).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", control.grpc_addr()))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .unwrap();
-    RegistryClient::new(channel)
+    RegistryClient::new(control.operator_channel_to(control.grpc_addr()).await)
         .register(pb::RegisterRequest {
             mtls: false,
             service: "orders".into(),

@@ -106,12 +106,7 @@ async fn leases_get_their_full_ttl_after_an_outage_longer_than_it() {
     let started = Instant::now();
     let api = control.api();
     // A watcher that resyncs at once, as a sidecar reconnecting does.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", control.grpc_addr()))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .unwrap();
-    let mut client = RegistryClient::new(channel);
+    let mut client = RegistryClient::new(control.grpc_channel_to(control.grpc_addr()).await);
     let mut stream = client
         .watch(pb::WatchRequest {
             service: "orders".into(),

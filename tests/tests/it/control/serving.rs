@@ -6,20 +6,15 @@ use std::{net::SocketAddr, time::Duration};
 
 use malla_api::{pb, RegistryClient};
 use malla_control::serving::ServeSettings;
+use malla_tests::control::tls::OperatorChannel;
 use malla_tests::{assert_eventually, client::within, control::api::Api, control::TestControl};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tonic::transport::Channel;
 
-async fn grpc(addr: SocketAddr) -> RegistryClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("no gRPC connection to {addr}: {e}"));
-    RegistryClient::new(channel)
+async fn grpc(control: &TestControl, addr: SocketAddr) -> RegistryClient<OperatorChannel> {
+    RegistryClient::new(control.operator_channel_to(addr).await)
 }
 
 fn registration(service: &str, id: &str, port: u32) -> pb::RegisterRequest {
@@ -68,7 +63,7 @@ async fn closed_by_server(stream: &mut TcpStream) {
 async fn both_apis_answer_on_both_ports() {
     let control = TestControl::start_without_dns().await;
     // gRPC on the HTTP port: register, and a watch sees it.
-    let mut client = grpc(control.http_addr()).await;
+    let mut client = grpc(&control, control.http_addr()).await;
     client
         .register(registration("orders", "o-1", 8080))
         .await
@@ -85,13 +80,13 @@ async fn both_apis_answer_on_both_ports() {
 
     // HTTP on the gRPC port, and on the HTTP port.
     for addr in [control.grpc_addr(), control.http_addr()] {
-        let api = Api::new(addr).with_token_of(control.data_dir());
+        let api = Api::new(addr).with_credentials_of(control.data_dir());
         let instances = api.instance_ids("orders", "").await;
         assert_eq!(instances, ["o-1"], "HTTP on {addr}");
     }
 
     // gRPC on the gRPC port, as sidecars of earlier versions call it.
-    let mut old = grpc(control.grpc_addr()).await;
+    let mut old = grpc(&control, control.grpc_addr()).await;
     old.register(registration("orders", "o-2", 8081))
         .await
         .expect("register over gRPC on the gRPC port");
@@ -181,7 +176,7 @@ async fn half_sent_requests_are_closed_after_the_head_timeout() {
 async fn an_idle_http1_connection_is_closed_after_the_head_timeout_but_a_grpc_watch_is_not() {
     let control = TestControl::start_serving(short_head_timeout()).await;
     // A watch, held over several head timeouts.
-    let mut client = grpc(control.http_addr()).await;
+    let mut client = grpc(&control, control.http_addr()).await;
     let mut watch = client
         .watch(pb::WatchRequest {
             service: "orders".into(),

@@ -14,7 +14,7 @@
 
 use axum::{
     extract::{MatchedPath, Request, State},
-    http::{HeaderValue, Method, StatusCode},
+    http::{Method, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
     Json,
@@ -33,8 +33,7 @@ const EXEMPT: [(Method, &str); 5] = [
     (Method::PUT, "/v1/leases/{lease}/keepalive"),
 ];
 
-/// What every refusal says to do.
-const WHAT_TO_DO: &str = "pass the operator token with --token or MALLA_TOKEN (or a file holding it with --token-file or MALLA_TOKEN_FILE), or as `Authorization: Bearer TOKEN`; the control plane keeps it in DATA_DIR/operator.token on its machine (mode 600), and `malla control` printed it at its first start";
+use crate::api::auth::{Refusal, WHAT_TO_DO};
 
 /// Refuses a request to an operator route without the token in force.
 pub(super) async fn require<S: Store + Clone>(
@@ -67,17 +66,10 @@ pub(super) async fn require<S: Store + Clone>(
 
 /// A workload's write refused ([`crate::api::auth`]): 401 with the operator's challenge
 /// when it proved nothing, 403 `forbidden` when it proved another service.
-pub(super) fn refuse_write<S>(
-    backend: &Backend<S>,
-    refused: &crate::api::auth::Refusal,
-) -> ApiError {
+pub(super) fn refuse_write<S>(backend: &Backend<S>, refused: &Refusal) -> ApiError {
     backend.metrics.refused_for(refused.reason());
     if refused.is_unauthenticated() {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            refused.to_string(),
-        )
+        ApiError::unauthenticated(refused.to_string(), matches!(refused, Refusal::WrongToken))
     } else {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", refused.to_string())
     }
@@ -85,24 +77,12 @@ pub(super) fn refuse_write<S>(
 
 fn refuse<S>(backend: &Backend<S>, wrong: bool) -> Response {
     backend.metrics.unauthenticated(wrong);
-    let (message, challenge) = if wrong {
-        (
-            format!("the operator token is not the one in force (it may have been rotated): {WHAT_TO_DO}"),
-            r#"Bearer realm="malla", error="invalid_token""#,
-        )
+    let message = if wrong {
+        Refusal::WrongToken.to_string()
     } else {
-        (
-            format!("this route needs the operator token: {WHAT_TO_DO}"),
-            r#"Bearer realm="malla""#,
-        )
+        format!("this route needs the operator token: {WHAT_TO_DO}")
     };
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message).into_response();
-    response.headers_mut().insert(
-        http::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    response
+    ApiError::unauthenticated(message, wrong).into_response()
 }
 
 /// `POST /v1/operator-token/rotate`: a new operator token, written over the file and in
