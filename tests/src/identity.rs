@@ -46,7 +46,8 @@ pub async fn join_token(control: &crate::control::TestControl, service: &str) ->
         .token
 }
 
-/// `[control]` of a sidecar of `service` that joins `control`'s mesh with `token`.
+/// `[control]` of a sidecar of `service` that joins `control`'s mesh with `token`: over
+/// TLS, verified with the control plane's trust bundle until it holds a certificate.
 pub fn joined(
     control: &crate::control::TestControl,
     service: &str,
@@ -55,7 +56,16 @@ pub fn joined(
     malla_proxy::config::ControlPlaneConfig {
         service: Some(service.into()),
         join_token: token,
-        ..malla_proxy::config::ControlPlaneConfig::new(control.url())
+        ..over_tls(control)
+    }
+}
+
+/// `[control]` of a sidecar that reaches `control` over TLS (`HOST:PORT`), verified with
+/// its trust bundle (`ca_file`, `DATA_DIR/trust-bundle.pem`).
+pub fn over_tls(control: &crate::control::TestControl) -> malla_proxy::config::ControlPlaneConfig {
+    malla_proxy::config::ControlPlaneConfig {
+        ca_file: Some(control.trust_bundle_path()),
+        ..malla_proxy::config::ControlPlaneConfig::new(control.http_addr().to_string())
     }
 }
 

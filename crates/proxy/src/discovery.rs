@@ -528,6 +528,7 @@ async fn run(
             registration::Identity {
                 ready,
                 configured: status.identity.is_some(),
+                tls: status.tls.is_some(),
             },
             deregister,
         ));

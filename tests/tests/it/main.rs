@@ -56,6 +56,7 @@ mod authz_enforce;
 mod bad_input;
 mod balancing;
 mod control;
+mod control_tls;
 mod discovery;
 mod drain;
 mod errors;

@@ -24,6 +24,28 @@ pub(super) struct Identity {
     pub ready: Option<Arc<IdentityState>>,
     /// Whether the sidecar has an identity at all (a join token or `identity_dir`).
     pub configured: bool,
+    /// Whether the control plane is reached over TLS (plaintext carries no certificate).
+    pub tls: bool,
+}
+
+impl Identity {
+    /// What to do about a refusal for want of a certificate.
+    fn hint(&self, service: &malla_core::ServiceName) -> Option<String> {
+        if !self.configured {
+            Some(format!(
+                "this sidecar has no certificate to register with: give it a join token of {service} \
+                 with MALLA_JOIN_TOKEN or --join-token-file, made by `malla token create --service {service}`"
+            ))
+        } else if !self.tls {
+            Some(
+                "over plaintext (http://) this sidecar cannot present its certificate: reach the control plane \
+                 over TLS, HOST:PORT or https://HOST:PORT with --control-ca"
+                    .to_string(),
+            )
+        } else {
+            None
+        }
+    }
 }
 
 type Deregister = mpsc::UnboundedReceiver<std::sync::mpsc::SyncSender<()>>;
@@ -57,8 +79,8 @@ pub(super) async fn run(
 ) {
     let request = pb::RegisterRequest::from(&registration);
     let instance = &registration.instance;
-    if let Some(identity) = identity.ready {
-        if identity.current().is_none() {
+    if let Some(state) = &identity.ready {
+        if state.current().is_none() {
             set_error(
                 &status.last_error,
                 Some("waiting for this sidecar's certificate before registering (see control.identity)".into()),
@@ -73,7 +95,7 @@ pub(super) async fn run(
                 }
                 return;
             }
-            () = identity.issued() => {}
+            () = state.issued() => {}
         }
     }
     let ttl = registration.ttl.unwrap_or(Duration::from_secs(10));
@@ -95,12 +117,12 @@ pub(super) async fn run(
                     let wait = backoff.next_delay();
                     let refused =
                         matches!(code, Some(Code::Unauthenticated | Code::PermissionDenied));
-                    if refused && !identity.configured {
-                        error.push_str(&format!(
-                            " (this sidecar has no certificate to register with: give it a join token of {} \
-                             with MALLA_JOIN_TOKEN or --join-token-file, made by `malla token create --service {}`)",
-                            instance.service, instance.service
-                        ));
+                    let hint = match refused {
+                        true => identity.hint(&instance.service),
+                        false => None,
+                    };
+                    if let Some(hint) = hint {
+                        error.push_str(&format!(" ({hint})"));
                     }
                     // Bad input or a refusal will not get better by itself: say so loudly,
                     // and keep trying slowly (an operator may fix either side).
