@@ -20,7 +20,10 @@
 //! `--exit`).
 //!
 //! Nothing registers an instance directly: each sidecar registers its own, with the
-//! labels the demo gives it, as `malla proxy --service` does.
+//! labels the demo gives it, as `malla proxy --service` does. The sidecars reach the
+//! control plane over TLS, verified with the trust bundle it keeps in its data directory
+//! (`malla proxy --control-ca`), and the control plane, as `malla control` does, serves no
+//! plaintext.
 
 use std::{
     collections::BTreeMap,
@@ -39,7 +42,10 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use malla_control::server::{Control, ControlConfig, DnsSettings};
+use malla_control::{
+    server::{Control, ControlConfig, DnsSettings},
+    serving::ServeSettings,
+};
 use malla_core::ServiceName;
 use malla_proxy::{
     config::{
@@ -127,23 +133,31 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     let data_dir = std::env::temp_dir().join(format!("malla-demo-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(data_dir.clone());
-    let control = Control::start(ControlConfig {
+    let serving = ServeSettings {
+        allow_plaintext: false,
+        ..ServeSettings::default()
+    };
+    let control = Control::start_with(
+        ControlConfig {
         data_dir: data_dir.clone(),
         http_addr: args.control_http,
         grpc_addr: args.control_grpc,
         dns_addr: Some(args.dns),
         dns: DnsSettings::default(),
         identity: Default::default(),
-    })
+        tls_names: Vec::new(),
+    },
+        serving,
+    )
     .await
     .context("cannot start the control plane; pick other ports with --control-http, --control-grpc and --dns")?;
     let dns = control.dns_addr.context("DNS address")?;
     println!(
-        "  control plane   http://{}  (malla services, malla instances)",
+        "  control plane   https://{}  (malla services, malla instances)",
         control.http_addr
     );
     println!(
-        "                  grpc://{}  (sidecars, and their certificates)   dns {dns}",
+        "                  https://{}  (gRPC: sidecars, and their certificates)   dns {dns}",
         control.grpc_addr
     );
 
@@ -178,7 +192,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             instance_id: Some(CLIENT.into()),
             register_address: Some(CLIENT_REGISTERED.parse()?),
             join_token: Some(join_token(&control, CLIENT).await?),
-            ..ControlPlaneConfig::new(format!("http://{}", control.grpc_addr))
+            ..control_plane(&control)
         }),
         ..ProxyConfig::default()
     };
@@ -252,19 +266,24 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let ctl = control.http_addr;
         let a = instances[0].addr;
         println!("The mesh keeps running. Try:");
-        // The CLI talks to the control plane's API with its operator token, created at this
-        // start in the demo's data directory (not the ./malla-data the CLI looks in).
+        // The CLI talks to the control plane's API over TLS, verified with its trust
+        // bundle, with its operator token: both made at this start in the demo's data
+        // directory (not the ./malla-data the CLI looks in).
         println!(
-            "  export MALLA_TOKEN_FILE={}",
-            data_dir.join("operator.token").display()
+            "  export MALLA_TOKEN_FILE={} MALLA_CA_FILE={}",
+            data_dir.join("operator.token").display(),
+            control.trust_bundle_path().display()
         );
         println!("  curl -i http://{sidecar}/quote");
         println!("  curl --http2-prior-knowledge -i http://{sidecar}/quote");
         println!("  curl -i http://{a}/quote    (plaintext to quote-a's sidecar: refused)");
-        println!("  malla services --control http://{ctl}");
-        println!("  malla get policies --control http://{ctl}");
-        println!("  malla events --control http://{ctl}");
-        println!("  malla instances shipping-quote --selector zone=eu-2 --control http://{ctl}");
+        println!("  malla services --control {ctl}");
+        println!("  malla get policies --control {ctl}");
+        println!("  malla events --control {ctl}");
+        println!("  malla instances shipping-quote --selector zone=eu-2 --control {ctl}");
+        println!(
+            "  curl --cacert $MALLA_CA_FILE -H \"Authorization: Bearer $(cat $MALLA_TOKEN_FILE)\" https://{ctl}/v1/services"
+        );
         println!(
             "  dig @{} -p {} +short eu-2.zone.shipping-quote.svc.malla",
             dns.ip(),
@@ -561,7 +580,7 @@ async fn start_instance(
                 ("env".to_string(), "demo".to_string()),
             ]),
             join_token: Some(join_token(control, SERVICE).await?),
-            ..ControlPlaneConfig::new(format!("http://{}", control.grpc_addr))
+            ..control_plane(control)
         }),
         ..ProxyConfig::default()
     };
@@ -578,6 +597,15 @@ async fn start_instance(
         status,
         server,
     })
+}
+
+/// How a demo sidecar reaches the control plane: over TLS, verified with the trust bundle
+/// the control plane keeps in its data directory (as `malla proxy --control-ca` would).
+fn control_plane(control: &Control) -> ControlPlaneConfig {
+    ControlPlaneConfig {
+        ca_file: Some(control.trust_bundle_path().to_path_buf()),
+        ..ControlPlaneConfig::new(control.grpc_addr.to_string())
+    }
 }
 
 /// Polls `done` every 10 ms for at most 5 s.
