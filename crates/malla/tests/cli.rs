@@ -134,7 +134,7 @@ fn tls_url(control: &TestControl) -> String {
 
 /// `DATA_DIR/trust-bundle.pem` of a test control plane: what its clients verify it with.
 fn bundle_of(control: &TestControl) -> PathBuf {
-    control.data_dir().join("trust-bundle.pem")
+    control.trust_bundle_path()
 }
 
 /// `MALLA_CA_FILE` with the trust bundle of the test control plane the command talks to

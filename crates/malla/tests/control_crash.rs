@@ -62,14 +62,15 @@ async fn start(dir: &TempDir) -> ControlProcess {
             api: Api::new(http),
         };
         for _ in 0..eventually::TRIES {
-            if let Ok(reply) = process
-                .api
+            // Over TLS with its trust bundle, and its operator token: both written before
+            // the APIs listen.
+            let api = process.api.with_credentials_of(dir.path());
+            if let Ok(reply) = api
                 .try_request(http::Method::GET, "/ready", bytes::Bytes::new())
                 .await
             {
                 if reply.status == 200 {
-                    // Written before the APIs listen.
-                    process.api = process.api.with_credentials_of(dir.path());
+                    process.api = api;
                     return process;
                 }
             }

@@ -1,8 +1,14 @@
-//! The operator token end to end, with the real binary: `malla control` creates it at its
-//! first start and prints it once (not again on a restart), the CLI reads it from
-//! `./malla-data` on the control plane's machine or takes `--token`, `--token-file`,
-//! `MALLA_TOKEN`; a CLI call without it (or with a wrong one) fails with what to do; and
-//! `malla operator-token rotate` replaces it.
+//! The operator token and the TLS trust bundle end to end, with the real binary:
+//!
+//! - `malla control` creates the token at its first start and prints it once (not again on
+//!   a restart), the CLI reads it from `./malla-data` on the control plane's machine or
+//!   takes `--token`, `--token-file`, `MALLA_TOKEN`; a CLI call without it (or with a wrong
+//!   one) fails with what to do; and `malla operator-token rotate` replaces it.
+//! - The CLI reaches `malla control` over TLS (`--control HOST:PORT`) verified with
+//!   `./malla-data/trust-bundle.pem` next to the data directory, or the bundle given with
+//!   `--ca-file` or `MALLA_CA_FILE`; without one, or with another control plane's, it is
+//!   refused with what to do; `http://` is refused by the control plane, which serves no
+//!   plaintext.
 
 // Test code: an `unwrap` here is an assertion.
 #![allow(clippy::unwrap_used)]
@@ -23,7 +29,10 @@ use malla_tests::{
 /// A `malla control` process; killed when dropped.
 struct ControlProcess {
     child: Child,
+    /// `HOST:PORT`, what `--control` is given (TLS).
     url: String,
+    /// `DATA_DIR/trust-bundle.pem`.
+    bundle: String,
 }
 
 impl Drop for ControlProcess {
@@ -57,10 +66,13 @@ async fn start(data: &Path, log: &Path) -> ControlProcess {
             .expect("start malla control");
         let mut process = ControlProcess {
             child,
-            url: format!("http://{http}"),
+            url: http.to_string(),
+            bundle: data.join("trust-bundle.pem").display().to_string(),
         };
         for _ in 0..eventually::TRIES {
+            // Over TLS, with the bundle it writes before its APIs listen.
             if let Ok(reply) = Api::new(http)
+                .with_credentials_of(data)
                 .try_request(http::Method::GET, "/ready", bytes::Bytes::new())
                 .await
             {
@@ -85,6 +97,7 @@ async fn malla(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("MALLA_CONTROL")
         .env_remove("MALLA_TOKEN")
         .env_remove("MALLA_TOKEN_FILE")
+        .env_remove("MALLA_CA_FILE")
         .env_remove("MALLA_LOG")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
@@ -128,6 +141,9 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
 
     let mut control = start(&data, &log).await;
     let url = control.url.clone();
+    // Elsewhere, the CLI is given the control plane's trust bundle: this test is the token's.
+    let ca = [("MALLA_CA_FILE", control.bundle.clone())];
+    let ca: Vec<(&str, &str)> = ca.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
     assert!(token.starts_with("malla_op_"), "{token}");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
@@ -147,7 +163,7 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
     let out = malla(
         elsewhere.path(),
         &["get", "services", "--control", &url],
-        &[],
+        &ca,
     )
     .await;
     assert_exit(&out, 1);
@@ -168,7 +184,7 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
     let out = malla(
         elsewhere.path(),
         &["get", "services", "--control", &url, "--token", &wrong],
-        &[],
+        &ca,
     )
     .await;
     assert_exit(&out, 1);
@@ -188,6 +204,7 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
     ] {
         let mut all = vec!["get", "services", "--control", &url];
         all.extend(args);
+        let env: Vec<(&str, &str)> = env.into_iter().chain(ca.iter().copied()).collect();
         let out = malla(elsewhere.path(), &all, &env).await;
         assert_exit(&out, 0);
     }
@@ -201,7 +218,7 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
             "--token-file",
             "/nonexistent/token",
         ],
-        &[],
+        &ca,
     )
     .await;
     assert_exit(&out, 1);
@@ -218,7 +235,7 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
             "--token",
             &token,
         ],
-        &[],
+        &ca,
     )
     .await;
     assert_exit(&out, 0);
@@ -233,7 +250,7 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
     let out = malla(
         elsewhere.path(),
         &["get", "services", "--control", &url, "--token", &token],
-        &[],
+        &ca,
     )
     .await;
     assert_exit(&out, 1);
@@ -270,8 +287,206 @@ async fn the_token_is_printed_once_read_by_the_cli_required_and_rotated() {
             "--token",
             &newest,
         ],
+        &ca,
+    )
+    .await;
+    assert_exit(&out, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_verifies_the_control_plane_with_its_trust_bundle() {
+    let home = TempDir::new("tls-home");
+    let elsewhere = TempDir::new("tls-elsewhere");
+    let data = home.path().join("malla-data");
+    let control = start(&data, &home.path().join("control.log")).await;
+    let url = control.url.clone();
+    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
+    let token = token.trim();
+    let pem = std::fs::read_to_string(&control.bundle).unwrap();
+    assert!(pem.contains("-----BEGIN CERTIFICATE-----"), "{pem}");
+
+    // Next to ./malla-data: its trust-bundle.pem and operator.token, nothing to pass; by
+    // default (no --control) too, with https:// and with -o json.
+    let out = malla(home.path(), &["get", "services", "--control", &url], &[]).await;
+    assert_exit(&out, 0);
+    let https = format!("https://{url}");
+    let out = malla(
+        home.path(),
+        &["get", "services", "-o", "json"],
+        &[("MALLA_CONTROL", &https)],
+    )
+    .await;
+    assert_exit(&out, 0);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer["services"].is_array(), "{answer}");
+
+    // Elsewhere: no bundle, refused with what to pass.
+    let out = malla(
+        elsewhere.path(),
+        &["get", "services", "--control", &url, "--token", token],
+        &[],
+    )
+    .await;
+    assert_exit(&out, 1);
+    let said = stderr(&out);
+    for what in [
+        format!("no CA to verify the control plane at {url} with"),
+        "--ca-file FILE or MALLA_CA_FILE".into(),
+        "DATA_DIR/trust-bundle.pem".into(),
+    ] {
+        assert!(said.contains(&what), "{what:?} not in {said}");
+    }
+    // --ca-file and MALLA_CA_FILE.
+    let bundle = control.bundle.as_str();
+    for (args, env) in [
+        (vec!["--ca-file", bundle], vec![]),
+        (vec![], vec![("MALLA_CA_FILE", bundle)]),
+    ] {
+        let mut all = vec!["get", "services", "--control", &url, "--token", token];
+        all.extend(args);
+        let out = malla(elsewhere.path(), &all, &env).await;
+        assert_exit(&out, 0);
+    }
+    // `register --keep-alive` over TLS: registered, a heartbeat, SIGTERM deregisters.
+    let agent = Command::new(env!("CARGO_BIN_EXE_malla"))
+        .args([
+            "register",
+            "orders",
+            "--id",
+            "o-1",
+            "--address",
+            "127.0.0.1",
+        ])
+        .args([
+            "--port",
+            "8081",
+            "--ttl",
+            "1",
+            "--keep-alive",
+            "--control",
+            &url,
+        ])
+        .current_dir(home.path())
+        .env_remove("MALLA_CONTROL")
+        .env_remove("MALLA_TOKEN")
+        .env_remove("MALLA_TOKEN_FILE")
+        .env_remove("MALLA_CA_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let agent = KillOnDrop(Some(agent));
+    let api = Api::new(url.parse().unwrap()).with_credentials_of(&data);
+    malla_tests::assert_eventually!(api.instance_ids("orders", "").await == ["o-1"]);
+    // Longer than the TTL: renewed by heartbeats over TLS.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(api.instance_ids("orders", "").await, ["o-1"]);
+    let pid = agent.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let out = tokio::task::spawn_blocking(move || agent.wait())
+        .await
+        .unwrap();
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("SIGTERM: deregistered o-1 of orders"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(api.instance_ids("orders", "").await.is_empty());
+
+    // Another control plane's bundle: refused, saying so. Its own ./malla-data next to
+    // the CLI does not stand in for the bundle given.
+    let other_home = TempDir::new("tls-other");
+    let other_data = other_home.path().join("malla-data");
+    let other = start(&other_data, &other_home.path().join("control.log")).await;
+    for (dir, args, env) in [
+        (
+            elsewhere.path(),
+            vec!["--ca-file", other.bundle.as_str()],
+            vec![],
+        ),
+        (
+            elsewhere.path(),
+            vec![],
+            vec![("MALLA_CA_FILE", other.bundle.as_str())],
+        ),
+        (
+            home.path(),
+            vec!["--ca-file", other.bundle.as_str()],
+            vec![],
+        ),
+    ] {
+        let mut all = vec!["get", "services", "--control", &url, "--token", token];
+        all.extend(args);
+        let out = malla(dir, &all, &env).await;
+        assert_exit(&out, 1);
+        assert_eq!(
+            stderr(&out).trim(),
+            format!(
+                "error: the TLS connection to the control plane at {url} failed: the control plane's certificate is not from the CA in {}: pass the control plane's DATA_DIR/trust-bundle.pem with --ca-file (or MALLA_CA_FILE)",
+                other.bundle
+            )
+        );
+    }
+    // The other control plane's own directory verifies it, and not the first one.
+    let out = malla(
+        other_home.path(),
+        &["get", "services", "--control", &other.url],
         &[],
     )
     .await;
     assert_exit(&out, 0);
+    let out = malla(
+        other_home.path(),
+        &["get", "services", "--control", &url, "--token", token],
+        &[],
+    )
+    .await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(
+            "the control plane's certificate is not from the CA in malla-data/trust-bundle.pem (the default data directory of `malla control`)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    // Plaintext: refused by the control plane, which says what to do.
+    let out = malla(
+        home.path(),
+        &["get", "services", "--control", &format!("http://{url}")],
+        &[],
+    )
+    .await;
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("--ca-file or MALLA_CA_FILE"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A child process, killed when dropped unless waited for.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    fn wait(mut self) -> Output {
+        let child = self.0.take().expect("not waited for yet");
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
