@@ -1,14 +1,19 @@
 //! A real `malla control` process over a temporary data directory, on ports picked free on
-//! loopback; killed when dropped.
+//! loopback; killed when dropped. Its clients speak TLS, verified with the trust bundle it
+//! keeps in its data directory, and prove the operator with its token (it serves no
+//! plaintext, and its writes need a credential).
 
 use std::{
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
 use anyhow::{bail, Context as _};
-use malla_tests::control::{api::Api, TempDir};
+use malla_tests::control::{
+    api::{self, Api},
+    tls, TempDir,
+};
 
 pub struct ControlProcess {
     child: Child,
@@ -82,9 +87,20 @@ impl ControlProcess {
         bail!("malla control did not become ready (see its log above)")
     }
 
-    /// The HTTP API, with the operator token the process wrote in its data directory.
+    /// The HTTP API, over TLS with the trust bundle and the operator token the process
+    /// wrote in its data directory.
     pub fn api(&self) -> Api {
         Api::new(self.http).with_credentials_of(self.dir.path())
+    }
+
+    /// `DATA_DIR/trust-bundle.pem`: what its TLS is verified with.
+    pub fn trust_bundle(&self) -> PathBuf {
+        tls::bundle_path(self.dir.path())
+    }
+
+    /// The operator token it wrote in its data directory.
+    pub fn operator_token(&self) -> anyhow::Result<String> {
+        api::operator_token(self.dir.path()).context("no operator token in the data directory")
     }
 
     pub fn pid(&self) -> u32 {

@@ -2,8 +2,9 @@
 //! until each of N watchers holds the new instance.
 //!
 //! - [`over_grpc`]: a real `malla control` process; N `malla.registry.v1.Registry/Watch`
-//!   streams from tonic clients, 125 per HTTP/2 connection; registrations over gRPC on a
-//!   connection of their own (as a sidecar registers).
+//!   streams from tonic clients over TLS, 125 per HTTP/2 connection; registrations over
+//!   gRPC on a connection of their own, as the operator (as `malla register` would; a
+//!   sidecar proves its certificate instead).
 //! - [`in_process`]: the control plane in this process; N receivers of
 //!   `Registry::subscribe()`, registrations through `Registry::register`: the registry's
 //!   fan-out alone, the floor the wire adds to.
@@ -25,7 +26,7 @@ use anyhow::Context as _;
 use malla_api::{pb, RegistryClient};
 use malla_control::registry::Registration;
 use malla_core::{Labels, ServiceName};
-use malla_tests::control::TestControl;
+use malla_tests::control::{tls, TestControl};
 use tokio::{
     sync::{watch, Notify},
     task::JoinHandle,
@@ -176,20 +177,27 @@ pub async fn over_grpc(
     registrations: usize,
 ) -> anyhow::Result<Fanout> {
     let control = ControlProcess::start(malla).await?;
-    let url = format!("http://{}", control.grpc);
+    let bundle = control.trust_bundle();
     let connect = || async {
-        Endpoint::from_shared(url.clone())?
-            .tcp_nodelay(true)
-            .connect()
+        let endpoint = Endpoint::from_shared(format!("http://{}", control.grpc))?.tcp_nodelay(true);
+        tls::grpc_channel_from(endpoint, control.grpc, &bundle, None)
             .await
-            .with_context(|| format!("cannot connect to the gRPC API at {url}"))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot connect to the gRPC API at {} over TLS: {e}",
+                    control.grpc
+                )
+            })
     };
     let connections = watchers.div_ceil(STREAMS_PER_CONNECTION).max(1);
     let mut channels: Vec<Channel> = Vec::with_capacity(connections);
     for _ in 0..connections {
         channels.push(connect().await?);
     }
-    let registrar = RegistryClient::new(connect().await?);
+    let registrar = RegistryClient::new(tls::as_operator(
+        connect().await?,
+        &control.operator_token()?,
+    ));
 
     let tally = Tally::new(watchers, registrations + 1);
     let (stop, stopped) = watch::channel(false);
