@@ -80,7 +80,8 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
 pub struct IdentityArgs {
     #[command(subcommand)]
     what: Option<IdentityWhat>,
-    /// Print only the trust bundle (PEM), for files and tools.
+    /// Print only the trust bundle (PEM), for files and tools: openssl's -CAfile, the
+    /// CLI's --ca-file and a sidecar's --control-ca on other machines.
     #[arg(long)]
     bundle: bool,
     #[command(flatten)]

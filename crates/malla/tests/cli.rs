@@ -139,12 +139,14 @@ fn bundle_of(control: &TestControl) -> PathBuf {
 
 /// `MALLA_CA_FILE` with the trust bundle of the test control plane the command talks to
 /// over TLS ([`named_control`], not `http://`), unless the test gives a CA file itself
-/// (`--ca-file` or `MALLA_CA_FILE` in `env`).
+/// (`--ca-file` or `MALLA_CA_FILE` in `env`). A bundle that is gone is another test's, whose
+/// control plane had the port before (its directory is removed when it is dropped).
 fn tls_env(args: &[&str], control: Option<&str>, env: &[(&str, &str)]) -> Vec<(String, String)> {
     let given = args.contains(&"--ca-file") || env.iter().any(|(k, _)| *k == "MALLA_CA_FILE");
     let bundle = named_control(args, control, env)
         .filter(|url| !given && !url.starts_with("http://"))
-        .and_then(|url| BUNDLES.lock().unwrap().get(authority(url)).cloned());
+        .and_then(|url| BUNDLES.lock().unwrap().get(authority(url)).cloned())
+        .filter(|bundle| bundle.exists());
     bundle
         .map(|b| vec![("MALLA_CA_FILE".to_string(), b.display().to_string())])
         .unwrap_or_default()
@@ -1134,6 +1136,28 @@ async fn tls_is_verified_with_the_ca_file_given() {
         "{}",
         stderr(&out)
     );
+
+    // A sidecar of the mesh, whose certificate is from the same CA, is not the control
+    // plane.
+    let sidecar = malla_tests::mesh::server(
+        &control,
+        "orders",
+        malla_tests::peers::dead_addr(),
+        malla_proxy::config::ListenerProtocol::Auto,
+        malla_proxy::config::MtlsMode::Strict,
+    )
+    .await;
+    let impostor = sidecar.inbound().to_string();
+    let out = malla(&["get", "services", "--ca-file", &bundle], Some(&impostor)).await;
+    assert_exit(&out, 1);
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!(
+            "the TLS connection to the control plane at {impostor} failed: the server is not the control plane: its certificate is from the CA in {bundle} but does not prove the control plane's identity (spiffe://DOMAIN/control)"
+        )),
+        "{said}"
+    );
+    drop(sidecar);
 
     // A server that answers in plaintext is not taken for the control plane.
     let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
