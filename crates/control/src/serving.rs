@@ -95,7 +95,7 @@ impl Default for ServeSettings {
         ServeSettings {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS as usize,
-            allow_plaintext: true,
+            allow_plaintext: false,
         }
     }
 }

@@ -40,17 +40,27 @@ impl Drop for TempDir {
     }
 }
 
+/// A control plane that also serves plaintext: these tests are of the gRPC API's
+/// behaviour, over h2c; its TLS and who may connect are the integration suite's
+/// (`tests/tests/it/control/writers.rs`).
 pub(crate) async fn control(dir: &TempDir) -> Control {
     let any = "127.0.0.1:0".parse().unwrap();
-    Control::start(ControlConfig {
-        data_dir: dir.0.clone(),
-        http_addr: any,
-        grpc_addr: any,
-        dns_addr: None,
-        dns: DnsSettings::default(),
-        identity: Default::default(),
-        tls_names: Vec::new(),
-    })
+    let serving = crate::serving::ServeSettings {
+        allow_plaintext: true,
+        ..Default::default()
+    };
+    Control::start_with(
+        ControlConfig {
+            data_dir: dir.0.clone(),
+            http_addr: any,
+            grpc_addr: any,
+            dns_addr: None,
+            dns: DnsSettings::default(),
+            identity: Default::default(),
+            tls_names: Vec::new(),
+        },
+        serving,
+    )
     .await
     .unwrap()
 }
