@@ -2,8 +2,11 @@
 //! trust bundle (`[control] ca_file`) until the sidecar holds a certificate, its writes
 //! (register, heartbeat, deregister) authenticated with that certificate; a CA file of
 //! another control plane refused, and `/config` says why; a registering sidecar without
-//! an identity told to get a join token; plaintext (`http://`) still served for now.
+//! an identity told to get a join token; plaintext (`http://`) served by a control plane
+//! that still allows it (`--allow-plaintext`), and refused with what to do by one that
+//! does not (the default).
 
+use malla_control::serving::ServeSettings;
 use malla_proxy::config::{ControlPlaneConfig, ListenerProtocol, MtlsMode};
 use malla_tests::{
     assert_eventually,
@@ -26,6 +29,25 @@ fn control_status(proxy: &TestProxy) -> Value {
 
 fn text(value: &Value) -> &str {
     value.as_str().unwrap_or_default()
+}
+
+/// A control plane that still serves plaintext (`malla control --allow-plaintext`).
+async fn allowing_plaintext() -> TestControl {
+    TestControl::start_serving(ServeSettings {
+        allow_plaintext: true,
+        ..ServeSettings::default()
+    })
+    .await
+}
+
+/// A sidecar that discovers `echo` from the control plane at `url`.
+fn discovering(url: String) -> TestProxy {
+    TestProxy::builder()
+        .upstream("echo", &[])
+        .outbound("echo")
+        .admin()
+        .config(move |c| c.control = Some(ControlPlaneConfig::new(url)))
+        .start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,8 +171,8 @@ async fn a_registering_sidecar_without_an_identity_is_told_to_get_a_join_token()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plaintext_still_works_for_now() {
-    let control = TestControl::start_without_dns().await;
+async fn plaintext_still_works_where_the_control_plane_allows_it() {
+    let control = allowing_plaintext().await;
     let echo = HttpPeer::http1("echo-1");
     control
         .api()
@@ -160,13 +182,7 @@ async fn plaintext_still_works_for_now() {
             &json!({"address": "127.0.0.1", "port": echo.addr().port()}),
         )
         .await;
-    let url = format!("http://{}", control.http_addr());
-    let proxy = TestProxy::builder()
-        .upstream("echo", &[])
-        .outbound("echo")
-        .admin()
-        .config(move |c| c.control = Some(ControlPlaneConfig::new(url)))
-        .start();
+    let proxy = discovering(format!("http://{}", control.http_addr()));
     assert_eventually!(
         proxy.upstream("echo").endpoints().len() == 1,
         "echo was never discovered over plaintext: {}",
@@ -182,7 +198,7 @@ async fn plaintext_still_works_for_now() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_plaintext_a_certificate_cannot_register_and_the_sidecar_says_so() {
-    let control = TestControl::start_without_dns().await;
+    let control = allowing_plaintext().await;
     let app = HttpPeer::http1("payments-app");
     let config = ControlPlaneConfig {
         service: Some("payments".into()),
@@ -209,4 +225,22 @@ async fn over_plaintext_a_certificate_cannot_register_and_the_sidecar_says_so() 
     let error = text(&status["registration"]["last_error"]);
     assert!(error.contains("HOST:PORT or https://HOST:PORT"), "{error}");
     assert!(control.api().instance_ids("payments", "").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_requires_tls_tells_a_plaintext_sidecar_what_to_do() {
+    let control = TestControl::start_without_dns().await;
+    let proxy = discovering(format!("http://{}", control.http_addr()));
+    let watch_error = |proxy: &TestProxy| {
+        text(&control_status(proxy)["watches"]["echo"]["last_error"]).to_string()
+    };
+    assert_eventually!(
+        watch_error(&proxy).contains("requires TLS"),
+        "the watch does not say why it failed: {}",
+        control_status(&proxy)
+    );
+    let error = watch_error(&proxy);
+    assert!(error.contains("--control-ca"), "{error}");
+    assert!(error.contains("trust-bundle.pem"), "{error}");
+    assert!(proxy.upstream("echo").endpoints().is_empty());
 }
