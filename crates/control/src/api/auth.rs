@@ -46,22 +46,35 @@ pub enum Refusal {
     },
     #[error("{id} holds no instance under lease {lease}: register again")]
     ForeignLease { id: String, lease: LeaseId },
+    #[error("reporting resilience events needs the reporting sidecar's certificate (give it a join token: `malla token create --service SERVICE`) or the operator token: {WHAT_TO_DO}")]
+    AnonymousEvents,
+    #[error("{id} may report events only as a sidecar of {own}, not of {asked}")]
+    OtherReporter {
+        id: String,
+        own: String,
+        asked: String,
+    },
 }
 
 impl Refusal {
     /// The metric's reason (`malla_control_api_unauthenticated_total`).
     pub fn reason(&self) -> &'static str {
         match self {
-            Refusal::Missing { .. } => "missing",
+            Refusal::Missing { .. } | Refusal::AnonymousEvents => "missing",
             Refusal::WrongToken => "wrong",
-            Refusal::OtherService { .. } | Refusal::ForeignLease { .. } => "other-service",
+            Refusal::OtherService { .. }
+            | Refusal::ForeignLease { .. }
+            | Refusal::OtherReporter { .. } => "other-service",
         }
     }
 
     /// Whether the caller proved nothing (401/`UNAUTHENTICATED`) rather than an identity
     /// that may not do this (403/`PERMISSION_DENIED`).
     pub fn is_unauthenticated(&self) -> bool {
-        matches!(self, Refusal::Missing { .. } | Refusal::WrongToken)
+        matches!(
+            self,
+            Refusal::Missing { .. } | Refusal::WrongToken | Refusal::AnonymousEvents
+        )
     }
 
     pub fn to_status(&self) -> tonic::Status {
@@ -150,6 +163,23 @@ impl Caller {
             Caller::Anonymous => Err(Refusal::Missing {
                 service: "a service".to_string(),
             }),
+        }
+    }
+
+    /// The service resilience events are reported as: the caller's own for a workload
+    /// (which may name no other), the one `reported` names for the operator.
+    pub fn reporter(&self, reported: Option<&str>) -> Result<Option<String>, Refusal> {
+        match self {
+            Caller::Operator => Ok(reported.map(str::to_string)),
+            Caller::Workload(own, id) => match reported {
+                Some(asked) if asked != own.as_str() => Err(Refusal::OtherReporter {
+                    id: id.to_string(),
+                    own: own.to_string(),
+                    asked: asked.to_string(),
+                }),
+                _ => Ok(Some(own.to_string())),
+            },
+            Caller::Anonymous => Err(Refusal::AnonymousEvents),
         }
     }
 
@@ -249,6 +279,18 @@ mod tests {
             ),
             Err(Refusal::WrongToken)
         );
+        // Events: a workload reports as its own service only; the operator as any.
+        assert_eq!(own.reporter(None), Ok(Some("payments".to_string())));
+        assert_eq!(
+            own.reporter(Some("payments")),
+            Ok(Some("payments".to_string()))
+        );
+        assert_eq!(
+            own.reporter(Some("orders")).unwrap_err().reason(),
+            "other-service"
+        );
+        assert_eq!(op.reporter(Some("orders")), Ok(Some("orders".to_string())));
+        assert_eq!(anonymous.reporter(None), Err(Refusal::AnonymousEvents));
         // The control plane's own identity is no workload.
         let control = PeerIdentity(Some(Arc::new(SpiffeId::control_plane(&d))));
         assert_eq!(

@@ -88,22 +88,37 @@ impl<S: Store + Clone> RegistryGrpc<S> {
         }
     }
 
-    /// Who sent `request`; a refusal (a wrong token) is counted and returned as a status.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let headers = request.metadata().clone().into_headers();
-        auth::caller(
-            &headers,
-            request.extensions().get::<PeerIdentity>(),
-            &self.operator,
-            &self.trust_domain,
-        )
-        .map_err(|refused| self.refuse(&refused))
+        caller(request, &self.operator, &self.trust_domain, &self.metrics)
     }
 
     fn refuse(&self, refused: &auth::Refusal) -> Status {
-        self.metrics.refused_for(refused.reason());
-        refused.to_status()
+        refuse(&self.metrics, refused)
     }
+}
+
+/// Who sent a gRPC `request` ([`auth::caller`]); a refusal (a wrong token) is counted and
+/// returned as a status.
+pub(super) fn caller<T>(
+    request: &Request<T>,
+    operator: &OperatorToken,
+    trust_domain: &TrustDomain,
+    metrics: &Metrics,
+) -> Result<Caller, Status> {
+    let headers = request.metadata().clone().into_headers();
+    auth::caller(
+        &headers,
+        request.extensions().get::<PeerIdentity>(),
+        operator,
+        trust_domain,
+    )
+    .map_err(|refused| refuse(metrics, &refused))
+}
+
+/// A refusal, counted, as its gRPC status.
+pub(super) fn refuse(metrics: &Metrics, refused: &auth::Refusal) -> Status {
+    metrics.refused_for(refused.reason());
+    refused.to_status()
 }
 
 /// Every gRPC service, to be served by [`crate::serving`] (on the same connections as the

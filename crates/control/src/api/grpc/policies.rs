@@ -48,8 +48,23 @@ impl<S: Store + Clone> malla_api::PoliciesService for PoliciesGrpc<S> {
         &self,
         request: Request<pb::ReportEventsRequest>,
     ) -> Result<Response<pb::ReportEventsResponse>, Status> {
-        let events =
+        let backend = &self.backend;
+        let caller = super::caller(
+            &request,
+            &backend.operator,
+            backend.identity.ca.trust_domain(),
+            &backend.metrics,
+        )?;
+        let mut events =
             events::from_request(request.into_inner()).map_err(Status::invalid_argument)?;
+        // A workload reports as its own service, whatever the request said.
+        let reported = events.first().and_then(|e| e.reporter.service.clone());
+        let reporter = caller
+            .reporter(reported.as_deref())
+            .map_err(|refused| super::refuse(&backend.metrics, &refused))?;
+        for event in &mut events {
+            event.reporter.service.clone_from(&reporter);
+        }
         let accepted = u32::try_from(events.len()).unwrap_or(u32::MAX);
         self.backend.events.push(events);
         Ok(Response::new(pb::ReportEventsResponse { accepted }))

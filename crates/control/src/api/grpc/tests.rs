@@ -92,11 +92,15 @@ async fn channel(control: &Control) -> Channel {
         .unwrap()
 }
 
+/// What proves `control`'s operator on every call.
+pub(crate) fn operator(control: &Control) -> Operator {
+    let token = std::fs::read_to_string(control.operator.path()).unwrap();
+    Operator(format!("Bearer {}", token.trim()).parse().unwrap())
+}
+
 /// A client that proves the operator.
 async fn client(control: &Control) -> Client {
-    let token = std::fs::read_to_string(control.operator.path()).unwrap();
-    let value = format!("Bearer {}", token.trim()).parse().unwrap();
-    RegistryClient::with_interceptor(channel(control).await, Operator(value))
+    RegistryClient::with_interceptor(channel(control).await, operator(control))
 }
 
 #[tokio::test]

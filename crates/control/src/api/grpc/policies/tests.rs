@@ -9,7 +9,7 @@ use tokio::time::timeout;
 use tonic::{transport::Channel, Code, Streaming};
 
 use crate::{
-    api::grpc::tests::{control, TempDir},
+    api::grpc::tests::{control, operator, TempDir},
     events::EventFilter,
     server::Control,
 };
@@ -194,7 +194,14 @@ async fn invalid_policies_are_refused_and_the_previous_version_stays() {
 async fn reported_events_are_kept_and_bad_ones_refused() {
     let dir = TempDir::new("policy-events");
     let control = control(&dir).await;
-    let mut client = client(&control).await;
+    let mut anonymous = client(&control).await;
+    // The operator may report as any service; a caller with no credential not at all.
+    let channel = Channel::from_shared(format!("http://{}", control.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = PoliciesClient::with_interceptor(channel, operator(&control));
     let event = pb::ResilienceEvent {
         at_ms: 1_700_000_000_000,
         upstream: "quote".into(),
@@ -226,7 +233,7 @@ async fn reported_events_are_kept_and_bad_ones_refused() {
             instance_id: String::new(),
             events: vec![pb::ResilienceEvent {
                 endpoint: "nowhere".into(),
-                ..event
+                ..event.clone()
             }],
         })
         .await
@@ -237,6 +244,17 @@ async fn reported_events_are_kept_and_bad_ones_refused() {
         "{}",
         err.message()
     );
+    assert_eq!(control.events.len(), 2, "a refused call keeps nothing");
+    let err = anonymous
+        .report_events(pb::ReportEventsRequest {
+            service: "frontend".into(),
+            instance_id: "frontend-1".into(),
+            events: vec![event],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("join token"), "{err:?}");
     assert_eq!(control.events.len(), 2, "a refused call keeps nothing");
     control.stop().await;
 }
