@@ -21,13 +21,14 @@
 //!   authorization policy of its own service (`WatchAuthorization`); each valid version is
 //!   put in force in its [`Authorizer`], which the inbound side asks per call.
 //! - **Events** ([`events`]): the resilience events the upstreams record (ejections,
-//!   panic mode, limits hit...) are sent in batches with `ReportEvents`.
+//!   panic mode, limits hit...) are sent in batches with `ReportEvents`, with this
+//!   sidecar's certificate (without one they are not reported, and it says so).
 //!
 //! # Transport
 //!
 //! TLS to a server that proves the control plane's identity, or plaintext with an `http://`
-//! URL ([`channel`]). Writes (registration, renewals) go on a channel of their own that
-//! presents this sidecar's certificate.
+//! URL ([`channel`]). Writes (registration, renewals, events) go on a channel of their own
+//! that presents this sidecar's certificate.
 //!
 //! # Failure
 //!
@@ -122,6 +123,8 @@ pub struct DiscoveryStatus {
     identity: Option<(Arc<IdentityState>, identity::Credentials)>,
     /// The authorization policy of this sidecar's service, when it registers one.
     authz: Option<Arc<authz::AuthzWatch>>,
+    /// Reporting resilience events.
+    events: Arc<events::EventsStatus>,
 }
 
 /// The registration of this proxy's instance.
@@ -240,6 +243,10 @@ impl DiscoveryStatus {
             )?)),
             false => None,
         };
+        let events = Arc::new(events::EventsStatus::new(
+            identity.as_ref().map(|(state, _)| state.clone()),
+            tls.is_some(),
+        ));
         Ok(Some(DiscoveryStatus {
             url: control.url.clone(),
             tls,
@@ -248,6 +255,7 @@ impl DiscoveryStatus {
             policies,
             identity,
             authz,
+            events,
         }))
     }
 
@@ -302,6 +310,7 @@ impl DiscoveryStatus {
             "identity": self.identity.as_ref().map(|(state, _)| state.to_json()),
             "watches": watches,
             "policies": policies,
+            "events": self.events.to_json(),
         })
     }
 
@@ -502,9 +511,10 @@ async fn run(
             .collect(),
     };
     tasks.spawn(events::run(
-        policies.clone(),
+        channels.clone(),
         shared.events.clone(),
         reporter.clone(),
+        status.events.clone(),
     ));
     if let Some((state, credentials)) = &status.identity {
         tasks.spawn(identity::run(
@@ -555,5 +565,12 @@ async fn run(
     let mut stopped = shared.stopped_signal();
     let _ = stopped.wait_for(|s| *s).await;
     tasks.shutdown().await;
-    events::flush(policies, &shared.events, &reporter, EVENTS_FLUSH_TIMEOUT).await;
+    events::flush(
+        &channels,
+        &shared.events,
+        &reporter,
+        &status.events,
+        EVENTS_FLUSH_TIMEOUT,
+    )
+    .await;
 }

@@ -14,17 +14,17 @@
 //!
 //! A TLS connection presents the client certificate it was made with for its whole life,
 //! so one made before the first certificate never authenticates anything. What needs no
-//! credential (the first `Certify`, whose join token is the credential; watches; events)
-//! goes on [`Channels::reads`], made at once. What the control plane accepts only from a
-//! certificate of this sidecar's service (`Register`, `Heartbeat`, `Deregister`, and
-//! renewals) goes on [`Channels::writes`]: a channel per certificate, whose connection waits
+//! credential (the first `Certify`, whose join token is the credential; watches) goes on
+//! [`Channels::reads`], made at once. What the control plane accepts only from a
+//! certificate of this sidecar's service (`Register`, `Heartbeat`, `Deregister`,
+//! `ReportEvents`, and renewals) goes on [`Channels::writes`]: a channel per certificate, whose connection waits
 //! for the first one and presents the one it was made for; a renewal makes the next call
 //! use a new channel, and the old connection closes once its last call is done. Both
 //! present the current certificate when they connect, if there is one.
 //!
 //! A sidecar with no identity configured (no join token, no `identity_dir`) has one
 //! channel and no certificate: the control plane will refuse its writes, and the
-//! registration says to give it a join token.
+//! registration and the events say to give it a join token.
 
 use std::{
     future::Future,
@@ -366,14 +366,13 @@ impl Channels {
         Channels { reads, writes }
     }
 
-    /// For what needs no credential: the first `Certify` (with a join token), watches,
-    /// events.
+    /// For what needs no credential: the first `Certify` (with a join token), watches.
     pub(crate) fn reads(&self) -> Channel {
         self.reads.clone()
     }
 
-    /// For what the control plane accepts from this sidecar's certificate only: the
-    /// channel of the current certificate (its connection waits for the first one).
+    /// For what the control plane accepts from this sidecar's certificate only (writes of
+    /// its instance, events): the channel of the current certificate (its connection waits for the first one).
     pub(crate) fn writes(&self) -> Channel {
         let Some(writes) = &self.writes else {
             return self.reads.clone();
