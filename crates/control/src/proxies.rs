@@ -18,7 +18,7 @@ use std::{
     time::SystemTime,
 };
 
-use malla_core::ServiceName;
+use malla_core::{ServiceName, SpiffeId};
 use serde::Serialize;
 
 /// The connections that made gRPC calls, by connection number.
@@ -32,6 +32,8 @@ pub struct Proxies {
 pub struct Connection {
     id: u64,
     address: SocketAddr,
+    /// What the client proved with its certificate (none: it presented none).
+    identity: Option<Arc<SpiffeId>>,
     since: SystemTime,
     listed: AtomicBool,
     watches: AtomicU32,
@@ -49,6 +51,8 @@ struct State {
 #[derive(Debug, Serialize)]
 pub struct ProxyInfo {
     pub address: String,
+    /// The SPIFFE ID its certificate proved; `null` when it presented none.
+    pub identity: Option<String>,
     pub service: Option<String>,
     pub instance: Option<String>,
     /// From a `malla-proxy/<version>` user agent; `null` for other clients.
@@ -63,10 +67,11 @@ pub struct ProxyInfo {
 impl Proxies {
     /// A new connection, not listed until its first gRPC call; [`Proxies::closed`] forgets
     /// it.
-    pub fn opened(&self, address: SocketAddr) -> Arc<Connection> {
+    pub fn opened(&self, address: SocketAddr, identity: Option<Arc<SpiffeId>>) -> Arc<Connection> {
         Arc::new(Connection {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             address,
+            identity,
             since: SystemTime::now(),
             listed: AtomicBool::new(false),
             watches: AtomicU32::new(0),
@@ -139,6 +144,7 @@ impl Connection {
         };
         ProxyInfo {
             address: self.address.to_string(),
+            identity: self.identity.as_ref().map(|id| id.to_string()),
             service,
             instance,
             version: state.user_agent.as_deref().and_then(proxy_version),
@@ -193,7 +199,7 @@ mod tests {
     #[test]
     fn a_connection_is_listed_from_its_first_grpc_call_until_it_closes() {
         let proxies = Proxies::default();
-        let conn = proxies.opened("127.0.0.1:40000".parse().unwrap());
+        let conn = proxies.opened("127.0.0.1:40000".parse().unwrap(), None);
         assert!(proxies.list().is_empty());
         proxies.called(&conn, Some("malla-proxy/1.2.3 tonic/0.14.9"));
         let orders = ServiceName::new("orders").unwrap();

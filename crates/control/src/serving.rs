@@ -261,7 +261,7 @@ impl Server {
             }
         };
         let io = TokioIo::new(Prefixed::new(prefix, stream));
-        let tracked = Tracked::new(&self.apis.proxies, peer.remote);
+        let tracked = Tracked::new(&self.apis.proxies, &peer);
         let refused = !secure && !self.settings.allow_plaintext;
         let service = self
             .apis
@@ -294,8 +294,11 @@ impl Server {
 struct Tracked(Arc<Connection>, Arc<Proxies>);
 
 impl Tracked {
-    fn new(proxies: &Arc<Proxies>, remote: SocketAddr) -> Self {
-        Tracked(proxies.opened(remote), proxies.clone())
+    fn new(proxies: &Arc<Proxies>, peer: &Peer) -> Self {
+        Tracked(
+            proxies.opened(peer.remote, peer.identity.0.clone()),
+            proxies.clone(),
+        )
     }
 }
 

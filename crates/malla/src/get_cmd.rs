@@ -127,6 +127,7 @@ fn proxies(args: ProxiesArgs) -> anyhow::Result<()> {
             age(&p["connected_since"]),
         ];
         if wide {
+            row.push(text(&p["identity"]));
             row.push(text(&p["connected_since"]));
             row.push(text(&p["last_seen"]));
         }
@@ -142,7 +143,7 @@ fn proxies(args: ProxiesArgs) -> anyhow::Result<()> {
         "AGE",
     ];
     if wide {
-        headers.extend(["CONNECTED-SINCE", "LAST-SEEN-AT"]);
+        headers.extend(["IDENTITY", "CONNECTED-SINCE", "LAST-SEEN-AT"]);
     }
     show(&v, args.common.output, &headers, rows, "No proxies found.")
 }

@@ -138,6 +138,22 @@ async fn over_grpc_a_workload_writes_only_its_own_services_instances() {
         .await
         .expect("orders deregisters its own instance");
 
+    // The connections are listed with what they proved.
+    let proxies = control.api().get("/v1/proxies").await.ok();
+    let identities: Vec<_> = proxies["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["identity"].as_str().unwrap_or("none").to_string())
+        .collect();
+    for want in [
+        "spiffe://malla.local/svc/orders",
+        "spiffe://malla.local/svc/payments",
+        "none",
+    ] {
+        assert!(identities.iter().any(|i| i == want), "{want} not in {identities:?}");
+    }
+
     let metrics = String::from_utf8(control.api().get("/metrics").await.body.to_vec()).unwrap();
     for (reason, at_least) in [("other-service", 3.0), ("missing", 1.0)] {
         let series = format!("malla_control_api_unauthenticated_total{{reason=\"{reason}\"}} ");
