@@ -7,6 +7,8 @@
 //! service = "payments"      # whose inbound traffic this decides
 //! default = "deny"          # when no rule matches: "allow" (the default) or "deny"
 //! mode = "enforce"          # or "audit": decide, log and count, let everything through
+//! mtls = "strict"           # optional: plaintext callers refused (or "permissive");
+//!                           # left out, the mesh's mode applies (`malla control --mtls-mode`)
 //!
 //! [[authorization.rule]]
 //! action = "allow"
@@ -40,6 +42,15 @@
 //! TCP connections have no method, path or gRPC method: a rule that sets any of those never
 //! *allows* TCP, but a deny rule still *denies* TCP when its other conditions hold (its HTTP
 //! conditions are dropped, so that it errs on the side of denying, as Istio does).
+//!
+//! # mTLS mode
+//!
+//! `mtls` ([`PeerMtls`]) is not a rule: it says whether the service's sidecars take
+//! plaintext callers at all (`permissive`, for migration) or only callers that prove an
+//! identity with mTLS (`strict`), before any rule is read. Left out, the mesh's default
+//! applies (`malla control --mtls-mode`, itself `permissive` by default); a sidecar's own
+//! `[inbound] mtls` overrides both. `mode = "audit"` does not soften it: audit is about the
+//! rules. See docs/identity.md.
 
 use std::fmt;
 
@@ -64,8 +75,67 @@ pub struct AuthorizationPolicy {
     pub default: Action,
     #[serde(default)]
     pub mode: Mode,
+    /// Whether the service's sidecars refuse plaintext callers; `None`: the mesh's mode.
+    /// Left out of the JSON when `None`, so that sidecars of earlier versions (which refuse
+    /// a policy with a field they do not know) still read policies that do not set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<PeerMtls>,
     #[serde(default, rename = "rule", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
+}
+
+/// Whether a service's sidecars take plaintext callers: a service's `mtls` in its
+/// authorization policy, or the mesh's default (`malla control --mtls-mode`).
+///
+/// `permissive` (the mesh's default, as in Istio, for migration): mTLS callers and
+/// plaintext ones. `strict`: plaintext connections are closed; only callers that prove an
+/// identity of the mesh get in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerMtls {
+    #[default]
+    Permissive,
+    Strict,
+}
+
+impl PeerMtls {
+    /// The values, as written.
+    pub const VALUES: [&'static str; 2] = ["strict", "permissive"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerMtls::Permissive => "permissive",
+            PeerMtls::Strict => "strict",
+        }
+    }
+
+    /// Whether plaintext callers are refused.
+    pub fn is_strict(self) -> bool {
+        self == PeerMtls::Strict
+    }
+}
+
+impl fmt::Display for PeerMtls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A value that is not an mTLS mode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mTLS mode {0:?}: use `strict` or `permissive`")]
+pub struct UnknownPeerMtls(pub String);
+
+impl std::str::FromStr for PeerMtls {
+    type Err = UnknownPeerMtls;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(PeerMtls::Strict),
+            "permissive" => Ok(PeerMtls::Permissive),
+            _ => Err(UnknownPeerMtls(s.to_string())),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -437,7 +507,8 @@ fn grpc_matches(pattern: &str, path: &str) -> bool {
 /// What must hold for any policy text: the checks behind the `authz_policy` fuzz target
 /// (`fuzz/`) and an always-on test of mutated documents. Reading, validating, compiling
 /// and deciding never panic; a decision names a rule that exists and whose action it is;
-/// a compiled policy decides the same for the same request.
+/// a compiled policy decides the same for the same request; a policy written back as TOML
+/// (as `malla get authorization -o toml` does) reads back the same, its `mtls` included.
 pub fn check_invariants(text: &[u8]) {
     let Ok(text) = std::str::from_utf8(text) else {
         return;
@@ -445,6 +516,17 @@ pub fn check_invariants(text: &[u8]) {
     let Ok(policy) = toml::from_str::<AuthorizationPolicy>(text) else {
         return;
     };
+    let written = toml::to_string(&policy).expect("a policy read can be written back");
+    let back: AuthorizationPolicy =
+        toml::from_str(&written).expect("a policy written back can be read");
+    assert_eq!(back, policy, "written back as\n{written}");
+    if let Some(mtls) = policy.mtls {
+        assert_eq!(
+            mtls.as_str().parse(),
+            Ok(mtls),
+            "an mTLS mode reads as written"
+        );
+    }
     let domain = TrustDomain::new("malla.local").expect("a valid domain");
     let Ok(compiled) = policy.compile(&domain) else {
         assert!(

@@ -48,6 +48,7 @@ fn tcp(source: Option<&SpiffeId>, port: u16) -> Request<'_> {
 const PAYMENTS: &str = r#"
 service = "payments"
 default = "deny"
+mtls = "strict"
 
 [[rule]]
 action = "allow"
@@ -391,6 +392,7 @@ fn paths_ending_in_any_character_are_checked() {
             service: "a".into(),
             default: Action::Allow,
             mode: Mode::Enforce,
+            mtls: None,
             rules: vec![Rule {
                 action: Action::Allow,
                 from: None,
@@ -402,4 +404,48 @@ fn paths_ending_in_any_character_are_checked() {
         };
         assert_eq!(p.validate().is_empty(), ok, "{path}: {:?}", p.validate());
     }
+}
+
+#[test]
+fn the_mtls_mode_is_optional_and_its_values_are_named() {
+    let read = |text: &str| toml::from_str::<AuthorizationPolicy>(text);
+    assert_eq!(
+        read("service = \"a\"").unwrap().mtls,
+        None,
+        "the mesh's mode"
+    );
+    for (value, mode) in [
+        ("strict", PeerMtls::Strict),
+        ("permissive", PeerMtls::Permissive),
+    ] {
+        let p = read(&format!("service = \"a\"\nmtls = \"{value}\"")).unwrap();
+        assert_eq!(p.mtls, Some(mode));
+        assert!(p.validate().is_empty());
+        assert_eq!(mode.as_str(), value);
+        assert_eq!(value.parse::<PeerMtls>(), Ok(mode));
+    }
+    // A bad value names the ones allowed, read as TOML (malla apply) or from the CLI flag.
+    let err = read("service = \"a\"\nmtls = \"off\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown variant `off`, expected `permissive` or `strict`"),
+        "{err}"
+    );
+    let err = "Strict".parse::<PeerMtls>().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "unknown mTLS mode \"Strict\": use `strict` or `permissive`"
+    );
+    // Not a rule: it does not change a decision (plaintext callers are refused, or not,
+    // before the policy is asked).
+    let strict = policy("service = \"a\"\nmtls = \"strict\"");
+    assert_eq!(strict.decide(&tcp(None, 80)).action, Action::Allow);
+    // Written only when set, so that sidecars of earlier versions read the others.
+    let p = read("service = \"a\"").unwrap();
+    assert!(!toml::to_string(&p).unwrap().contains("mtls"));
+    let p = read("service = \"a\"\nmtls = \"permissive\"\n[[rule]]\naction = \"deny\"").unwrap();
+    let written = toml::to_string(&p).unwrap();
+    assert!(written.contains("mtls = \"permissive\""), "{written}");
+    assert_eq!(read(&written).unwrap(), p);
 }

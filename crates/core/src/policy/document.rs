@@ -27,7 +27,7 @@ use super::{
     unknown::{self, FieldPath, Segment},
     Mode, Policy,
 };
-use crate::authz::{Action, AuthorizationPolicy, Rule};
+use crate::authz::{Action, AuthorizationPolicy, PeerMtls, Rule};
 use unknown::line_col;
 
 mod recover;
@@ -57,6 +57,8 @@ struct AuthorizationDocument {
     default: Action,
     #[serde(default)]
     mode: Mode,
+    #[serde(default)]
+    mtls: Option<PeerMtls>,
     #[serde(default, rename = "rule")]
     rules: Vec<toml::Spanned<Rule>>,
 }
@@ -286,6 +288,7 @@ pub fn parse_resources(text: &str, source_name: &str) -> Result<Resources, Docum
             service: doc.service.clone().unwrap_or_default(),
             default: doc.default,
             mode: doc.mode,
+            mtls: doc.mtls,
             rules: doc.rules.iter().map(|r| r.get_ref().clone()).collect(),
         };
         match doc.service.as_deref() {
@@ -685,6 +688,7 @@ max_attempts = 2
 service = "payments"
 default = "deny"
 mode = "audit"
+mtls = "strict"
 
 [[authorization.rule]]
 action = "allow"
@@ -706,11 +710,13 @@ service = "shipping-quote"
         assert_eq!(payments.service, "payments");
         assert_eq!(payments.default, Action::Deny);
         assert_eq!(payments.mode, Mode::Audit);
+        assert_eq!(payments.mtls, Some(PeerMtls::Strict));
         assert_eq!(payments.rules.len(), 2);
         assert_eq!(payments.rules[0].paths.as_ref().unwrap().len(), 2);
         assert_eq!(payments.rules[1].action, Action::Deny);
         let shipping = &resources.authorizations[1];
         assert_eq!(shipping.default, Action::Allow);
+        assert_eq!(shipping.mtls, None, "the mesh's mode");
         assert!(shipping.rules.is_empty());
         // The policies alone, for the callers that read only them.
         assert_eq!(parse(text, "mesh.toml").unwrap(), resources.policies);
@@ -753,6 +759,12 @@ service = "shipping-quote"
                 "[[authorization]]\nservice = \"a\"\ndefault = \"maybe\"\n",
                 "mesh.toml:3:11: authorization[0].default: ",
                 "unknown variant",
+            ),
+            // A bad mTLS mode, with the values allowed.
+            (
+                "[[authorization]]\nservice = \"a\"\nmtls = \"STRICT\"\n",
+                "mesh.toml:3:8: authorization[0].mtls: ",
+                "unknown variant `STRICT`, expected `permissive` or `strict`",
             ),
             // An unknown field in a rule.
             (

@@ -60,6 +60,7 @@ fn only(service: &str, from: &str) -> AuthorizationPolicy {
         service: service.into(),
         default: Action::Deny,
         mode: Default::default(),
+        mtls: None,
         rules: vec![Rule {
             action: Action::Allow,
             from: Some(vec![from.into()]),
