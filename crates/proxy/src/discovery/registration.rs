@@ -1,5 +1,6 @@
 //! Keeping this proxy's instance in the registry: register, heartbeat every TTL/3,
-//! register again when the lease is lost, deregister on drain.
+//! register again when the lease is lost (or holds its instance no more), deregister on
+//! drain.
 //!
 //! Every call goes on the writes channel of the certificate in force
 //! ([`Channels::writes`]): the control plane accepts them from a certificate of this
@@ -180,8 +181,11 @@ pub(super) async fn run(
                     wait = beat;
                     backoff.reset();
                 }
-                Err((Some(Code::NotFound), error)) => {
-                    warn!(lease = lease.lease, %error, "the lease was lost (expired or revoked); registering again");
+                // Lost: gone (`NOT_FOUND`), or, to this sidecar's certificate, holding none
+                // of its instances any more (`PERMISSION_DENIED`: the instance was removed
+                // and the control plane tells no workload about leases not its own).
+                Err((Some(Code::NotFound | Code::PermissionDenied), error)) => {
+                    warn!(lease = lease.lease, %error, "the lease was lost (expired, revoked or its instance removed); registering again");
                     set_error(&status.last_error, Some(error));
                     status.lease.store(0, Ordering::Relaxed);
                     status.metrics.registered.set(0);
