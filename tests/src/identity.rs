@@ -2,9 +2,12 @@
 //! hold it (its key made here, its CSR certified by the CA), and sidecars that join a test
 //! control plane's mesh with a join token.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
-use malla_control::identity::Ca;
+use malla_control::{
+    identity::{Ca, Identity},
+    store::embedded::EmbeddedStore,
+};
 use malla_core::ServiceName;
 use malla_proxy::identity::Svid;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -34,8 +37,13 @@ pub fn svid(ca: &Ca, service: &str) -> Svid {
 /// A single-use join token for `service` from `control`'s CA (as `malla token create`
 /// makes one).
 pub async fn join_token(control: &crate::control::TestControl, service: &str) -> String {
-    control
-        .identity()
+    join_token_from(control.identity(), service).await
+}
+
+/// The same from the identity of a control plane started without the harness
+/// (`malla_control::server::Control::identity`).
+pub async fn join_token_from(identity: &Identity<EmbeddedStore>, service: &str) -> String {
+    identity
         .tokens
         .create(
             &ServiceName::new(service).expect("a valid service name"),
@@ -60,12 +68,27 @@ pub fn joined(
     }
 }
 
+/// [`joined`] with a fresh join token of `service`: a sidecar that may register its
+/// instance and report resilience events, as a deployed one does.
+pub async fn joining(
+    control: &crate::control::TestControl,
+    service: &str,
+) -> malla_proxy::config::ControlPlaneConfig {
+    joined(control, service, Some(join_token(control, service).await))
+}
+
 /// `[control]` of a sidecar that reaches `control` over TLS (`HOST:PORT`), verified with
 /// its trust bundle (`ca_file`, `DATA_DIR/trust-bundle.pem`).
 pub fn over_tls(control: &crate::control::TestControl) -> malla_proxy::config::ControlPlaneConfig {
+    over_tls_at(control.http_addr(), control.data_dir())
+}
+
+/// The same for a control plane at `addr` (either of its ports) over `data_dir`, started
+/// without the harness.
+pub fn over_tls_at(addr: SocketAddr, data_dir: &Path) -> malla_proxy::config::ControlPlaneConfig {
     malla_proxy::config::ControlPlaneConfig {
-        ca_file: Some(control.trust_bundle_path()),
-        ..malla_proxy::config::ControlPlaneConfig::new(control.http_addr().to_string())
+        ca_file: Some(crate::control::tls::bundle_path(data_dir)),
+        ..malla_proxy::config::ControlPlaneConfig::new(addr.to_string())
     }
 }
 

@@ -11,20 +11,21 @@ use malla_proxy::config::{ControlPlaneConfig, ListenerProtocol, MtlsMode, Upstre
 use crate::{
     assert_eventually,
     control::TestControl,
-    identity::{join_token, joined, wait_for_certificate},
+    identity::{joined, joining, wait_for_certificate},
     proxy::TestProxy,
 };
 
-/// A sidecar of `service` in front of `app`, its inbound listener in `mode`.
+/// A sidecar of `service` in front of `app`, its inbound listener in `mode` (`None`: the
+/// control plane's mode).
 pub async fn server(
     control: &TestControl,
     service: &str,
     app: SocketAddr,
     protocol: ListenerProtocol,
-    mode: MtlsMode,
+    mode: impl Into<Option<MtlsMode>>,
 ) -> TestProxy {
-    let token = join_token(control, service).await;
-    let control_config = joined(control, service, Some(token));
+    let mode = mode.into();
+    let control_config = joining(control, service).await;
     let proxy = TestProxy::builder()
         .inbound(app, protocol)
         .admin()
@@ -61,14 +62,14 @@ impl Caller<'_> {
         control: &TestControl,
         change: impl Fn(&mut UpstreamConfig),
     ) -> TestProxy {
-        let token = match self.joins {
-            true => Some(join_token(control, self.service).await),
-            false => None,
+        let joined = match self.joins {
+            true => joining(control, self.service).await,
+            false => joined(control, self.service, None),
         };
         // No inbound listener of its own: it registers an address nobody calls.
         let control_config = ControlPlaneConfig {
             register_address: Some(SocketAddr::from(([127, 0, 0, 1], 4143))),
-            ..joined(control, self.service, token)
+            ..joined
         };
         let mut builder = TestProxy::builder().admin();
         for (upstream, protocol) in &self.upstreams {

@@ -6,7 +6,8 @@
 //! Everything is in-process: the control plane (`malla_control::server::Control`, its
 //! store in a fresh temporary directory), HTTP/1 echo peers registered directly in its
 //! registry, and the proxy (`TestProxy`) with a `[control]` section pointing at the
-//! control plane's gRPC address.
+//! control plane's gRPC address over TLS, verified with its data directory's trust bundle
+//! (a sidecar that registers joins with a join token of its service, as deployed).
 
 use std::{
     net::SocketAddr,
@@ -29,6 +30,7 @@ use malla_tests::{
     assert_eventually,
     client::{self, within, Http1},
     control::TempDir,
+    identity::{join_token_from, over_tls_at},
     peers::HttpPeer,
     proxy::{admin, TestProxy},
     BoxError,
@@ -100,14 +102,29 @@ pub(crate) async fn register(
         .unwrap();
 }
 
+/// `[control]` of a sidecar of `service` that joins `control` (over `dir`) with a fresh
+/// join token, reaching it at `addr` over TLS.
+pub(crate) async fn joining(
+    control: &Control,
+    dir: &Path,
+    addr: SocketAddr,
+    service: &str,
+) -> ControlPlaneConfig {
+    ControlPlaneConfig {
+        service: Some(service.into()),
+        join_token: Some(join_token_from(&control.identity, service).await),
+        ..over_tls_at(addr, dir)
+    }
+}
+
 /// A proxy with an outbound listener for the upstream `echo`, discovered from the control
-/// plane at `grpc_addr` (`change` adjusts the upstream and the `[control]` section).
+/// plane as `control` says (`change` adjusts the upstream and the `[control]` section).
 ///
 /// The upstream balances round robin, so which peers a test's sequential requests reach
 /// depends on the discovered membership alone (P2C-EWMA sends a sequential client's every
 /// request to the fastest peer).
 pub(crate) fn discovering_proxy(
-    grpc_addr: SocketAddr,
+    control: ControlPlaneConfig,
     change: impl FnOnce(&mut malla_proxy::ProxyConfig),
 ) -> TestProxy {
     TestProxy::builder()
@@ -116,7 +133,7 @@ pub(crate) fn discovering_proxy(
         .outbound("echo")
         .admin()
         .config(|c| {
-            c.control = Some(ControlPlaneConfig::new(format!("http://{grpc_addr}")));
+            c.control = Some(control);
             change(c);
         })
         .start()
@@ -166,7 +183,7 @@ async fn endpoints_follow_registrations_deregistrations_and_health() {
     register(&control, "echo", "a", &a, &[]).await;
     register(&control, "echo", "b", &b, &[]).await;
 
-    let proxy = discovering_proxy(control.grpc_addr, |_| {});
+    let proxy = discovering_proxy(over_tls_at(control.grpc_addr, dir.path()), |_| {});
     assert_eventually!(
         endpoint_count(&proxy) == 2,
         "the proxy never discovered a and b"
@@ -241,10 +258,7 @@ async fn endpoints_follow_registrations_deregistrations_and_health() {
         "{discovery}"
     );
     assert!(discovery["last_update_age_seconds"].as_f64().unwrap() < 10.0);
-    assert_eq!(
-        config["control"]["url"],
-        format!("http://{}", control.grpc_addr)
-    );
+    assert_eq!(config["control"]["url"], control.grpc_addr.to_string());
     assert_eq!(metric(&proxy, "malla_proxy_control_connected"), 1.0);
     assert_eq!(
         metric(&proxy, "malla_proxy_control_revision") as u64,
@@ -269,7 +283,7 @@ async fn selectors_choose_instances_and_relabelling_moves_them() {
     register(&control, "quote", "d", &dev, &[("env", "dev")]).await;
 
     // The upstream's name differs from the service it discovers.
-    let proxy = discovering_proxy(control.grpc_addr, |c| {
+    let proxy = discovering_proxy(over_tls_at(control.grpc_addr, dir.path()), |c| {
         c.upstreams[0].service = Some("quote".into());
         c.upstreams[0].selector = Some("env=prod".into());
     });
@@ -366,7 +380,8 @@ async fn a_control_plane_restart_under_live_traffic_fails_no_request() {
 
     // The sidecar also registers its own instance (its inbound listener, in front of `app`)
     // with a short lease, so heartbeats run during the restart.
-    let proxy = discovering_proxy(grpc_addr, |c| {
+    let joined = joining(&control, dir.path(), grpc_addr, "frontend").await;
+    let proxy = discovering_proxy(joined, |c| {
         c.inbound = Some(malla_proxy::config::InboundConfig {
             listen: any_port(),
             forward_to: app.addr().to_string(),
@@ -374,7 +389,6 @@ async fn a_control_plane_restart_under_live_traffic_fails_no_request() {
             mtls: Default::default(),
         });
         let control = c.control.as_mut().unwrap();
-        control.service = Some("frontend".into());
         control.instance_id = Some("frontend-1".into());
         control.labels.insert("env".into(), "test".into());
         control.lease_ttl = Duration::from_secs(3);
@@ -474,7 +488,7 @@ async fn a_resync_drops_instances_that_left_while_disconnected() {
     let (a, b) = (HttpPeer::http1("a"), HttpPeer::http1("b"));
     register(&control, "echo", "a", &a, &[]).await;
     register(&control, "echo", "b", &b, &[]).await;
-    let proxy = discovering_proxy(grpc_addr, |_| {});
+    let proxy = discovering_proxy(over_tls_at(grpc_addr, dir.path()), |_| {});
     assert_eventually!(
         endpoint_count(&proxy) == 2,
         "the proxy never discovered a and b"
@@ -506,12 +520,15 @@ async fn a_resync_drops_instances_that_left_while_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_control_plane_is_retried_and_reported() {
-    // Nothing listens there (a port just released).
+    // The sidecar has the control plane's trust bundle, and nothing listens where it
+    // looks (a port just released).
+    let dir = TempDir::new("discovery-unreachable");
+    start_control(dir.path(), any_port()).await.stop().await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let proxy = discovering_proxy(closed, |_| {});
+    let proxy = discovering_proxy(over_tls_at(closed, dir.path()), |_| {});
     let config = admin::config(proxy.admin()).await;
     assert_eq!(config["upstreams"][0]["discovery"]["connected"], false);
     assert_eventually!(
@@ -539,9 +556,9 @@ async fn a_lost_lease_is_registered_again() {
     let control = start_control(dir.path(), any_port()).await;
     let app = HttpPeer::http1("app");
     // No [inbound]: the address to register is given.
-    let proxy = discovering_proxy(control.grpc_addr, |c| {
+    let joined = joining(&control, dir.path(), control.grpc_addr, "worker").await;
+    let proxy = discovering_proxy(joined, |c| {
         let control = c.control.as_mut().unwrap();
-        control.service = Some("worker".into());
         control.instance_id = Some("worker-1".into());
         control.register_address = Some(app.addr());
         control.lease_ttl = Duration::from_secs(3);

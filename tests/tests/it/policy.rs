@@ -16,14 +16,21 @@ use malla_tests::{
     assert_eventually,
     client::{self, within, Http1},
     control::TestControl,
+    identity::joining,
     peers::{dead_addr, HttpPeer},
     proxy::{admin, TestProxy},
 };
 use serde_json::{json, Value};
 
 /// A sidecar of `frontend` calling `quote` (a live peer) and `broken` (nothing listens),
-/// both with static endpoints, following the control plane for their policies.
-fn sidecar(control: &TestControl, quote: SocketAddr) -> TestProxy {
+/// both with static endpoints, following the control plane for their policies. It joins
+/// with a join token of `frontend`, whose certificate its events are reported with.
+async fn sidecar(control: &TestControl, quote: SocketAddr) -> TestProxy {
+    let control = ControlPlaneConfig {
+        instance_id: Some("frontend-1".into()),
+        register_address: Some("127.0.0.1:1".parse().unwrap()),
+        ..joining(control, "frontend").await
+    };
     TestProxy::builder()
         .upstream("quote", &[quote])
         .outbound("quote")
@@ -31,13 +38,7 @@ fn sidecar(control: &TestControl, quote: SocketAddr) -> TestProxy {
         .connect_timeout(Duration::from_millis(200))
         .outbound("broken")
         .admin()
-        .config(|c| {
-            let mut control = ControlPlaneConfig::new(format!("http://{}", control.grpc_addr()));
-            control.service = Some("frontend".into());
-            control.instance_id = Some("frontend-1".into());
-            control.register_address = Some("127.0.0.1:1".parse().unwrap());
-            c.control = Some(control);
-        })
+        .config(|c| c.control = Some(control))
         .start()
 }
 
@@ -62,7 +63,7 @@ async fn a_policy_applied_through_the_control_plane_is_in_force_at_the_sidecar()
     let control = TestControl::start_without_dns().await;
     let api = control.api();
     let peer = HttpPeer::http1("quote");
-    let proxy = sidecar(&control, peer.addr());
+    let proxy = sidecar(&control, peer.addr()).await;
 
     // Connected, no policy: the defaults.
     assert_eventually!(
@@ -164,7 +165,7 @@ async fn a_policy_from_a_newer_control_plane_applies_without_the_fields_the_side
     let control = TestControl::start_without_dns().await;
     let api = control.api();
     let peer = HttpPeer::http1("quote");
-    let proxy = sidecar(&control, peer.addr());
+    let proxy = sidecar(&control, peer.addr()).await;
     assert_eventually!(
         upstream(&proxy, "quote").await["discovery"]["policy_watch"]["connected"] == true,
         "the policy watch never connected: {}",
@@ -279,7 +280,7 @@ async fn resilience_events_reach_the_control_plane() {
     let control = TestControl::start_without_dns().await;
     let api = control.api();
     let peer = HttpPeer::http1("quote");
-    let proxy = sidecar(&control, peer.addr());
+    let proxy = sidecar(&control, peer.addr()).await;
     let broken = proxy.outbound_at(1);
 
     // Nothing listens behind `broken`: every attempt is a connect failure, and after the

@@ -9,10 +9,12 @@ use std::time::Duration;
 use http::Version;
 use malla_control::events::EventFilter;
 use malla_core::{Health, ServiceName};
+use malla_proxy::config::ControlPlaneConfig;
 use malla_tests::{
     assert_eventually,
     client::{self, within, Http1},
     control::TestControl,
+    identity::joining,
     peers::HttpPeer,
     proxy::{admin, TestProxy},
     BoxError,
@@ -37,9 +39,15 @@ async fn register(control: &TestControl, id: &str, peer: &HttpPeer) {
         .await;
 }
 
-/// A proxy discovering `echo` from `control`.
-fn proxy(control: &TestControl) -> TestProxy {
-    discovering_proxy(control.grpc_addr(), |_| {})
+/// A proxy discovering `echo` from `control`: a sidecar of `frontend` joined with a join
+/// token (its events are reported with its certificate), registering an address nobody
+/// calls.
+async fn proxy(control: &TestControl) -> TestProxy {
+    let joined = ControlPlaneConfig {
+        register_address: Some("127.0.0.1:4143".parse().unwrap()),
+        ..joining(control, "frontend").await
+    };
+    discovering_proxy(joined, |_| {})
 }
 
 /// One GET / through the proxy: the status.
@@ -96,7 +104,7 @@ async fn a_wrong_health_check_marking_every_instance_unhealthy_does_not_blackhol
     for (id, peer) in ["a", "b", "c"].iter().zip(&peers) {
         register(&control, id, peer).await;
     }
-    let proxy = proxy(&control);
+    let proxy = proxy(&control).await;
     assert_eventually!(proxy.upstream("echo").endpoints().len() == 3);
     assert_eq!(get(&proxy).await.unwrap(), 200);
 
@@ -187,7 +195,7 @@ async fn one_instance_of_three_marked_unhealthy_gets_no_traffic_and_no_panic() {
     for (id, peer) in ["a", "b", "c"].iter().zip(&peers) {
         register(&control, id, peer).await;
     }
-    let proxy = proxy(&control);
+    let proxy = proxy(&control).await;
     assert_eventually!(proxy.upstream("echo").endpoints().len() == 3);
 
     let echo = ServiceName::new("echo").unwrap();

@@ -233,7 +233,7 @@ fn invalid_local_policies_are_rejected_with_the_field() {
 /// probes close the breakers and the traffic comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_moves_traffic_to_the_other_zone_and_back() {
-    use crate::discovery::{discovering_proxy, register, start_control};
+    use crate::discovery::{discovering_proxy, joining, register, start_control};
     let dir = malla_tests::control::TempDir::new("failover");
     let control = start_control(dir.path(), crate::discovery::any_port()).await;
     let local = [HttpPeer::http1("a1"), HttpPeer::http1("a2")];
@@ -245,9 +245,9 @@ async fn failover_moves_traffic_to_the_other_zone_and_back() {
         register(&control, "echo", &format!("b{i}"), p, &[("zone", "b")]).await;
     }
     let me = HttpPeer::http1("me");
-    let proxy = discovering_proxy(control.grpc_addr, |c| {
+    let joined = joining(&control, dir.path(), control.grpc_addr, "client").await;
+    let proxy = discovering_proxy(joined, |c| {
         let control = c.control.as_mut().unwrap();
-        control.service = Some("client".into());
         control.register_address = Some(me.addr());
         control.labels.insert("zone".into(), "a".into());
         let policy = c.upstreams[0].policy.get_or_insert_with(Default::default);

@@ -12,6 +12,7 @@ use malla_proxy::{
 use malla_tests::{
     assert_eventually,
     control::{TempDir, TestControl},
+    identity::{joining, over_tls},
     peers::HttpPeer,
     proxy::{admin, TestProxy},
 };
@@ -19,21 +20,18 @@ use serde_json::{json, Value};
 
 const PAYMENTS: &str = "/v1/authorizations/payments";
 
-/// A sidecar of `payments`, following the control plane at its HTTP address (kept across a
-/// restart).
-fn sidecar(control: &TestControl, app: &HttpPeer) -> TestProxy {
-    let url = control.url();
+/// A sidecar of `payments`, joined with a join token, following the control plane at its
+/// HTTP address (kept across a restart) over TLS.
+async fn sidecar(control: &TestControl, app: &HttpPeer) -> TestProxy {
+    let control = ControlPlaneConfig {
+        register_address: Some("127.0.0.1:4143".parse().unwrap()),
+        ..joining(control, "payments").await
+    };
     TestProxy::builder()
         .upstream("app", &[app.addr()])
         .outbound("app")
         .admin()
-        .config(move |c| {
-            c.control = Some(ControlPlaneConfig {
-                service: Some("payments".into()),
-                register_address: Some("127.0.0.1:4143".parse().unwrap()),
-                ..ControlPlaneConfig::new(url)
-            });
-        })
+        .config(move |c| c.control = Some(control))
         .start()
 }
 
@@ -57,7 +55,7 @@ async fn an_authorization_applied_through_the_control_plane_reaches_the_sidecar(
     let mut control = TestControl::start_in(TempDir::new("authz-push"), false).await;
     let api = control.api();
     let app = HttpPeer::http1("app");
-    let proxy = sidecar(&control, &app);
+    let proxy = sidecar(&control, &app).await;
 
     // Connected, no policy: everything allowed.
     assert_eventually!(
@@ -188,12 +186,12 @@ async fn an_authorization_applied_through_the_control_plane_reaches_the_sidecar(
 async fn a_sidecar_without_a_service_has_no_authorization() {
     let control = TestControl::start_without_dns().await;
     let app = HttpPeer::http1("app");
-    let url = control.url();
+    let config = over_tls(&control);
     let proxy = TestProxy::builder()
         .upstream("app", &[app.addr()])
         .outbound("app")
         .admin()
-        .config(move |c| c.control = Some(ControlPlaneConfig::new(url)))
+        .config(move |c| c.control = Some(config))
         .start();
     let config = admin::config(proxy.admin()).await;
     assert_eq!(config["authorization"], Value::Null, "{config}");

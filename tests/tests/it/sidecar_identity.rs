@@ -12,25 +12,22 @@ use malla_proxy::config::ControlPlaneConfig;
 use malla_tests::{
     assert_eventually,
     control::TestControl,
+    identity::joined,
     peers::HttpPeer,
     proxy::{admin, TestProxy},
 };
 
 fn sidecar(control: &TestControl, token: Option<String>) -> TestProxy {
     let peer = HttpPeer::http1("app");
-    let url = control.url();
+    let control = ControlPlaneConfig {
+        register_address: Some("127.0.0.1:4143".parse().unwrap()),
+        ..joined(control, "checkout", token)
+    };
     TestProxy::builder()
         .upstream("app", &[peer.addr()])
         .outbound("app")
         .admin()
-        .config(move |c| {
-            c.control = Some(ControlPlaneConfig {
-                service: Some("checkout".into()),
-                register_address: Some("127.0.0.1:4143".parse().unwrap()),
-                join_token: token,
-                ..ControlPlaneConfig::new(url)
-            });
-        })
+        .config(move |c| c.control = Some(control))
         .start()
 }
 
@@ -172,21 +169,16 @@ async fn a_restarted_sidecar_renews_with_its_kept_identity() {
     let identity_dir = dir.path().join("identity");
     let with_dir = |token: Option<String>| {
         let peer = HttpPeer::http1("app");
-        let url = control.url();
-        let identity_dir = identity_dir.clone();
+        let control = ControlPlaneConfig {
+            register_address: Some("127.0.0.1:4143".parse().unwrap()),
+            identity_dir: Some(identity_dir.clone()),
+            ..joined(&control, "checkout", token)
+        };
         TestProxy::builder()
             .upstream("app", &[peer.addr()])
             .outbound("app")
             .admin()
-            .config(move |c| {
-                c.control = Some(ControlPlaneConfig {
-                    service: Some("checkout".into()),
-                    register_address: Some("127.0.0.1:4143".parse().unwrap()),
-                    join_token: token,
-                    identity_dir: Some(identity_dir),
-                    ..ControlPlaneConfig::new(url)
-                });
-            })
+            .config(move |c| c.control = Some(control))
             .start()
     };
     let state = |proxy: &TestProxy| {

@@ -17,6 +17,7 @@ use malla_tests::{
     assert_eventually,
     client::{self, Http1},
     control::TestControl,
+    identity::joining,
     peers::HttpPeer,
     proxy::{admin, TestProxy},
 };
@@ -61,7 +62,12 @@ async fn an_http_endpoint_that_accepts_and_never_answers_is_reported_stalled_the
     peer.state().hold();
     // The per-try timeout of 4 s makes the stall threshold 2 s (half of it); retries and
     // ejections off, so the one endpoint keeps being called.
-    let grpc = control.grpc_addr();
+    // A sidecar of `frontend`, joined with a join token: its events are reported with its
+    // certificate. No inbound listener: it registers an address nobody calls.
+    let joined = ControlPlaneConfig {
+        register_address: Some("127.0.0.1:4143".parse().unwrap()),
+        ..joining(&control, "frontend").await
+    };
     let proxy = TestProxy::builder()
         .upstream("echo", &[peer.addr()])
         .policy(|p| {
@@ -71,7 +77,7 @@ async fn an_http_endpoint_that_accepts_and_never_answers_is_reported_stalled_the
         })
         .outbound("echo")
         .admin()
-        .config(|c| c.control = Some(ControlPlaneConfig::new(format!("http://{grpc}"))))
+        .config(|c| c.control = Some(joined))
         .start();
     let out = proxy.outbound();
 

@@ -135,20 +135,14 @@ async fn a_client_of_another_kind_is_listed_without_a_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_sidecar_on_the_one_port_is_listed_with_its_watches() {
-    use malla_proxy::config::ControlPlaneConfig;
-    use malla_tests::proxy::TestProxy;
+    use malla_tests::{identity::over_tls, proxy::TestProxy};
 
     let control = TestControl::start_without_dns().await;
-    // `malla proxy` pointed at the one port (the HTTP API's), following `echo`.
+    // `malla proxy` pointed at the one port (the HTTP API's) over TLS, following `echo`.
     let proxy = TestProxy::builder()
         .upstream("echo", &[])
         .outbound("echo")
-        .config(|c| {
-            c.control = Some(ControlPlaneConfig::new(format!(
-                "http://{}",
-                control.http_addr()
-            )));
-        })
+        .config(|c| c.control = Some(over_tls(&control)))
         .start();
     assert_eventually!(
         proxies(&control)

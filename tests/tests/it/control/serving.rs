@@ -6,10 +6,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use malla_api::{pb, RegistryClient};
 use malla_control::serving::ServeSettings;
-use malla_tests::control::tls::OperatorChannel;
+use malla_tests::control::tls::{self, OperatorChannel};
 use malla_tests::{assert_eventually, client::within, control::api::Api, control::TestControl};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -46,7 +46,7 @@ async fn snapshot_ids(stream: &mut tonic::Streaming<pb::WatchResponse>) -> Vec<S
 
 /// Waits until the server closes `stream` (EOF or a reset), reading and discarding what
 /// it sends; panics if it stays open for 20 s.
-async fn closed_by_server(stream: &mut TcpStream) {
+async fn closed_by_server(stream: &mut (impl AsyncRead + Unpin)) {
     let mut buf = [0u8; 4096];
     within("the server closing the connection", async {
         loop {
@@ -103,9 +103,20 @@ async fn both_apis_answer_on_both_ports() {
     }
 }
 
-/// Sends raw bytes, reads the answer to the end (the request asks to close).
-async fn raw(addr: SocketAddr, request: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+/// An HTTP/1.1 connection over TLS to `control` at `addr`, verified as a client of the
+/// API does (with its trust bundle).
+async fn https1(
+    control: &TestControl,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let config = tls::client_config(&control.trust_bundle_path(), None, b"http/1.1")
+        .expect("a client configuration");
+    tls::connect(addr, config).await.expect("a TLS connection")
+}
+
+/// Sends raw bytes over TLS, reads the answer to the end (the request asks to close).
+async fn raw(control: &TestControl, addr: SocketAddr, request: &str) -> String {
+    let mut stream = https1(control, addr).await;
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut answer = Vec::new();
     within("the answer", stream.read_to_end(&mut answer))
@@ -120,6 +131,7 @@ async fn a_405_lists_the_methods_in_its_allow_header_and_its_message() {
     // With the operator token: without it the answer is a 401 (it comes first).
     let token = malla_tests::control::api::operator_token(control.data_dir()).unwrap();
     let answer = raw(
+        &control,
         control.http_addr(),
         &format!("POST /v1/services/orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
     )
@@ -187,10 +199,9 @@ async fn an_idle_http1_connection_is_closed_after_the_head_timeout_but_a_grpc_wa
         .into_inner();
     assert!(snapshot_ids(&mut watch).await.is_empty());
 
-    // A kept-alive HTTP/1 connection, idle after one answer.
-    let mut idle = TcpStream::connect(control.http_addr())
-        .await
-        .expect("connect");
+    // A kept-alive HTTP/1 connection (over TLS, as clients of the API connect), idle after
+    // one answer.
+    let mut idle = https1(&control, control.http_addr()).await;
     idle.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .expect("send");
