@@ -10,7 +10,7 @@
 //! whole is refused, and the one in force stays.
 
 use malla_core::{
-    authz::{AuthorizationPolicy, CompiledPolicy},
+    authz::{AuthorizationPolicy, CompiledPolicy, PeerMtls},
     identity::TrustDomain,
     policy::FieldError,
 };
@@ -75,13 +75,15 @@ fn deserialize(value: &Value) -> Result<AuthorizationPolicy, InvalidPolicy> {
 }
 
 /// What one `AuthorizationUpdate` says: the policy in force for a service, ready to
-/// decide, or none (every caller allowed).
+/// decide, or none (every caller allowed), and the mesh's mTLS mode.
 #[derive(Clone, Debug)]
 pub struct AuthorizationState {
     /// The store revision of the policy's last write; 0 without a policy.
     pub version: u64,
     /// The policy compiled for the mesh's trust domain.
     pub policy: Option<CompiledPolicy>,
+    /// The mesh's mTLS mode, for a service whose policy sets none.
+    pub mesh_mtls: PeerMtls,
 }
 
 impl AuthorizationState {
@@ -91,10 +93,12 @@ impl AuthorizationState {
         update: &pb::AuthorizationUpdate,
         service: &str,
     ) -> Result<Self, InvalidPolicy> {
+        let mesh_mtls = Self::mesh_mtls(update)?;
         if update.policy_json.is_empty() {
             return Ok(AuthorizationState {
                 version: update.version,
                 policy: None,
+                mesh_mtls,
             });
         }
         let domain = TrustDomain::new(&update.trust_domain)
@@ -115,7 +119,30 @@ impl AuthorizationState {
         Ok(AuthorizationState {
             version: update.version,
             policy: Some(compiled),
+            mesh_mtls,
         })
+    }
+
+    /// The mesh's mTLS mode an update carries: empty (a control plane of an earlier
+    /// version, which knew no other) is `permissive`; a value this version does not know
+    /// is refused, like a policy it cannot read whole.
+    pub fn mesh_mtls(update: &pb::AuthorizationUpdate) -> Result<PeerMtls, InvalidPolicy> {
+        if update.mesh_mtls.is_empty() {
+            return Ok(PeerMtls::Permissive);
+        }
+        update
+            .mesh_mtls
+            .parse()
+            .map_err(|e: malla_core::authz::UnknownPeerMtls| one("mesh_mtls", e.to_string()))
+    }
+
+    /// The mTLS mode this state puts in force: the policy's `mtls` if it sets one, else
+    /// the mesh's; and whether it is the service's own.
+    pub fn mtls(&self) -> (PeerMtls, bool) {
+        match self.policy.as_ref().and_then(|p| p.policy().mtls) {
+            Some(mode) => (mode, true),
+            None => (self.mesh_mtls, false),
+        }
     }
 }
 
@@ -135,7 +162,56 @@ mod tests {
             version,
             policy_json: json.into(),
             trust_domain: domain.into(),
+            mesh_mtls: String::new(),
         }
+    }
+
+    #[test]
+    fn the_mtls_mode_is_the_services_else_the_meshs() {
+        let with_mesh = |json: &str, mesh: &str| {
+            let mut u = update(3, json, "malla.local");
+            u.mesh_mtls = mesh.into();
+            AuthorizationState::from_update(&u, "payments")
+        };
+        let state = |json: &str, mesh: &str| with_mesh(json, mesh).unwrap().mtls();
+        // No policy, or a policy without `mtls`: the mesh's; a control plane of an earlier
+        // version says nothing: permissive.
+        assert_eq!(state("", "strict"), (PeerMtls::Strict, false));
+        assert_eq!(state("", ""), (PeerMtls::Permissive, false));
+        let plain = r#"{"service": "payments"}"#;
+        assert_eq!(state(plain, "strict"), (PeerMtls::Strict, false));
+        assert_eq!(state(plain, "permissive"), (PeerMtls::Permissive, false));
+        // The service's own wins, either way.
+        let permissive = r#"{"service": "payments", "mtls": "permissive"}"#;
+        assert_eq!(state(permissive, "strict"), (PeerMtls::Permissive, true));
+        let strict = r#"{"service": "payments", "mtls": "strict"}"#;
+        assert_eq!(state(strict, "permissive"), (PeerMtls::Strict, true));
+        assert_eq!(state(strict, ""), (PeerMtls::Strict, true));
+        // A mesh mode this version does not know refuses the update whole; so does a
+        // policy's.
+        let err = with_mesh("", "audit").unwrap_err();
+        assert_eq!(err.0[0].field, "mesh_mtls");
+        assert!(
+            err.0[0].message.contains("use `strict` or `permissive`"),
+            "{err}"
+        );
+        let err = with_mesh(r#"{"service": "payments", "mtls": "off"}"#, "strict").unwrap_err();
+        assert_eq!(err.0[0].field, "mtls", "{err}");
+        assert!(
+            err.0[0]
+                .message
+                .contains("expected `permissive` or `strict`"),
+            "{err}"
+        );
+        // Written through the API: the same check, by its field.
+        let err = parse_json(br#"{"mtls": "STRICT"}"#, "payments").unwrap_err();
+        assert_eq!(err.0[0].field, "mtls");
+        assert!(
+            err.0[0]
+                .message
+                .contains("unknown variant `STRICT`, expected `permissive` or `strict`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod http;
 
 use std::sync::Arc;
 
+use malla_core::authz::PeerMtls;
+
 use crate::{
     authorizations::Authorizations, events::EventRing, identity::Identity, metrics::Metrics,
     operator::OperatorToken, policies::Policies, proxies::Proxies, registry::Registry,
@@ -27,6 +29,8 @@ pub struct Backend<S> {
     pub identity: Arc<Identity<S>>,
     /// The operator token the HTTP API's operator routes require.
     pub operator: Arc<OperatorToken>,
+    /// The mesh's mTLS mode (`--mtls-mode`), sent with every authorization policy.
+    pub mesh_mtls: PeerMtls,
 }
 
 // By hand: a derive would ask for `S: Clone`, and only the `Arc`s are cloned.
@@ -41,6 +45,7 @@ impl<S> Clone for Backend<S> {
             proxies: self.proxies.clone(),
             identity: self.identity.clone(),
             operator: self.operator.clone(),
+            mesh_mtls: self.mesh_mtls,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use malla_core::{Instance, Selector, ServiceName, TrustDomain};
+use malla_core::{authz::PeerMtls, Instance, Selector, ServiceName, TrustDomain};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::info;
 
@@ -50,7 +50,8 @@ pub struct ControlConfig {
     pub tls_names: Vec<String>,
 }
 
-/// The CA's settings (`--trust-domain`, `--cert-ttl`, `--ca-cert` and `--ca-key`).
+/// The mesh's identity: the CA's settings (`--trust-domain`, `--cert-ttl`, `--ca-cert`
+/// and `--ca-key`) and whether sidecars must be called with it (`--mtls-mode`).
 #[derive(Clone, Debug)]
 pub struct IdentitySettings {
     pub trust_domain: TrustDomain,
@@ -58,6 +59,10 @@ pub struct IdentitySettings {
     /// A root or intermediate (certificate chain file, key file) the operator gives; none:
     /// the CA creates its root under the data directory at first start.
     pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// The mesh's mTLS mode (`--mtls-mode`, default `permissive`): whether the sidecars of
+    /// a service whose authorization policy sets no `mtls` refuse plaintext callers. Sent
+    /// to them with their policy (`WatchAuthorization`); shown by `GET /v1/identity`.
+    pub mtls_mode: PeerMtls,
 }
 
 /// The trust domain when none is given.
@@ -69,6 +74,7 @@ impl Default for IdentitySettings {
             trust_domain: TrustDomain::new(DEFAULT_TRUST_DOMAIN).expect("a valid trust domain"),
             cert_ttl: crate::identity::ca::DEFAULT_CERT_TTL,
             ca_files: None,
+            mtls_mode: PeerMtls::default(),
         }
     }
 }
@@ -183,6 +189,7 @@ impl Control {
                 proxies: Arc::new(Proxies::default()),
                 identity: Arc::new(Identity::new(ca, store.clone())),
                 operator: Arc::new(operator.token),
+                mesh_mtls: config.identity.mtls_mode,
             })
             .map(|backend| (backend, operator.created))
         }

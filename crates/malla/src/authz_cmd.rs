@@ -46,7 +46,7 @@ pub fn delete_authorization(name: &str, control: &ControlArg) -> anyhow::Result<
 fn print(answer: &Value, list: &[Value], output: PolicyOutput) -> anyhow::Result<()> {
     let mut headers = vec!["SERVICE", "DEFAULT", "MODE", "RULES", "VERSION"];
     if output == PolicyOutput::Wide {
-        headers.extend(["ALLOW", "DENY", "FROM"]);
+        headers.extend(["MTLS", "ALLOW", "DENY", "FROM"]);
     }
     let table = |rows| {
         show(
@@ -69,6 +69,13 @@ fn print(answer: &Value, list: &[Value], output: PolicyOutput) -> anyhow::Result
         PolicyOutput::Table => table(rows(&Value::Array(list.to_vec()), summary))?,
         PolicyOutput::Wide => table(rows(&Value::Array(list.to_vec()), |a| {
             let mut row = summary(a);
+            // The service's own mTLS mode, or the mesh's (`malla identity` shows it).
+            row.push(
+                a["authorization"]["mtls"]
+                    .as_str()
+                    .unwrap_or("mesh")
+                    .to_string(),
+            );
             let rules = a["authorization"]["rule"]
                 .as_array()
                 .cloned()
@@ -119,8 +126,11 @@ pub fn describe_line(a: &Value) -> String {
     }
     let s = summary(a);
     let rules = a["authorization"]["rule"].as_array().map_or(0, Vec::len);
+    let mtls = a["authorization"]["mtls"]
+        .as_str()
+        .map_or_else(String::new, |m| format!(", mtls {m}"));
     format!(
-        "default {}, {rules} rule{} ({}), version {}",
+        "default {}, {rules} rule{} ({}){mtls}, version {}",
         s[1],
         if rules == 1 { "" } else { "s" },
         s[2],
@@ -174,6 +184,14 @@ mod tests {
             "default deny, 3 rules (audit), version 12"
         );
         assert!(super::describe_line(&serde_json::Value::Null).starts_with("<none>"));
+        let strict = json!({"service": "ledger", "version": 3, "authorization": {
+            "service": "ledger", "mtls": "strict"}});
+        assert_eq!(
+            super::describe_line(&strict),
+            "default allow, 0 rules (enforce), mtls strict, version 3"
+        );
+        let toml = super::to_toml(std::slice::from_ref(&strict)).unwrap();
+        assert!(toml.contains("mtls = \"strict\""), "{toml}");
         let toml = super::to_toml(std::slice::from_ref(&a)).unwrap();
         assert!(
             toml.starts_with("# authorization/payments version 12\n[[authorization]]\n"),

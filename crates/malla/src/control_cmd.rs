@@ -55,6 +55,13 @@ pub struct ControlArgs {
     /// The private key of --ca-cert (PEM; keep it mode 600).
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// The mesh's mTLS mode: `permissive` (sidecars take plaintext callers too, for
+    /// migration) or `strict` (they refuse them). A service's authorization policy may set
+    /// its own (`mtls = "strict"`), and a sidecar's `[inbound] mtls` overrides both; sent to
+    /// the sidecars as they follow their policy, so no sidecar restarts. See
+    /// docs/identity.md.
+    #[arg(long, value_name = "MODE", default_value = "permissive")]
+    mtls_mode: malla_core::authz::PeerMtls,
     /// A DNS name or IP address the API's TLS certificate names besides localhost, this
     /// host's name, loopback and --addr/--grpc-addr, for clients that check a host name
     /// (curl, Prometheus) and reach the control plane by it; repeat for several. malla's
@@ -128,6 +135,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                     trust_domain: args.trust_domain,
                     cert_ttl: args.cert_ttl,
                     ca_files: args.ca_cert.zip(args.ca_key),
+                    mtls_mode: args.mtls_mode,
                 },
                 tls_names: args.tls_sans,
             },

@@ -570,7 +570,7 @@ async fn start_instance(
             listen: "127.0.0.1:0".parse()?,
             forward_to: app.to_string(),
             protocol: ListenerProtocol::Auto,
-            mtls: MtlsMode::Strict,
+            mtls: Some(MtlsMode::Strict),
         }),
         control: Some(ControlPlaneConfig {
             service: Some(SERVICE.into()),

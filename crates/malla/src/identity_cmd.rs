@@ -138,6 +138,17 @@ pub fn identity(args: IdentityArgs) -> anyhow::Result<()> {
                 hours(v["cert_ttl_seconds"].as_u64().unwrap_or(0))
             )?;
             outln!(
+                "mTLS mode:         {}",
+                match v["mtls_mode"].as_str() {
+                    Some("strict") =>
+                        "strict (the mesh's: sidecars refuse plaintext callers; a service's policy may set its own)",
+                    Some("permissive") =>
+                        "permissive (the mesh's: sidecars take plaintext callers too; a service's policy may set its own)",
+                    Some(other) => other,
+                    None => "permissive (a control plane of an earlier version)",
+                }
+            )?;
+            outln!(
                 "CA:                {}",
                 match v["ca"].as_str() {
                     Some("operator") => "the operator's (--ca-cert); not rotated by malla",

@@ -2341,7 +2341,7 @@ async fn authorizations_apply_get_describe_delete() {
     assert_exit(&out, 0);
     let text = stdout(&out);
     let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header[5..], ["ALLOW", "DENY", "FROM"], "{text}");
+    assert_eq!(header[5..], ["MTLS", "ALLOW", "DENY", "FROM"], "{text}");
     let row = text.lines().find(|l| l.starts_with("payments")).unwrap();
     assert!(
         row.ends_with("2      1     checkout,spiffe://other.example/svc/audit"),

@@ -147,6 +147,7 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
                 "config": shared.config,
                 "control": discovery.map(|d| d.to_json()),
                 "authorization": discovery.and_then(|d| d.authorization_json()),
+                "inbound_mtls": crate::inbound::mtls_json(shared),
                 "upstreams": upstreams,
             });
             Response::builder()

@@ -15,6 +15,14 @@
 //! default: a mesh that has not written a policy behaves as before authorization existed.
 //! A policy the sidecar cannot use is refused by the watch and the one in force stays.
 //!
+//! # mTLS mode
+//!
+//! The same watch brings the mesh's mTLS mode with every policy; the authorizer holds it
+//! (an atomic) beside the policy, and [`Authorizer::mtls`] gives the inbound side the mode
+//! the control plane puts in force: the policy's `mtls` if it sets one, else the mesh's;
+//! `None` before the control plane's first answer ([`crate::inbound`] decides what that
+//! means, and what wins over it).
+//!
 //! # Reporting
 //!
 //! While a policy is in force every decision is counted,
@@ -38,14 +46,14 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
         Arc, OnceLock,
     },
 };
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use malla_core::{
-    authz::{Action, CompiledPolicy, Request, L7},
+    authz::{Action, CompiledPolicy, PeerMtls, Request, L7},
     ServiceName, SpiffeId,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -53,7 +61,10 @@ use serde_json::json;
 use tracing::info;
 
 pub use self::request::{is_grpc, normalize_path, Call, HttpVersion, Inbound, Protocol};
-use crate::metrics::{AuthzDecisionLabels, Metrics};
+use crate::{
+    config::MtlsSource,
+    metrics::{AuthzDecisionLabels, Metrics},
+};
 
 /// Callers counted under their own `source` label; past this, `other`.
 pub const MAX_SOURCES: usize = 1024;
@@ -152,8 +163,21 @@ struct InForce {
 pub struct Authorizer {
     service: ServiceName,
     in_force: ArcSwapOption<InForce>,
+    /// The mesh's mTLS mode the control plane last sent: [`NO_ANSWER`] until its first
+    /// answer, then [`mesh_code`] of it.
+    mesh_mtls: AtomicU8,
     counters: Counters,
     denial_logs: LogBudget,
+}
+
+/// [`Authorizer::mesh_mtls`] before the control plane has answered.
+const NO_ANSWER: u8 = 0;
+
+fn mesh_code(mode: PeerMtls) -> u8 {
+    match mode {
+        PeerMtls::Permissive => 1,
+        PeerMtls::Strict => 2,
+    }
 }
 
 impl Authorizer {
@@ -161,8 +185,39 @@ impl Authorizer {
         Authorizer {
             service,
             in_force: ArcSwapOption::empty(),
+            mesh_mtls: AtomicU8::new(NO_ANSWER),
             counters: Counters::new(metrics.authz_decisions()),
             denial_logs: LogBudget::default(),
+        }
+    }
+
+    /// The mTLS mode the control plane puts in force for this service, and from where: the
+    /// policy's `mtls` ([`MtlsSource::Service`]), else the mesh's ([`MtlsSource::Mesh`]).
+    /// `None` before the control plane's first answer. Lock-free: read per connection.
+    pub fn mtls(&self) -> Option<(PeerMtls, MtlsSource)> {
+        if let Some(mode) = self
+            .in_force
+            .load()
+            .as_deref()
+            .and_then(|f| f.policy.policy().mtls)
+        {
+            return Some((mode, MtlsSource::Service));
+        }
+        self.mesh_mtls().map(|mode| (mode, MtlsSource::Mesh))
+    }
+
+    /// Puts the mesh's mTLS mode in force, as the control plane said it (with every
+    /// policy state, and before the policy it came with).
+    pub fn set_mesh_mtls(&self, mode: PeerMtls) {
+        self.mesh_mtls.store(mesh_code(mode), Ordering::Release);
+    }
+
+    /// The mesh's mTLS mode the control plane last said, if it has answered.
+    pub fn mesh_mtls(&self) -> Option<PeerMtls> {
+        match self.mesh_mtls.load(Ordering::Acquire) {
+            1 => Some(PeerMtls::Permissive),
+            2 => Some(PeerMtls::Strict),
+            _ => None,
         }
     }
 
@@ -237,12 +292,17 @@ impl Authorizer {
         let in_force = self.in_force.load();
         let policy = in_force.as_deref().map(|f| {
             let p = f.policy.policy();
-            json!({
+            let mut policy = json!({
                 "version": f.version,
                 "mode": p.mode.as_str(),
                 "default": p.default.as_str(),
                 "rules": p.rules.len(),
-            })
+            });
+            // Only when set, as in the policy itself (the mode in force is `inbound_mtls`).
+            if let Some(mtls) = p.mtls {
+                policy["mtls"] = json!(mtls.as_str());
+            }
+            policy
         });
         json!({"service": self.service, "policy": policy})
     }

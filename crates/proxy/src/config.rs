@@ -159,10 +159,13 @@ pub struct InboundConfig {
     #[serde(default)]
     pub protocol: ListenerProtocol,
     /// Mutual TLS from other sidecars, once this sidecar has a certificate (a join token
-    /// for its service): `permissive` (the default while meshes migrate: mTLS and plaintext
-    /// both accepted), `strict` (plaintext refused) or `off`.
-    #[serde(default)]
-    pub mtls: MtlsMode,
+    /// for its service): `permissive` (mTLS and plaintext both accepted), `strict`
+    /// (plaintext refused) or `off`. Set, it overrides the control plane's mode; left out,
+    /// the mode is the control plane's (the service's authorization policy's `mtls`, else
+    /// the mesh's `--mtls-mode`), or `permissive` without a control plane to follow
+    /// ([`crate::inbound`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
 }
 
 /// Whether an inbound listener takes mTLS, plaintext, or both.
@@ -173,6 +176,49 @@ pub enum MtlsMode {
     Permissive,
     Strict,
     Off,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Permissive => "permissive",
+            MtlsMode::Strict => "strict",
+            MtlsMode::Off => "off",
+        }
+    }
+}
+
+/// Where the inbound mTLS mode in force comes from (the inbound module's notes, docs/identity.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsSource {
+    /// `[inbound] mtls` in this sidecar's configuration.
+    Local,
+    /// The `mtls` of the service's authorization policy.
+    Service,
+    /// The mesh's mode (`malla control --mtls-mode`).
+    Mesh,
+    /// No word from a control plane (none followed, or no answer yet).
+    Default,
+}
+
+impl MtlsSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsSource::Local => "local",
+            MtlsSource::Service => "service",
+            MtlsSource::Mesh => "mesh",
+            MtlsSource::Default => "default",
+        }
+    }
+}
+
+impl From<malla_core::authz::PeerMtls> for MtlsMode {
+    fn from(mode: malla_core::authz::PeerMtls) -> Self {
+        match mode {
+            malla_core::authz::PeerMtls::Permissive => MtlsMode::Permissive,
+            malla_core::authz::PeerMtls::Strict => MtlsMode::Strict,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

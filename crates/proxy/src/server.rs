@@ -184,7 +184,7 @@ pub fn start(config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
         config
             .inbound
             .as_ref()
-            .is_some_and(|inbound| inbound.mtls != MtlsMode::Off)
+            .is_some_and(|inbound| inbound.mtls != Some(MtlsMode::Off))
     });
     let shared = Arc::new(Shared {
         upstreams,

@@ -37,6 +37,44 @@ fn full_file_parses_with_defaults() {
     assert_eq!(u.response_timeout, defaults::response_timeout());
     assert_eq!(c.outbound[0].protocol, ListenerProtocol::Auto);
     assert_eq!(c.limits, Limits::default());
+    // Left out, the inbound mTLS mode is the control plane's (or permissive without one).
+    assert_eq!(c.inbound.as_ref().unwrap().mtls, None);
+}
+
+#[test]
+fn the_inbound_mtls_mode_is_a_local_override_when_set() {
+    let inbound = |mtls: &str| {
+        ProxyConfig::from_toml(
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:4143\"\nforward_to = \"127.0.0.1:8080\"\n{mtls}"
+            ),
+            "x.toml",
+        )
+        .map(|c| c.inbound.unwrap().mtls)
+    };
+    assert_eq!(inbound("").unwrap(), None);
+    for (value, mode) in [
+        ("strict", MtlsMode::Strict),
+        ("permissive", MtlsMode::Permissive),
+        ("off", MtlsMode::Off),
+    ] {
+        assert_eq!(inbound(&format!("mtls = \"{value}\"")).unwrap(), Some(mode));
+        assert_eq!(mode.as_str(), value);
+    }
+    let err = inbound("mtls = \"required\"").unwrap_err().to_string();
+    assert!(
+        err.contains("unknown variant `required`, expected one of `permissive`, `strict`, `off`"),
+        "{err}"
+    );
+    // Written back only when set (`/config` shows the raw configuration).
+    let c = ProxyConfig::from_toml(
+        "[inbound]\nlisten = \"127.0.0.1:4143\"\nforward_to = \"127.0.0.1:8080\"\n",
+        "x.toml",
+    )
+    .unwrap();
+    assert!(serde_json::to_value(&c).unwrap()["inbound"]
+        .get("mtls")
+        .is_none());
 }
 
 #[test]

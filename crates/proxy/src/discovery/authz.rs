@@ -7,6 +7,11 @@
 //! another service's policy) is refused, logged, counted and shown in `/config`, and the
 //! policy in force stays. Neither extreme would do: dropping to "no policy" would open the
 //! service to every caller, denying everything would cut it off over a version skew.
+//!
+//! Every state carries the mesh's mTLS mode too, put in force with the policy (the
+//! [`Authorizer`] holds both; the inbound side reads the mode per connection). A state
+//! whose policy version is the one in force may still bring another mesh mode (the control
+//! plane restarted with another `--mtls-mode`): that is applied alone.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -18,8 +23,10 @@ use serde_json::json;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use malla_core::authz::PeerMtls;
+
 use super::state_stream::{self, StreamStatus, Subject};
-use crate::authz::Authorizer;
+use crate::{authz::Authorizer, config::MtlsSource};
 
 /// The authorization watch and what it feeds.
 pub(crate) struct AuthzWatch {
@@ -75,22 +82,31 @@ pub(super) async fn run(client: AuthorizationsClient<Channel>, watch: Arc<AuthzW
 fn apply(message: &pb::AuthorizationUpdate, watch: &AuthzWatch) {
     let authorizer = &watch.authorizer;
     let service = authorizer.service();
-    // The state in force again (a reconnection starts with it): nothing to do.
+    let refuse = |e: malla_api::InvalidPolicy| {
+        watch.rejected.fetch_add(1, Ordering::Relaxed);
+        warn!(%service, version = message.version, in_force = authorizer.version(), error = %e, "refusing an authorization policy this sidecar cannot use; keeping the one in force");
+        watch.stream.set_error(Some(format!(
+            "authorization policy version {} refused: {e}",
+            message.version
+        )));
+    };
+    let mtls_before = authorizer.mtls();
+    // The policy in force again (a reconnection starts with it): only the mesh's mode
+    // may have changed.
     if message.version == authorizer.version().unwrap_or(0) {
-        watch.stream.set_error(None);
+        match AuthorizationState::mesh_mtls(message) {
+            Ok(mesh) => {
+                authorizer.set_mesh_mtls(mesh);
+                watch.stream.set_error(None);
+                log_mtls(authorizer, mtls_before);
+            }
+            Err(e) => refuse(e),
+        }
         return;
     }
     let state = match AuthorizationState::from_update(message, service.as_str()) {
         Ok(state) => state,
-        Err(e) => {
-            watch.rejected.fetch_add(1, Ordering::Relaxed);
-            warn!(%service, version = message.version, in_force = authorizer.version(), error = %e, "refusing an authorization policy this sidecar cannot use; keeping the one in force");
-            watch.stream.set_error(Some(format!(
-                "authorization policy version {} refused: {e}",
-                message.version
-            )));
-            return;
-        }
+        Err(e) => return refuse(e),
     };
     match &state.policy {
         Some(p) => {
@@ -101,8 +117,22 @@ fn apply(message: &pb::AuthorizationUpdate, watch: &AuthzWatch) {
             info!(%service, "the control plane has no authorization policy for this service any more; every caller is allowed")
         }
     }
+    authorizer.set_mesh_mtls(state.mesh_mtls);
     authorizer.set(state.version, state.policy);
     watch.stream.set_error(None);
+    log_mtls(authorizer, mtls_before);
+}
+
+/// Logs the control plane's mTLS mode when it changed (a sidecar's `[inbound] mtls`, if
+/// set, overrides it: `/config` says which is in force).
+fn log_mtls(authorizer: &Authorizer, before: Option<(PeerMtls, MtlsSource)>) {
+    let now = authorizer.mtls();
+    if now == before {
+        return;
+    }
+    if let Some((mode, source)) = now {
+        info!(service = %authorizer.service(), mode = mode.as_str(), source = source.as_str(), "the control plane's inbound mTLS mode for this service");
+    }
 }
 
 #[cfg(test)]
@@ -122,7 +152,63 @@ mod tests {
             version,
             policy_json: json.into(),
             trust_domain: "malla.local".into(),
+            mesh_mtls: "permissive".into(),
         }
+    }
+
+    fn with_mesh(version: u64, json: &str, mesh: &str) -> pb::AuthorizationUpdate {
+        pb::AuthorizationUpdate {
+            mesh_mtls: mesh.into(),
+            ..update(version, json)
+        }
+    }
+
+    #[test]
+    fn the_mtls_mode_follows_the_policy_and_the_mesh() {
+        let metrics = Metrics::new();
+        let watch = AuthzWatch::new(Authorizer::new(
+            ServiceName::new("ledger").unwrap(),
+            &metrics,
+        ));
+        let mode = || watch.authorizer.mtls();
+        assert_eq!(mode(), None, "no answer yet");
+
+        // The first answer: no policy, the mesh strict.
+        apply(&with_mesh(0, "", "strict"), &watch);
+        assert_eq!(mode(), Some((PeerMtls::Strict, MtlsSource::Mesh)));
+        // A policy that sets its own wins; one that does not leaves the mesh's.
+        let permissive = r#"{"service": "ledger", "mtls": "permissive"}"#;
+        apply(&with_mesh(5, permissive, "strict"), &watch);
+        assert_eq!(mode(), Some((PeerMtls::Permissive, MtlsSource::Service)));
+        assert_eq!(watch.to_json()["policy"]["mtls"], "permissive");
+        apply(&with_mesh(6, r#"{"service": "ledger"}"#, "strict"), &watch);
+        assert_eq!(mode(), Some((PeerMtls::Strict, MtlsSource::Mesh)));
+        assert_eq!(watch.to_json()["policy"]["mtls"], json!(null));
+        // The same version from a control plane restarted with another mode.
+        apply(
+            &with_mesh(6, r#"{"service": "ledger"}"#, "permissive"),
+            &watch,
+        );
+        assert_eq!(mode(), Some((PeerMtls::Permissive, MtlsSource::Mesh)));
+        // A mode this version does not know is refused whole: the one in force stays.
+        apply(&with_mesh(6, r#"{"service": "ledger"}"#, "audit"), &watch);
+        apply(
+            &with_mesh(7, r#"{"service": "ledger", "mtls": "strict"}"#, "audit"),
+            &watch,
+        );
+        assert_eq!(watch.rejected.load(Ordering::Relaxed), 2);
+        assert_eq!(mode(), Some((PeerMtls::Permissive, MtlsSource::Mesh)));
+        assert_eq!(watch.authorizer.version(), Some(6));
+        // A control plane of an earlier version says nothing: permissive.
+        apply(
+            &with_mesh(8, r#"{"service": "ledger", "mtls": "strict"}"#, ""),
+            &watch,
+        );
+        assert_eq!(mode(), Some((PeerMtls::Strict, MtlsSource::Service)));
+        assert_eq!(watch.authorizer.mesh_mtls(), Some(PeerMtls::Permissive));
+        // Deleted: the mesh's again.
+        apply(&with_mesh(0, "", "strict"), &watch);
+        assert_eq!(mode(), Some((PeerMtls::Strict, MtlsSource::Mesh)));
     }
 
     #[test]

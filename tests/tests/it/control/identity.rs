@@ -1084,6 +1084,7 @@ async fn an_operator_intermediate_issues_chains_that_verify_to_its_root() {
             trust_domain: TrustDomain::new("prod.example.com").unwrap(),
             cert_ttl: Duration::from_secs(3600),
             ca_files: Some((ssl.path("ca.pem"), ssl.path("int.key"))),
+            mtls_mode: Default::default(),
         },
     )
     .await

@@ -1,8 +1,8 @@
 //! The HTTP side of identity ([`crate::identity`]):
 //!
 //! - `POST /v1/tokens` `{service, ttl?}`: a join token for a service (`malla token create`).
-//! - `GET /v1/identity`: the trust domain, the certificate TTL, the trust bundle (PEM), the
-//!   roots and the root rotation under way (`malla identity`).
+//! - `GET /v1/identity`: the trust domain, the certificate TTL, the mesh's mTLS mode, the
+//!   trust bundle (PEM), the roots and the root rotation under way (`malla identity`).
 //! - `POST /v1/identity/rotate` `{overlap?}`: starts rotating the root the CA made
 //!   (`malla identity rotate`); answers as `GET /v1/identity`.
 //! - `POST /v1/certificates` `{service, csr, join_token | certificate}` (PEM): a certificate
@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use axum::{body::Bytes, extract::State, http::StatusCode, response::IntoResponse, Json};
-use malla_core::SpiffeId;
+use malla_core::{authz::PeerMtls, SpiffeId};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
@@ -73,11 +73,12 @@ fn parse_ttl(text: &str) -> Result<Duration, ApiError> {
 }
 
 pub(super) async fn identity<S: Store + Clone>(State(backend): State<Backend<S>>) -> ApiResult {
-    Ok(Json(identity_json(&backend.identity.ca)).into_response())
+    Ok(Json(identity_json(&backend.identity.ca, backend.mesh_mtls)).into_response())
 }
 
-/// What `GET /v1/identity` answers: the CA's settings and state, read once.
-fn identity_json(ca: &Ca) -> serde_json::Value {
+/// What `GET /v1/identity` answers: the CA's settings and state, read once, and the mesh's
+/// mTLS mode.
+fn identity_json(ca: &Ca, mtls_mode: PeerMtls) -> serde_json::Value {
     let status = ca.status();
     let time = |t| humantime::format_rfc3339_seconds(t).to_string();
     let roots: Vec<_> = status
@@ -105,6 +106,7 @@ fn identity_json(ca: &Ca) -> serde_json::Value {
     json!({
         "trust_domain": ca.trust_domain().as_str(),
         "cert_ttl_seconds": ca.cert_ttl().as_secs(),
+        "mtls_mode": mtls_mode.as_str(),
         "ca": if status.operator { "operator" } else { "malla" },
         "trust_bundle_pem": ca::bundle_pem(&status.trust_bundle),
         "roots": roots,
@@ -146,7 +148,7 @@ pub(super) async fn rotate<S: Store + Clone>(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     match started {
-        Ok(_) => Ok(Json(identity_json(ca)).into_response()),
+        Ok(_) => Ok(Json(identity_json(ca, backend.mesh_mtls)).into_response()),
         Err(e) => {
             warn!(error = %e, "root rotation refused");
             Err(match e {

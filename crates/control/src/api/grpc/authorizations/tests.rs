@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use malla_api::{authz_pb as pb, AuthorizationState, AuthorizationsClient};
 use malla_core::{
-    authz::{Action, AuthorizationPolicy, Rule},
+    authz::{Action, AuthorizationPolicy, PeerMtls, Rule},
     ServiceName,
 };
 use tokio::time::timeout;
@@ -92,6 +92,7 @@ async fn watch_authorization_sends_the_state_then_every_change_and_resumes_by_ve
     let message = next(&mut stream).await;
     assert_eq!(message.version, first.version);
     assert_eq!(message.trust_domain, "malla.local");
+    assert_eq!(message.mesh_mtls, "permissive", "the mesh's default mode");
     let state = AuthorizationState::from_update(&message, "payments").unwrap();
     let policy = state.policy.unwrap();
     assert_eq!(policy.policy().rules[0].from, Some(vec!["checkout".into()]));
@@ -155,5 +156,64 @@ async fn watch_authorization_sends_the_state_then_every_change_and_resumes_by_ve
     let mut client = self::client(&control).await;
     let mut stream = watch(&mut client, "payments").await;
     assert_eq!(next(&mut stream).await.version, kept.version);
+    control.stop().await;
+}
+
+/// The mesh's mTLS mode (`--mtls-mode`) is in every message, beside the policy, whose own
+/// `mtls` wins at the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_carries_the_meshs_mtls_mode() {
+    let dir = TempDir::new("authz-mesh-mtls");
+    let any = "127.0.0.1:0".parse().unwrap();
+    let control = Control::start_with(
+        crate::server::ControlConfig {
+            data_dir: dir.0.clone(),
+            http_addr: any,
+            grpc_addr: any,
+            dns_addr: None,
+            dns: Default::default(),
+            identity: crate::server::IdentitySettings {
+                mtls_mode: PeerMtls::Strict,
+                ..Default::default()
+            },
+            tls_names: Vec::new(),
+        },
+        crate::serving::ServeSettings {
+            allow_plaintext: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut client = client(&control).await;
+    let mut stream = watch(&mut client, "ledger").await;
+    let message = next(&mut stream).await;
+    assert_eq!((message.version, message.mesh_mtls.as_str()), (0, "strict"));
+    let state = AuthorizationState::from_update(&message, "ledger").unwrap();
+    assert_eq!(state.mtls(), (PeerMtls::Strict, false));
+
+    let mut policy = only("ledger", "checkout");
+    policy.mtls = Some(PeerMtls::Permissive);
+    control
+        .authorizations
+        .put(&name("ledger"), policy)
+        .await
+        .unwrap();
+    let message = next(&mut stream).await;
+    assert_eq!(message.mesh_mtls, "strict");
+    let state = AuthorizationState::from_update(&message, "ledger").unwrap();
+    assert_eq!(
+        state.mtls(),
+        (PeerMtls::Permissive, true),
+        "the service's own"
+    );
+
+    control
+        .authorizations
+        .delete(&name("ledger"))
+        .await
+        .unwrap();
+    let message = next(&mut stream).await;
+    assert_eq!((message.version, message.mesh_mtls.as_str()), (0, "strict"));
     control.stop().await;
 }
