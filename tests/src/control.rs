@@ -241,6 +241,12 @@ impl TestControl {
             .unwrap_or_else(|e| panic!("closing the store failed: {e}"));
     }
 
+    /// The identity settings the next [`start_again`](Self::start_again) starts with: a
+    /// control plane restarted with another `--mtls-mode`, say.
+    pub fn set_identity(&mut self, identity: IdentitySettings) {
+        self.identity = identity;
+    }
+
     /// [`stop`](Self::stop), then [`start_again`](Self::start_again).
     pub async fn restart(&mut self) {
         self.stop().await;

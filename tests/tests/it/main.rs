@@ -19,6 +19,7 @@
 //! | `control` | the control plane's HTTP API, leases, health checks, restarts, bad input, DNS |
 //! | `policy` | policies applied through the control plane reach sidecars; events reach the control plane |
 //! | `sidecar_authz` | authorization policies applied through the control plane reach the sidecars of their service, change, survive a control-plane restart, go away on delete |
+//! | `mtls_mode` | the inbound mTLS mode set centrally: the mesh's (`--mtls-mode`), a service's (its authorization policy's `mtls`), a sidecar's own `[inbound] mtls` over both, changed without restarting sidecars |
 //! | `root_rotation` | the CA's root rotated while two sidecars talk mTLS: no failed request, the new root reaches both before it signs, the old one leaves |
 //! | `memory` | a 1 GiB streamed upload keeps the proxy's memory flat |
 
@@ -68,6 +69,7 @@ mod inbound_mtls;
 mod memory;
 mod mesh_mtls;
 mod mtls;
+mod mtls_mode;
 mod policy;
 mod registry_health;
 mod requests;
