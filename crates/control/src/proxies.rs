@@ -62,6 +62,26 @@ pub struct ProxyInfo {
     pub last_seen: String,
     /// Watch streams held (registry and policy).
     pub watches: u32,
+    /// The connections this entry stands for (a sidecar holds one for reads and one for
+    /// writes).
+    pub connections: u32,
+}
+
+impl ProxyInfo {
+    /// Adds another connection of the same sidecar: what either knows, the earliest
+    /// connection, the latest call, every watch.
+    fn merge(&mut self, other: ProxyInfo) {
+        self.identity = self.identity.take().or(other.identity);
+        if self.instance.is_none() {
+            self.service = other.service;
+            self.instance = other.instance;
+        }
+        // RFC 3339 UTC to the second: the text orders as the time does.
+        self.connected_since = self.connected_since.clone().min(other.connected_since);
+        self.last_seen = self.last_seen.clone().max(other.last_seen);
+        self.watches += other.watches;
+        self.connections += other.connections;
+    }
 }
 
 impl Proxies {
@@ -99,11 +119,26 @@ impl Proxies {
         }
     }
 
-    /// Every listed connection, by address.
+    /// Every listed client, by address: the connections of one sidecar (its user agent's
+    /// `(sidecar ID)`: one for reads, one for writes with its certificate) as one entry.
     pub fn list(&self) -> Vec<ProxyInfo> {
         let connections: Vec<_> = lock(&self.listed).values().cloned().collect();
-        let mut list: Vec<_> = connections.iter().map(|c| c.info()).collect();
-        list.sort_by(|a, b| a.address.cmp(&b.address));
+        let mut infos: Vec<_> = connections.iter().map(|c| c.info()).collect();
+        infos.sort_by(|a, b| a.address.cmp(&b.address));
+        let mut list: Vec<ProxyInfo> = Vec::with_capacity(infos.len());
+        let mut by_sidecar: BTreeMap<String, usize> = BTreeMap::new();
+        for info in infos {
+            let sidecar = info.user_agent.as_deref().and_then(sidecar_id);
+            match sidecar.and_then(|id| by_sidecar.get(id)) {
+                Some(&i) => list[i].merge(info),
+                None => {
+                    if let Some(id) = sidecar {
+                        by_sidecar.insert(id.to_string(), list.len());
+                    }
+                    list.push(info);
+                }
+            }
+        }
         list
     }
 }
@@ -152,6 +187,7 @@ impl Connection {
             connected_since: rfc3339(self.since),
             last_seen: rfc3339(state.last_seen.unwrap_or(self.since)),
             watches: self.watches.load(Ordering::Relaxed),
+            connections: 1,
         }
     }
 }
@@ -172,6 +208,13 @@ fn proxy_version(user_agent: &str) -> Option<String> {
         .find_map(|token| token.strip_prefix("malla-proxy/"))
         .filter(|v| !v.is_empty())
         .map(str::to_string)
+}
+
+/// The ID in a user agent's `(sidecar ID)` comment, which `malla proxy` sends.
+fn sidecar_id(user_agent: &str) -> Option<&str> {
+    let rest = &user_agent[user_agent.find("(sidecar ")? + "(sidecar ".len()..];
+    let id = &rest[..rest.find(')')?];
+    (!id.is_empty()).then_some(id)
 }
 
 /// A user agent is the client's to choose: at most 128 bytes of it are kept.
@@ -221,6 +264,38 @@ mod tests {
         assert_eq!((list[0].watches, list[0].instance.as_deref()), (0, None));
         proxies.closed(&conn);
         assert!(proxies.list().is_empty());
+    }
+
+    #[test]
+    fn the_connections_of_one_sidecar_are_one_entry() {
+        let proxies = Proxies::default();
+        let ua = "malla-proxy/1.2.3 (sidecar 00ff) tonic/0.14.9";
+        let reads = proxies.opened("127.0.0.1:40000".parse().unwrap(), None);
+        let id = SpiffeId::parse("spiffe://malla.local/svc/orders").unwrap();
+        let writes = proxies.opened("127.0.0.1:40001".parse().unwrap(), Some(Arc::new(id)));
+        let other = proxies.opened("127.0.0.1:40002".parse().unwrap(), None);
+        proxies.called(&reads, Some(ua));
+        let _watch = reads.watch_opened();
+        proxies.called(&writes, Some(ua));
+        writes.registered(&ServiceName::new("orders").unwrap(), "o-1");
+        proxies.called(
+            &other,
+            Some("malla-proxy/1.2.3 (sidecar 0a0a) tonic/0.14.9"),
+        );
+        let list = proxies.list();
+        assert_eq!(list.len(), 2, "{list:?}");
+        let one = &list[0];
+        assert_eq!(one.address, "127.0.0.1:40000");
+        assert_eq!(one.connections, 2);
+        assert_eq!(one.watches, 1);
+        assert_eq!(one.instance.as_deref(), Some("o-1"));
+        assert_eq!(
+            one.identity.as_deref(),
+            Some("spiffe://malla.local/svc/orders")
+        );
+        assert_eq!(list[1].connections, 1);
+        assert_eq!(sidecar_id("malla-proxy/1 (sidecar )"), None);
+        assert_eq!(sidecar_id("curl/8"), None);
     }
 
     #[test]

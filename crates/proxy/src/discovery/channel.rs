@@ -309,13 +309,22 @@ impl Service<Uri> for Connect {
     }
 }
 
+/// `malla-proxy/VERSION (sidecar ID)`: the ID, random per process, tells the control plane
+/// that this sidecar's connections (reads, and writes with its certificate) are one
+/// sidecar's (`malla get proxies` lists it once).
+fn user_agent() -> String {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let id = ID.get_or_init(|| fastrand::u64(..));
+    format!("{USER_AGENT} (sidecar {id:016x})")
+}
+
 /// The channel settings common to both transports.
 pub(crate) fn endpoint(control: &ControlPlaneConfig) -> anyhow::Result<Endpoint> {
     let target = control
         .target()
         .map_err(|why| anyhow::anyhow!("control.url {:?}: {why}", control.url))?;
     let endpoint = Endpoint::from_shared(target.uri())?
-        .user_agent(USER_AGENT)?
+        .user_agent(user_agent())?
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)

@@ -159,3 +159,38 @@ async fn a_real_sidecar_on_the_one_port_is_listed_with_its_watches() {
     proxy.stop().await;
     assert_eventually!(proxies(&control).await.is_empty());
 }
+
+/// A sidecar with its certificate holds two connections (reads, and writes that present
+/// it) and is listed once, with its identity, its instance and both connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_with_its_certificate_is_listed_once_with_its_identity() {
+    use malla_proxy::config::{ListenerProtocol, MtlsMode};
+
+    let control = TestControl::start_without_dns().await;
+    let app = malla_tests::peers::HttpPeer::http1("orders-app");
+    let proxy = malla_tests::mesh::server(
+        &control,
+        "orders",
+        app.addr(),
+        ListenerProtocol::Auto,
+        MtlsMode::Strict,
+    )
+    .await;
+    assert_eventually!(
+        proxies(&control)
+            .await
+            .first()
+            .is_some_and(|p| p["instance"].is_string() && p["connections"] == 2),
+        "the sidecar never appeared registered over its two connections: {:?}",
+        proxies(&control).await
+    );
+    let list = proxies(&control).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        list[0]["identity"], "spiffe://malla.local/svc/orders",
+        "{list:?}"
+    );
+    assert_eq!(list[0]["service"], "orders", "{list:?}");
+    proxy.stop().await;
+    assert_eventually!(proxies(&control).await.is_empty());
+}
