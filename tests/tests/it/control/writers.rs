@@ -151,7 +151,10 @@ async fn over_grpc_a_workload_writes_only_its_own_services_instances() {
         "spiffe://malla.local/svc/payments",
         "none",
     ] {
-        assert!(identities.iter().any(|i| i == want), "{want} not in {identities:?}");
+        assert!(
+            identities.iter().any(|i| i == want),
+            "{want} not in {identities:?}"
+        );
     }
 
     let metrics = String::from_utf8(control.api().get("/metrics").await.body.to_vec()).unwrap();
